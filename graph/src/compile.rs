@@ -1,0 +1,175 @@
+//! The compiler: a Hugging Face folder in, one TorchScript artifact per
+//! resolution out.
+
+use std::path::Path;
+
+use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+
+use crate::config::Task;
+use crate::model::{Model, Wanted};
+use crate::trace::trace_and_save;
+use crate::Error;
+
+/// Name of the JSON file stored inside each `.pt` that describes it.
+pub const ARTIFACT_EXTRA_FILE: &str = "vit_msn.json";
+
+#[derive(Debug, Clone)]
+pub struct CompileOptions {
+    /// (height, width) pairs; empty means the trained resolution only.
+    pub resolutions: Vec<(i64, i64)>,
+    pub wanted: Wanted,
+    pub kind: Kind,
+    pub device: Device,
+    /// Overrides the task that `architectures` names.
+    pub task: Option<Task>,
+}
+
+/// One tensor of an artifact's signature. `-1` marks the batch dimension.
+#[derive(Debug, Clone, Serialize)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<i64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Artifact {
+    pub height: i64,
+    pub width: i64,
+    pub file: String,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+}
+
+pub struct Compiled {
+    pub model: Model,
+    pub artifacts: Vec<Artifact>,
+}
+
+pub fn dtype_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Half => "f16",
+        Kind::BFloat16 => "bf16",
+        Kind::Bool => "bool",
+        _ => "f32",
+    }
+}
+
+/// `224` → (224, 224); `160x192` → height 160, width 192.
+pub fn parse_resolution(s: &str) -> Result<(i64, i64), Error> {
+    let bad = || Error::Invalid(format!("resolution `{s}` is not N or HxW with positive integers"));
+    let (h, w) = match s.trim().split_once(['x', 'X']) {
+        Some((h, w)) => (h.trim(), w.trim()),
+        None => (s.trim(), s.trim()),
+    };
+    let h: i64 = h.parse().map_err(|_| bad())?;
+    let w: i64 = w.parse().map_err(|_| bad())?;
+    if h <= 0 || w <= 0 {
+        return Err(bad());
+    }
+    Ok((h, w))
+}
+
+/// Loads `model_dir` and writes one artifact per resolution into `out_dir`.
+pub fn compile(model_dir: &Path, out_dir: &Path, opts: &CompileOptions) -> Result<Compiled, Error> {
+    if let Device::Cuda(i) = opts.device {
+        if !tch::Cuda::is_available() || i >= tch::Cuda::device_count() as usize {
+            return Err(Error::Invalid(format!("cuda:{i} was asked for, but this machine has no such CUDA device")));
+        }
+    }
+    if !matches!(opts.kind, Kind::Float | Kind::Half | Kind::BFloat16) {
+        return Err(Error::Invalid("the artifact dtype must be f32, f16 or bf16".into()));
+    }
+    let mut model = Model::from_dir(model_dir, opts.task, opts.device)?;
+    let cfg = model.config.clone();
+    let mut resolutions = opts.resolutions.clone();
+    if resolutions.is_empty() {
+        resolutions.push((cfg.image_size, cfg.image_size));
+    }
+    for &(h, w) in &resolutions {
+        if h < cfg.patch_size || w < cfg.patch_size {
+            return Err(Error::Invalid(format!(
+                "resolution {h}x{w} is smaller than one {p}x{p} patch",
+                p = cfg.patch_size
+            )));
+        }
+    }
+    resolutions.dedup();
+    // Position tables in f32 from the f32 weights, before any cast.
+    let tables: Vec<Tensor> = resolutions
+        .iter()
+        .map(|&(h, w)| tch::no_grad(|| model.vit.embeddings.position_table(h, w)))
+        .collect();
+    model.vs.set_kind(opts.kind);
+    model.vit.fuse();
+
+    let dtype = dtype_name(opts.kind);
+    let (layers, heads) = (cfg.num_hidden_layers, cfg.num_attention_heads);
+    let mut artifacts = Vec::new();
+    for (&(h, w), table) in resolutions.iter().zip(tables) {
+        let table = table.to_kind(opts.kind).to_device(opts.device);
+        let (gh, gw) = (h / cfg.patch_size, w / cfg.patch_size);
+        let (patches, tokens) = (gh * gw, gh * gw + 1);
+        let spec = |name: &str, dtype: &str, shape: Vec<i64>| TensorSpec {
+            name: name.into(),
+            dtype: dtype.into(),
+            shape,
+        };
+        let inputs = vec![
+            spec("pixel_values", dtype, vec![-1, cfg.num_channels, h, w]),
+            spec("bool_masked_pos", "bool", vec![-1, patches]),
+            spec("head_mask", dtype, vec![layers, heads]),
+        ];
+        let mut outputs = vec![match model.task {
+            Task::Classification => spec("logits", dtype, vec![-1, cfg.num_labels()]),
+            Task::Backbone => spec("last_hidden_state", dtype, vec![-1, tokens, cfg.hidden_size]),
+        }];
+        if opts.wanted.hidden_states {
+            outputs.push(spec("hidden_states", dtype, vec![layers + 1, -1, tokens, cfg.hidden_size]));
+        }
+        if opts.wanted.attentions {
+            outputs.push(spec("attentions", dtype, vec![layers, -1, heads, tokens, tokens]));
+        }
+        let artifact = Artifact { height: h, width: w, file: format!("model_{h}x{w}.pt"), inputs, outputs };
+
+        // Example inputs; batch 2 so nothing can specialise on batch 1.
+        let opts_f = (opts.kind, opts.device);
+        let pixel_values = Tensor::randn([2, cfg.num_channels, h, w], opts_f);
+        let bool_masked_pos = Tensor::zeros([2, patches], (Kind::Bool, opts.device));
+        let head_mask = Tensor::ones([layers, heads], opts_f);
+        let extra = serde_json::json!({
+            "producer": concat!("vit-msn-graph ", env!("CARGO_PKG_VERSION")),
+            "task": model.task,
+            "dtype": dtype,
+            "device": device_name(opts.device),
+            "height": h,
+            "width": w,
+            "inputs": artifact.inputs,
+            "outputs": artifact.outputs,
+        });
+        let model_ref = &model;
+        tch::no_grad(|| {
+            trace_and_save(
+                &out_dir.join(&artifact.file),
+                &[
+                    ("pixel_values", &pixel_values),
+                    ("bool_masked_pos", &bool_masked_pos),
+                    ("head_mask", &head_mask),
+                ],
+                || Ok(model_ref.forward(&pixel_values, &bool_masked_pos, &head_mask, &table, opts.wanted)),
+                ARTIFACT_EXTRA_FILE,
+                &extra.to_string(),
+            )
+        })?;
+        artifacts.push(artifact);
+    }
+    Ok(Compiled { model, artifacts })
+}
+
+pub fn device_name(device: Device) -> String {
+    match device {
+        Device::Cuda(i) => format!("cuda:{i}"),
+        _ => "cpu".into(),
+    }
+}

@@ -1,0 +1,252 @@
+//! `config.json` of a transformers ViT-MSN checkpoint (`ViTMSNConfig`).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::activation::Activation;
+use crate::Error;
+
+/// Whether the artifact ends at the backbone or goes on to the classifier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    /// `ViTMSNModel`: outputs `last_hidden_state`.
+    Backbone,
+    /// `ViTMSNForImageClassification`: outputs `logits`.
+    Classification,
+}
+
+impl std::str::FromStr for Task {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "backbone" => Ok(Task::Backbone),
+            "classification" | "classifier" => Ok(Task::Classification),
+            other => Err(Error::Invalid(format!(
+                "unknown task `{other}` (expected backbone or classification)"
+            ))),
+        }
+    }
+}
+
+/// Every `ViTMSNConfig` field, with transformers' defaults, plus the label
+/// fields of `PretrainedConfig`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    pub hidden_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    pub intermediate_size: i64,
+    pub hidden_act: String,
+    pub hidden_dropout_prob: f64,
+    pub attention_probs_dropout_prob: f64,
+    pub initializer_range: f64,
+    pub layer_norm_eps: f64,
+    pub image_size: i64,
+    pub patch_size: i64,
+    pub num_channels: i64,
+    pub qkv_bias: bool,
+    /// Class names by index; `num_labels` is its length.
+    pub id2label: Vec<String>,
+    pub problem_type: Option<String>,
+    pub architectures: Vec<String>,
+    /// The file as read, kept so the bundle records exactly what it came from.
+    #[serde(skip)]
+    pub raw: Value,
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let value: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::Config(format!("{}: not valid JSON: {e}", path.display())))?;
+        Self::from_value(value)
+            .map_err(|e| Error::Config(format!("{}: {}", path.display(), e.message())))
+    }
+
+    pub fn from_value(raw: Value) -> Result<Self, Error> {
+        let obj = raw
+            .as_object()
+            .ok_or_else(|| Error::Config("the top level is not a JSON object".into()))?;
+        let id2label = read_labels(obj)?;
+        let cfg = Config {
+            hidden_size: int(obj, "hidden_size", 768)?,
+            num_hidden_layers: int(obj, "num_hidden_layers", 12)?,
+            num_attention_heads: int(obj, "num_attention_heads", 12)?,
+            intermediate_size: int(obj, "intermediate_size", 3072)?,
+            hidden_act: string(obj, "hidden_act", "gelu")?,
+            hidden_dropout_prob: float(obj, "hidden_dropout_prob", 0.0)?,
+            attention_probs_dropout_prob: float(obj, "attention_probs_dropout_prob", 0.0)?,
+            initializer_range: float(obj, "initializer_range", 0.02)?,
+            layer_norm_eps: float(obj, "layer_norm_eps", 1e-6)?,
+            image_size: int(obj, "image_size", 224)?,
+            patch_size: int(obj, "patch_size", 16)?,
+            num_channels: int(obj, "num_channels", 3)?,
+            qkv_bias: boolean(obj, "qkv_bias", true)?,
+            id2label,
+            problem_type: optional_string(obj, "problem_type")?,
+            architectures: match obj.get("architectures") {
+                None | Some(Value::Null) => Vec::new(),
+                Some(Value::Array(items)) => items
+                    .iter()
+                    .map(|v| v.as_str().map(str::to_owned))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| field_err("architectures", "a list of strings"))?,
+                Some(_) => return Err(field_err("architectures", "a list of strings")),
+            },
+            raw: raw.clone(),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        for (name, v) in [
+            ("hidden_size", self.hidden_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("intermediate_size", self.intermediate_size),
+            ("image_size", self.image_size),
+            ("patch_size", self.patch_size),
+            ("num_channels", self.num_channels),
+        ] {
+            if v <= 0 {
+                return Err(Error::Config(format!("`{name}` must be positive, found {v}")));
+            }
+        }
+        if self.hidden_size % self.num_attention_heads != 0 {
+            return Err(Error::Config(format!(
+                "`hidden_size` {} is not divisible by `num_attention_heads` {}",
+                self.hidden_size, self.num_attention_heads
+            )));
+        }
+        if self.image_size % self.patch_size != 0 {
+            return Err(Error::Config(format!(
+                "`image_size` {} is not divisible by `patch_size` {}",
+                self.image_size, self.patch_size
+            )));
+        }
+        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps >= 0.0) {
+            return Err(Error::Config(format!(
+                "`layer_norm_eps` must be a finite non-negative number, found {}",
+                self.layer_norm_eps
+            )));
+        }
+        if let Some(p) = &self.problem_type {
+            if !matches!(
+                p.as_str(),
+                "regression" | "single_label_classification" | "multi_label_classification"
+            ) {
+                return Err(Error::Config(format!("unknown `problem_type` `{p}`")));
+            }
+        }
+        self.activation()?;
+        Ok(())
+    }
+
+    pub fn activation(&self) -> Result<Activation, Error> {
+        self.hidden_act.parse()
+    }
+
+    pub fn head_dim(&self) -> i64 {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    pub fn num_labels(&self) -> i64 {
+        self.id2label.len() as i64
+    }
+
+    /// The task the checkpoint was saved for, from `architectures`; `None`
+    /// when the config does not say.
+    pub fn task_from_architectures(&self) -> Option<Task> {
+        self.architectures.iter().find_map(|a| match a.as_str() {
+            "ViTMSNForImageClassification" => Some(Task::Classification),
+            "ViTMSNModel" => Some(Task::Backbone),
+            _ => None,
+        })
+    }
+}
+
+fn field_err(name: &str, expected: &str) -> Error {
+    Error::Config(format!("`{name}` must be {expected}"))
+}
+
+fn int(obj: &Map<String, Value>, name: &str, default: i64) -> Result<i64, Error> {
+    match obj.get(name) {
+        None => Ok(default),
+        Some(v) => v.as_i64().ok_or_else(|| field_err(name, "an integer")),
+    }
+}
+
+fn float(obj: &Map<String, Value>, name: &str, default: f64) -> Result<f64, Error> {
+    match obj.get(name) {
+        None => Ok(default),
+        Some(v) => v.as_f64().ok_or_else(|| field_err(name, "a number")),
+    }
+}
+
+fn boolean(obj: &Map<String, Value>, name: &str, default: bool) -> Result<bool, Error> {
+    match obj.get(name) {
+        None => Ok(default),
+        Some(v) => v.as_bool().ok_or_else(|| field_err(name, "true or false")),
+    }
+}
+
+fn string(obj: &Map<String, Value>, name: &str, default: &str) -> Result<String, Error> {
+    match obj.get(name) {
+        None => Ok(default.to_owned()),
+        Some(v) => v
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| field_err(name, "a string")),
+    }
+}
+
+fn optional_string(obj: &Map<String, Value>, name: &str) -> Result<Option<String>, Error> {
+    match obj.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_str()
+            .map(|s| Some(s.to_owned()))
+            .ok_or_else(|| field_err(name, "a string or null")),
+    }
+}
+
+/// `id2label` (keys are decimal indices), else `num_labels` generic names,
+/// else transformers' default of two labels.
+fn read_labels(obj: &Map<String, Value>) -> Result<Vec<String>, Error> {
+    if let Some(Value::Object(map)) = obj.get("id2label") {
+        let mut by_index = BTreeMap::new();
+        for (k, v) in map {
+            let index: usize = k
+                .parse()
+                .map_err(|_| Error::Config(format!("`id2label` key `{k}` is not an index")))?;
+            let name = v
+                .as_str()
+                .ok_or_else(|| Error::Config(format!("`id2label[{k}]` is not a string")))?;
+            by_index.insert(index, name.to_owned());
+        }
+        if by_index.keys().copied().ne(0..by_index.len()) {
+            return Err(Error::Config(
+                "`id2label` keys must be 0..num_labels with none missing".into(),
+            ));
+        }
+        if let Some(n) = obj.get("num_labels").and_then(Value::as_i64) {
+            if n as usize != by_index.len() {
+                return Err(Error::Config(format!(
+                    "`num_labels` {n} disagrees with the {} entries of `id2label`",
+                    by_index.len()
+                )));
+            }
+        }
+        return Ok(by_index.into_values().collect());
+    }
+    let n = int(obj, "num_labels", 2)?;
+    if n <= 0 {
+        return Err(Error::Config(format!("`num_labels` must be positive, found {n}")));
+    }
+    Ok((0..n).map(|i| format!("LABEL_{i}")).collect())
+}

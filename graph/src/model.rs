@@ -1,0 +1,133 @@
+//! `ViTMSNModel` and `ViTMSNForImageClassification`.
+
+use std::path::Path;
+
+use tch::{nn, Device, Tensor};
+
+use crate::config::{Config, Task};
+use crate::embeddings::Embeddings;
+use crate::encoder::Encoder;
+use crate::weights::Checkpoint;
+use crate::Error;
+
+/// `ViTMSNModel`: embeddings, encoder, final `layernorm`. No pooler.
+pub struct VitMsnModel {
+    pub embeddings: Embeddings,
+    encoder: Encoder,
+    layernorm: nn::LayerNorm,
+}
+
+/// What the graph returns, by the reference's output names.
+pub struct ModelOutput {
+    pub last_hidden_state: Tensor,
+    pub hidden_states: Vec<Tensor>,
+    pub attentions: Vec<Tensor>,
+}
+
+/// Which optional outputs to compute.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Wanted {
+    pub hidden_states: bool,
+    pub attentions: bool,
+}
+
+impl VitMsnModel {
+    pub fn new(p: &nn::Path, cfg: &Config) -> Result<Self, Error> {
+        let ln = nn::LayerNormConfig { eps: cfg.layer_norm_eps, ..Default::default() };
+        Ok(Self {
+            embeddings: Embeddings::new(&(p / "embeddings"), cfg),
+            encoder: Encoder::new(&(p / "encoder"), cfg, cfg.activation()?),
+            layernorm: nn::layer_norm(p / "layernorm", vec![cfg.hidden_size], ln),
+        })
+    }
+
+    /// Fuses each layer's query/key/value projections; run after the weights
+    /// are loaded and cast.
+    pub fn fuse(&mut self) {
+        self.encoder.fuse();
+    }
+
+    pub fn forward(
+        &self,
+        pixel_values: &Tensor,
+        bool_masked_pos: &Tensor,
+        head_mask: &Tensor,
+        position_table: &Tensor,
+        wanted: Wanted,
+    ) -> ModelOutput {
+        let x = self.embeddings.forward(pixel_values, bool_masked_pos, position_table);
+        let enc = self.encoder.forward(x, head_mask, wanted.hidden_states, wanted.attentions);
+        ModelOutput {
+            last_hidden_state: enc.last.apply(&self.layernorm),
+            hidden_states: enc.hidden_states,
+            attentions: enc.attentions,
+        }
+    }
+}
+
+/// A loaded checkpoint, as a backbone or a classifier.
+pub struct Model {
+    pub vs: nn::VarStore,
+    pub config: Config,
+    pub task: Task,
+    pub vit: VitMsnModel,
+    /// `classifier`, on the CLS token after the final layernorm.
+    pub classifier: Option<nn::Linear>,
+    /// Checkpoint tensors that the model did not use.
+    pub unused_tensors: Vec<String>,
+    /// Weight files read, with their sha256.
+    pub weight_files: Vec<(String, String)>,
+}
+
+impl Model {
+    /// Reads `config.json` and the weights of a Hugging Face model folder.
+    /// `task` overrides what `architectures` says.
+    pub fn from_dir(dir: &Path, task: Option<Task>, device: Device) -> Result<Self, Error> {
+        let config = Config::from_file(&dir.join("config.json"))?;
+        let ckpt = Checkpoint::from_dir(dir)?;
+        let task = task
+            .or_else(|| config.task_from_architectures())
+            .unwrap_or(if ckpt.contains("classifier.weight") {
+                Task::Classification
+            } else {
+                Task::Backbone
+            });
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let vit = VitMsnModel::new(&root, &config)?;
+        let classifier = (task == Task::Classification).then(|| {
+            nn::linear(&root / "classifier", config.hidden_size, config.num_labels(), Default::default())
+        });
+        let unused_tensors = ckpt.load_into(&vs, &["embeddings.mask_token"])?;
+        let mut vs = vs;
+        // Weights are constants of the trace; a tensor that requires grad cannot be one.
+        vs.freeze();
+        Ok(Self { vs, config, task, vit, classifier, unused_tensors, weight_files: ckpt.files })
+    }
+
+    /// The primary output (`last_hidden_state` or `logits`) and the optional ones.
+    pub fn forward(
+        &self,
+        pixel_values: &Tensor,
+        bool_masked_pos: &Tensor,
+        head_mask: &Tensor,
+        position_table: &Tensor,
+        wanted: Wanted,
+    ) -> Vec<(&'static str, Tensor)> {
+        let out = self.vit.forward(pixel_values, bool_masked_pos, head_mask, position_table, wanted);
+        let mut named = Vec::new();
+        match &self.classifier {
+            Some(classifier) => {
+                named.push(("logits", out.last_hidden_state.select(1, 0).apply(classifier)))
+            }
+            None => named.push(("last_hidden_state", out.last_hidden_state)),
+        }
+        if wanted.hidden_states {
+            named.push(("hidden_states", Tensor::stack(&out.hidden_states, 0)));
+        }
+        if wanted.attentions {
+            named.push(("attentions", Tensor::stack(&out.attentions, 0)));
+        }
+        named
+    }
+}

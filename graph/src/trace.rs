@@ -1,0 +1,111 @@
+//! Safe wrapper over shim/trace.cpp: trace a closure of tch ops into a
+//! TorchScript module whose `forward` has named inputs and returns a
+//! Dict[str, Tensor], and save it.
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::path::Path;
+
+use tch::Tensor;
+use torch_sys::C_tensor;
+
+use crate::Error;
+
+extern "C" {
+    fn vmsn_trace_begin(
+        module_name: *const c_char,
+        inputs: *const *const C_tensor,
+        input_names: *const *const c_char,
+        ninputs: c_int,
+        err: *mut *mut c_char,
+    ) -> *mut c_void;
+    fn vmsn_trace_finish_and_save(
+        module: *mut c_void,
+        outputs: *const *const C_tensor,
+        output_names: *const *const c_char,
+        noutputs: c_int,
+        path: *const c_char,
+        extra_name: *const c_char,
+        extra_contents: *const c_char,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    fn vmsn_trace_abandon(module: *mut c_void);
+    fn vmsn_free_str(s: *mut c_char);
+}
+
+fn cstring(s: &str) -> Result<CString, Error> {
+    CString::new(s).map_err(|_| Error::Trace(format!("`{s}` contains a NUL byte")))
+}
+
+fn take_error(err: *mut c_char) -> Error {
+    if err.is_null() {
+        return Error::Trace("libtorch reported an error without a message".into());
+    }
+    // SAFETY: the shim returns a NUL-terminated malloc'ed string, freed here once.
+    let message = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
+    unsafe { vmsn_free_str(err) };
+    Error::Trace(message)
+}
+
+/// Records `body` run on `inputs` and saves it to `path` with an extra file
+/// `extra_name` holding `extra_contents`. Tensors that `body` uses but that are
+/// not inputs become constants of the module; they must not require grad.
+pub fn trace_and_save<F>(
+    path: &Path,
+    inputs: &[(&str, &Tensor)],
+    body: F,
+    extra_name: &str,
+    extra_contents: &str,
+) -> Result<(), Error>
+where
+    F: FnOnce() -> Result<Vec<(&'static str, Tensor)>, Error>,
+{
+    let module_name = cstring("VitMsn")?;
+    let names: Vec<CString> = inputs.iter().map(|(n, _)| cstring(n)).collect::<Result<_, _>>()?;
+    let name_ptrs: Vec<*const c_char> = names.iter().map(|n| n.as_ptr()).collect();
+    let tensor_ptrs: Vec<*const C_tensor> = inputs.iter().map(|(_, t)| t.as_ptr()).collect();
+    let mut err: *mut c_char = std::ptr::null_mut();
+    // SAFETY: every pointer refers to a live value of the right type for the call.
+    let module = unsafe {
+        vmsn_trace_begin(
+            module_name.as_ptr(),
+            tensor_ptrs.as_ptr(),
+            name_ptrs.as_ptr(),
+            inputs.len() as c_int,
+            &mut err,
+        )
+    };
+    if module.is_null() {
+        return Err(take_error(err));
+    }
+    let outputs = match body() {
+        Ok(outputs) => outputs,
+        Err(e) => {
+            // SAFETY: `module` came from vmsn_trace_begin and is not used again.
+            unsafe { vmsn_trace_abandon(module) };
+            return Err(e);
+        }
+    };
+    let out_names: Vec<CString> = outputs.iter().map(|(n, _)| cstring(n)).collect::<Result<_, _>>()?;
+    let out_name_ptrs: Vec<*const c_char> = out_names.iter().map(|n| n.as_ptr()).collect();
+    let out_ptrs: Vec<*const C_tensor> = outputs.iter().map(|(_, t)| t.as_ptr()).collect();
+    let path_c = cstring(&path.to_string_lossy())?;
+    let extra_name = cstring(extra_name)?;
+    let extra_contents = cstring(extra_contents)?;
+    // SAFETY: as above; the shim takes ownership of `module` and frees it.
+    let rc = unsafe {
+        vmsn_trace_finish_and_save(
+            module,
+            out_ptrs.as_ptr(),
+            out_name_ptrs.as_ptr(),
+            outputs.len() as c_int,
+            path_c.as_ptr(),
+            extra_name.as_ptr(),
+            extra_contents.as_ptr(),
+            &mut err,
+        )
+    };
+    if rc != 0 {
+        return Err(take_error(err));
+    }
+    Ok(())
+}

@@ -1,0 +1,177 @@
+//! Reading a Hugging Face model folder's weights: `model.safetensors`, a
+//! sharded `model.safetensors.index.json`, or `pytorch_model.bin` (also
+//! sharded), saved from `ViTMSNModel` (no prefix) or from
+//! `ViTMSNForImageClassification` (backbone under `vit.`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use safetensors::{Dtype, SafeTensors};
+use sha2::{Digest, Sha256};
+use tch::{nn::VarStore, Kind, Tensor};
+
+use crate::Error;
+
+/// All tensors of a checkpoint as f32 on the CPU, keyed by their name without
+/// the `vit.` prefix.
+pub struct Checkpoint {
+    pub tensors: BTreeMap<String, Tensor>,
+    /// Each weight file read, with its sha256.
+    pub files: Vec<(String, String)>,
+}
+
+impl Checkpoint {
+    pub fn from_dir(dir: &Path) -> Result<Self, Error> {
+        let candidates = [
+            "model.safetensors",
+            "model.safetensors.index.json",
+            "pytorch_model.bin",
+            "pytorch_model.bin.index.json",
+        ];
+        let found = candidates.iter().map(|name| dir.join(name)).find(|p| p.is_file());
+        let Some(path) = found else {
+            return Err(Error::Weights(format!(
+                "{}: no weights file (looked for {})",
+                dir.display(),
+                candidates.join(", ")
+            )));
+        };
+        let shards = if path.to_string_lossy().ends_with(".index.json") {
+            shard_files(&path)?
+        } else {
+            vec![path]
+        };
+        let mut ckpt = Checkpoint { tensors: BTreeMap::new(), files: Vec::new() };
+        for shard in &shards {
+            let bytes = std::fs::read(shard).map_err(|e| Error::io(shard, e))?;
+            let tensors = if shard.extension().is_some_and(|e| e == "safetensors") {
+                read_safetensors(shard, &bytes)?
+            } else {
+                read_pytorch_bin(shard)?
+            };
+            for (name, tensor) in tensors {
+                let name = name.strip_prefix("vit.").map(str::to_owned).unwrap_or(name);
+                ckpt.tensors.insert(name, tensor);
+            }
+            let file_name = shard.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            ckpt.files.push((file_name, hex_sha256(&bytes)));
+        }
+        Ok(ckpt)
+    }
+
+    /// Copies the checkpoint into every variable of `vs` (whose names are the
+    /// checkpoint's), checking each shape. Variables named in `optional` keep
+    /// their initial value when absent. Returns the checkpoint tensors that
+    /// nothing used, for a warning.
+    pub fn load_into(&self, vs: &VarStore, optional: &[&str]) -> Result<Vec<String>, Error> {
+        let variables = vs.variables();
+        let mut names: Vec<&String> = variables.keys().collect();
+        names.sort();
+        for name in names {
+            let var = &variables[name];
+            let expected = var.size();
+            let Some(src) = self.tensors.get(name) else {
+                if optional.contains(&name.as_str()) {
+                    continue;
+                }
+                return Err(Error::MissingTensor { name: name.clone(), expected });
+            };
+            if src.size() != expected {
+                return Err(Error::ShapeMismatch {
+                    name: name.clone(),
+                    expected,
+                    found: src.size(),
+                });
+            }
+            tch::no_grad(|| var.shallow_clone().copy_(src));
+        }
+        Ok(self
+            .tensors
+            .keys()
+            .filter(|k| !variables.contains_key(*k))
+            .cloned()
+            .collect())
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+}
+
+fn shard_files(index: &Path) -> Result<Vec<PathBuf>, Error> {
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Weights(format!("{}: not valid JSON: {e}", index.display())))?;
+    let map = value
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::Weights(format!("{}: no `weight_map` object", index.display())))?;
+    let mut files: Vec<String> = Vec::new();
+    for (tensor, file) in map {
+        let file = file.as_str().ok_or_else(|| {
+            Error::Weights(format!("{}: shard of `{tensor}` is not a string", index.display()))
+        })?;
+        if !files.iter().any(|f| f == file) {
+            files.push(file.to_owned());
+        }
+    }
+    let dir = index.parent().unwrap_or(Path::new("."));
+    files
+        .into_iter()
+        .map(|f| {
+            // A shard is a plain file name beside the index, never a path out of the folder.
+            let path = dir.join(&f);
+            if f.contains('/') || f.contains('\\') || f == ".." || !path.is_file() {
+                Err(Error::Weights(format!(
+                    "{}: names shard `{f}`, which is not a file in {}",
+                    index.display(),
+                    dir.display()
+                )))
+            } else {
+                Ok(path)
+            }
+        })
+        .collect()
+}
+
+fn read_safetensors(path: &Path, bytes: &[u8]) -> Result<Vec<(String, Tensor)>, Error> {
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| Error::Weights(format!("{}: invalid safetensors: {e}", path.display())))?;
+    let mut out = Vec::new();
+    for (name, view) in st.tensors() {
+        let kind = match view.dtype() {
+            Dtype::F32 => Kind::Float,
+            Dtype::F16 => Kind::Half,
+            Dtype::BF16 => Kind::BFloat16,
+            Dtype::F64 => Kind::Double,
+            other => {
+                return Err(Error::Weights(format!(
+                    "{}: tensor `{name}` has dtype {other:?}; only F32, F16, BF16 and F64 are read",
+                    path.display()
+                )))
+            }
+        };
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        let tensor = Tensor::f_from_data_size(view.data(), &shape, kind)
+            .map_err(|e| Error::Weights(format!("{}: tensor `{name}`: {e}", path.display())))?;
+        out.push((name, tensor.to_kind(Kind::Float)));
+    }
+    Ok(out)
+}
+
+fn read_pytorch_bin(path: &Path) -> Result<Vec<(String, Tensor)>, Error> {
+    let tensors = Tensor::loadz_multi(path).map_err(|e| {
+        Error::Weights(format!("{}: not a readable PyTorch state dict: {e}", path.display()))
+    })?;
+    Ok(tensors
+        .into_iter()
+        .map(|(name, t)| {
+            let t = if t.is_floating_point() { t.to_kind(Kind::Float) } else { t };
+            (name, t)
+        })
+        .collect())
+}
+
+pub fn hex_sha256(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,279 @@
+//! Loading a compiled bundle and running its forward pass.
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use tch::{CModule, Device, IValue, Kind, Tensor};
+
+use crate::device::{check_available, device_name, parse_dtype};
+use crate::error::{Error, Result};
+use crate::manifest::{ArtifactEntry, Manifest};
+
+/// A bundle loaded on one device: one TorchScript module per resolution.
+/// `Send + Sync`: share it across threads with `Arc`.
+pub struct Bundle {
+    dir: PathBuf,
+    manifest: Manifest,
+    device: Device,
+    kind: Kind,
+    artifacts: Vec<(ArtifactEntry, CModule)>,
+}
+
+/// The outputs of one forward pass, as f32 on the CPU.
+#[derive(Debug)]
+pub struct Output {
+    /// (B, N+1, D), backbone bundles.
+    pub last_hidden_state: Option<Tensor>,
+    /// (B, num_labels), classification bundles.
+    pub logits: Option<Tensor>,
+    /// (layers+1, B, N+1, D), when compiled with hidden states.
+    pub hidden_states: Option<Tensor>,
+    /// (layers, B, heads, N+1, N+1), when compiled with attentions.
+    pub attentions: Option<Tensor>,
+}
+
+impl Output {
+    /// The named outputs that are present, in manifest order.
+    pub fn named(&self) -> Vec<(&'static str, &Tensor)> {
+        [
+            ("last_hidden_state", &self.last_hidden_state),
+            ("logits", &self.logits),
+            ("hidden_states", &self.hidden_states),
+            ("attentions", &self.attentions),
+        ]
+        .into_iter()
+        .filter_map(|(n, t)| t.as_ref().map(|t| (n, t)))
+        .collect()
+    }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Bundle {
+    /// Reads and checks the manifest, verifies every artifact's sha256, loads
+    /// each on `device` and warms it up.
+    pub fn load(dir: impl AsRef<Path>, device: Device) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        let manifest = Manifest::read(&dir)?;
+        check_available(device)?;
+        if manifest.device.starts_with("cuda") && !tch::Cuda::is_available() {
+            return Err(Error::Device(format!(
+                "{}: the bundle was compiled for {}, and this machine has no CUDA device",
+                dir.display(),
+                manifest.device
+            )));
+        }
+        let kind = parse_dtype(&manifest.dtype)?;
+        let mut artifacts = Vec::new();
+        for entry in &manifest.artifacts {
+            let path = dir.join(&entry.file);
+            let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+            let found = sha256_hex(&bytes);
+            if found != entry.sha256 {
+                return Err(Error::Digest {
+                    path: path.display().to_string(),
+                    expected: entry.sha256.clone(),
+                    found,
+                });
+            }
+            // Load from the bytes that were verified, not from the file again.
+            let module = CModule::load_data_on_device(&mut Cursor::new(bytes), device).map_err(|e| {
+                Error::Artifact { path: path.display().to_string(), message: first_line(&e.to_string()) }
+            })?;
+            artifacts.push((entry.clone(), module));
+        }
+        let bundle = Self { dir, manifest, device, kind, artifacts };
+        bundle.warm_up()?;
+        Ok(bundle)
+    }
+
+    /// TorchScript's profiling executor optimises the graph on the second call;
+    /// make those calls now, so the first real request is not the slow one.
+    fn warm_up(&self) -> Result<()> {
+        for (entry, _) in &self.artifacts {
+            let c = self.manifest.model.num_channels;
+            let pixel_values = Tensor::zeros([1, c, entry.height, entry.width], (Kind::Float, Device::Cpu));
+            for _ in 0..2 {
+                self.forward(&pixel_values, None, None).map_err(|e| Error::Artifact {
+                    path: self.dir.join(&entry.file).display().to_string(),
+                    message: format!("warm-up run failed: {e}"),
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Runs the artifact compiled for the input's H×W.
+    ///
+    /// - `pixel_values`: (B, C, H, W), any float dtype; cast to the bundle's.
+    /// - `bool_masked_pos`: (B, N) bool or integer, nonzero = masked; default none.
+    /// - `head_mask`: (heads,) or (layers, heads), ≥ 0; default ones.
+    pub fn forward(
+        &self,
+        pixel_values: &Tensor,
+        bool_masked_pos: Option<&Tensor>,
+        head_mask: Option<&Tensor>,
+    ) -> Result<Output> {
+        let (entry, module) = self.artifact_for(pixel_values)?;
+        let batch = pixel_values.size()[0];
+        let patches = (entry.height / self.manifest.model.patch_size) * (entry.width / self.manifest.model.patch_size);
+        let mask = self.check_mask(bool_masked_pos, batch, patches)?;
+        let head_mask = self.check_head_mask(head_mask)?;
+        let pixel_values = pixel_values.to_device(self.device).to_kind(self.kind);
+        let inputs = [IValue::Tensor(pixel_values), IValue::Tensor(mask), IValue::Tensor(head_mask)];
+        let result = tch::no_grad(|| module.forward_is(&inputs))
+            .map_err(|e| Error::Forward(first_line(&e.to_string())))?;
+        self.collect_outputs(entry, result)
+    }
+
+    fn artifact_for(&self, pixel_values: &Tensor) -> Result<&(ArtifactEntry, CModule)> {
+        let name = "pixel_values";
+        let size = pixel_values.size();
+        if size.len() != 4 {
+            return Err(Error::input(name, format!("expected rank 4 (B, C, H, W), found shape {size:?}")));
+        }
+        if !pixel_values.is_floating_point() {
+            return Err(Error::input(name, format!("expected a float tensor, found {:?}", pixel_values.kind())));
+        }
+        if size[0] == 0 {
+            return Err(Error::input(name, "the batch is empty"));
+        }
+        let c = self.manifest.model.num_channels;
+        if size[1] != c {
+            return Err(Error::input(name, format!("expected {c} channel(s), found {}", size[1])));
+        }
+        let all_finite = pixel_values.isfinite().all().f_int64_value(&[]).unwrap_or(0) == 1;
+        if !all_finite {
+            return Err(Error::input(name, "contains NaN or infinite values"));
+        }
+        self.artifacts
+            .iter()
+            .find(|(e, _)| e.height == size[2] && e.width == size[3])
+            .ok_or_else(|| {
+                Error::input(
+                    name,
+                    format!(
+                        "resolution {}x{} was not compiled; this bundle has {}",
+                        size[2],
+                        size[3],
+                        self.manifest.resolutions().join(", ")
+                    ),
+                )
+            })
+    }
+
+    fn check_mask(&self, mask: Option<&Tensor>, batch: i64, patches: i64) -> Result<Tensor> {
+        let name = "bool_masked_pos";
+        let Some(mask) = mask else {
+            return Ok(Tensor::zeros([batch, patches], (Kind::Bool, self.device)));
+        };
+        if mask.size() != [batch, patches] {
+            return Err(Error::input(
+                name,
+                format!("expected shape [{batch}, {patches}] (batch, patches), found {:?}", mask.size()),
+            ));
+        }
+        let mask = match mask.kind() {
+            Kind::Bool => mask.shallow_clone(),
+            Kind::Uint8 | Kind::Int8 | Kind::Int16 | Kind::Int | Kind::Int64 => mask.ne(0),
+            other => return Err(Error::input(name, format!("expected bool or integer, found {other:?}"))),
+        };
+        Ok(mask.to_device(self.device))
+    }
+
+    fn check_head_mask(&self, head_mask: Option<&Tensor>) -> Result<Tensor> {
+        let name = "head_mask";
+        let (layers, heads) = (self.manifest.model.num_hidden_layers, self.manifest.model.num_attention_heads);
+        let Some(hm) = head_mask else {
+            return Ok(Tensor::ones([layers, heads], (self.kind, self.device)));
+        };
+        if !hm.is_floating_point() {
+            return Err(Error::input(name, format!("expected a float tensor, found {:?}", hm.kind())));
+        }
+        let hm = match hm.size().as_slice() {
+            [h] if *h == heads => hm.unsqueeze(0).expand([layers, heads], false),
+            [l, h] if *l == layers && *h == heads => hm.shallow_clone(),
+            other => {
+                return Err(Error::input(
+                    name,
+                    format!("expected shape [{heads}] or [{layers}, {heads}], found {other:?}"),
+                ))
+            }
+        };
+        let ok = hm.isfinite().logical_and(&hm.ge(0.0)).all().f_int64_value(&[]).unwrap_or(0) == 1;
+        if !ok {
+            return Err(Error::input(name, "entries must be finite and non-negative"));
+        }
+        Ok(hm.to_kind(self.kind).to_device(self.device).contiguous())
+    }
+
+    fn collect_outputs(&self, entry: &ArtifactEntry, result: IValue) -> Result<Output> {
+        let mut named: Vec<(String, Tensor)> = match result {
+            IValue::GenericDict(items) => items
+                .into_iter()
+                .filter_map(|(k, v)| match (k, v) {
+                    (IValue::String(k), IValue::Tensor(t)) => Some((k, t)),
+                    _ => None,
+                })
+                .collect(),
+            IValue::Tuple(items) | IValue::GenericList(items) => entry
+                .outputs
+                .iter()
+                .zip(items)
+                .filter_map(|(spec, v)| match v {
+                    IValue::Tensor(t) => Some((spec.name.clone(), t)),
+                    _ => None,
+                })
+                .collect(),
+            IValue::Tensor(t) => entry.outputs.first().map(|s| (s.name.clone(), t)).into_iter().collect(),
+            _ => Vec::new(),
+        };
+        let mut take = |name: &str| {
+            named
+                .iter()
+                .position(|(n, _)| n == name)
+                .map(|i| named.swap_remove(i).1.to_kind(Kind::Float).to_device(Device::Cpu))
+        };
+        let out = Output {
+            last_hidden_state: take("last_hidden_state"),
+            logits: take("logits"),
+            hidden_states: take("hidden_states"),
+            attentions: take("attentions"),
+        };
+        for spec in &entry.outputs {
+            let present = out.named().iter().any(|(n, _)| *n == spec.name);
+            if !present {
+                return Err(Error::Forward(format!(
+                    "{}: did not return `{}`, which the manifest lists",
+                    entry.file, spec.name
+                )));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Where this bundle runs, for messages.
+    pub fn device_name(&self) -> String {
+        device_name(self.device)
+    }
+}
+
+/// libtorch messages carry a C++ backtrace after the first line.
+pub fn first_line(message: &str) -> String {
+    message.lines().next().unwrap_or("").to_owned()
+}

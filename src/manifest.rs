@@ -1,0 +1,150 @@
+//! `manifest.json`: what a bundle holds and how to call it.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// The manifest format this program writes and the newest it reads.
+pub const FORMAT_VERSION: u32 = 1;
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    /// The program and version that compiled the bundle.
+    pub compiler: String,
+    /// `backbone` or `classification`.
+    pub task: String,
+    pub model: ModelInfo,
+    /// `f32`, `f16` or `bf16`.
+    pub dtype: String,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// How images are turned into `pixel_values` for this bundle, when known.
+    #[serde(default)]
+    pub preprocessing: Option<Value>,
+    pub artifacts: Vec<ArtifactEntry>,
+    pub source: Source,
+    /// The model's `config.json` as it was read.
+    pub config: Value,
+}
+
+/// The model facts the runtime needs, taken from `config.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelInfo {
+    pub hidden_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    pub num_channels: i64,
+    pub patch_size: i64,
+    pub image_size: i64,
+    /// Class names by index (classification only; empty for a backbone).
+    #[serde(default)]
+    pub labels: Vec<String>,
+    #[serde(default)]
+    pub problem_type: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ArtifactEntry {
+    pub height: i64,
+    pub width: i64,
+    /// File name inside the bundle.
+    pub file: String,
+    pub sha256: String,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+}
+
+/// One input or output. `-1` in `shape` is the batch dimension.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<i64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Source {
+    /// Weight files compiled from, with their sha256.
+    pub weights: Vec<FileDigest>,
+    /// Checkpoint tensors the model did not use.
+    #[serde(default)]
+    pub unused_tensors: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FileDigest {
+    pub file: String,
+    pub sha256: String,
+}
+
+impl Manifest {
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join(MANIFEST_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let bad = |message: String| Error::Manifest { path: path.display().to_string(), message };
+        let value: Value =
+            serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        // Check the version first, so a newer format gets the right message.
+        match value.get("format_version").and_then(Value::as_u64) {
+            None => return Err(bad("no `format_version`".into())),
+            Some(v) if v > FORMAT_VERSION as u64 => {
+                return Err(bad(format!(
+                    "format version {v} is newer than this program reads ({FORMAT_VERSION}); upgrade vit-msn"
+                )))
+            }
+            Some(_) => {}
+        }
+        let manifest: Manifest =
+            serde_json::from_value(value).map_err(|e| bad(format!("invalid manifest: {e}")))?;
+        manifest.validate().map_err(bad)?;
+        Ok(manifest)
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        if !matches!(self.task.as_str(), "backbone" | "classification") {
+            return Err(format!("unknown task `{}`", self.task));
+        }
+        if !matches!(self.dtype.as_str(), "f32" | "f16" | "bf16") {
+            return Err(format!("unknown dtype `{}`", self.dtype));
+        }
+        let m = &self.model;
+        for (name, v) in [
+            ("hidden_size", m.hidden_size),
+            ("num_hidden_layers", m.num_hidden_layers),
+            ("num_attention_heads", m.num_attention_heads),
+            ("num_channels", m.num_channels),
+            ("patch_size", m.patch_size),
+        ] {
+            if v <= 0 {
+                return Err(format!("`model.{name}` must be positive, found {v}"));
+            }
+        }
+        if self.artifacts.is_empty() {
+            return Err("no artifacts".into());
+        }
+        for a in &self.artifacts {
+            // Artifact files live in the bundle folder itself.
+            if a.file.is_empty() || a.file.contains(['/', '\\']) || a.file.starts_with('.') {
+                return Err(format!("artifact file name `{}` is not a plain file name", a.file));
+            }
+            if a.height < m.patch_size || a.width < m.patch_size {
+                return Err(format!("artifact `{}` has resolution {}x{}", a.file, a.height, a.width));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn is_classifier(&self) -> bool {
+        self.task == "classification"
+    }
+
+    /// Sizes as `HxW`, for messages.
+    pub fn resolutions(&self) -> Vec<String> {
+        self.artifacts.iter().map(|a| format!("{}x{}", a.height, a.width)).collect()
+    }
+}

@@ -1,0 +1,49 @@
+//! Numerical parity with transformers 4.46.3, one test per fixture case
+//! (tests/fixtures/make_fixtures.py says what each case holds). f32 cases hold
+//! max |got − ref| ≤ 1e-4 · max(1, max |ref|) on every output; the f16/bf16
+//! artifact cases hold the bound written in their case.json against the f32
+//! reference.
+
+mod common;
+
+macro_rules! parity {
+    ($($name:ident),* $(,)?) => {$(
+        #[test]
+        fn $name() {
+            common::check_case(stringify!($name));
+        }
+    )*};
+}
+
+parity!(
+    base,
+    patch4,
+    patch7,
+    patch16,
+    channels1,
+    no_qkv_bias,
+    layer_norm_eps,
+    sdpa,
+    hidden_only,
+    classifier_bin,
+    classifier_regression,
+    classifier_multilabel,
+    classifier_sharded,
+    weights_f16,
+    weights_bf16,
+    artifact_f16,
+    artifact_bf16,
+    vit_msn_small,
+);
+
+/// Every `hidden_act` that transformers accepts, plus selu.
+#[test]
+fn activations() {
+    let names = [
+        "gelu", "gelu_10", "gelu_fast", "gelu_new", "gelu_python", "gelu_pytorch_tanh", "gelu_accurate", "laplace",
+        "leaky_relu", "linear", "mish", "quick_gelu", "relu", "relu2", "relu6", "selu", "sigmoid", "silu", "swish", "tanh",
+    ];
+    for name in names {
+        common::check_case(&format!("act_{name}"));
+    }
+}
