@@ -10,7 +10,10 @@ fn main() {
     let lib = PathBuf::from(
         env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys did not report DEP_TCH_LIBTORCH_LIB"),
     );
-    let root = lib.parent().expect("libtorch lib folder has a parent").to_path_buf();
+    let root = lib
+        .parent()
+        .expect("libtorch lib folder has a parent")
+        .to_path_buf();
     cc::Build::new()
         .cpp(true)
         .pic(true)

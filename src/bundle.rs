@@ -49,7 +49,10 @@ impl Output {
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 impl Bundle {
@@ -80,12 +83,22 @@ impl Bundle {
                 });
             }
             // Load from the bytes that were verified, not from the file again.
-            let module = CModule::load_data_on_device(&mut Cursor::new(bytes), device).map_err(|e| {
-                Error::Artifact { path: path.display().to_string(), message: first_line(&e.to_string()) }
-            })?;
+            let module =
+                CModule::load_data_on_device(&mut Cursor::new(bytes), device).map_err(|e| {
+                    Error::Artifact {
+                        path: path.display().to_string(),
+                        message: first_line(&e.to_string()),
+                    }
+                })?;
             artifacts.push((entry.clone(), module));
         }
-        let bundle = Self { dir, manifest, device, kind, artifacts };
+        let bundle = Self {
+            dir,
+            manifest,
+            device,
+            kind,
+            artifacts,
+        };
         bundle.warm_up()?;
         Ok(bundle)
     }
@@ -95,12 +108,16 @@ impl Bundle {
     fn warm_up(&self) -> Result<()> {
         for (entry, _) in &self.artifacts {
             let c = self.manifest.model.num_channels;
-            let pixel_values = Tensor::zeros([1, c, entry.height, entry.width], (Kind::Float, Device::Cpu));
+            let pixel_values = Tensor::zeros(
+                [1, c, entry.height, entry.width],
+                (Kind::Float, Device::Cpu),
+            );
             for _ in 0..2 {
-                self.forward(&pixel_values, None, None).map_err(|e| Error::Artifact {
-                    path: self.dir.join(&entry.file).display().to_string(),
-                    message: format!("warm-up run failed: {e}"),
-                })?;
+                self.forward(&pixel_values, None, None)
+                    .map_err(|e| Error::Artifact {
+                        path: self.dir.join(&entry.file).display().to_string(),
+                        message: format!("warm-up run failed: {e}"),
+                    })?;
             }
         }
         Ok(())
@@ -131,11 +148,16 @@ impl Bundle {
     ) -> Result<Output> {
         let (entry, module) = self.artifact_for(pixel_values)?;
         let batch = pixel_values.size()[0];
-        let patches = (entry.height / self.manifest.model.patch_size) * (entry.width / self.manifest.model.patch_size);
+        let patches = (entry.height / self.manifest.model.patch_size)
+            * (entry.width / self.manifest.model.patch_size);
         let mask = self.check_mask(bool_masked_pos, batch, patches)?;
         let head_mask = self.check_head_mask(head_mask)?;
         let pixel_values = pixel_values.to_device(self.device).to_kind(self.kind);
-        let inputs = [IValue::Tensor(pixel_values), IValue::Tensor(mask), IValue::Tensor(head_mask)];
+        let inputs = [
+            IValue::Tensor(pixel_values),
+            IValue::Tensor(mask),
+            IValue::Tensor(head_mask),
+        ];
         let result = tch::no_grad(|| module.forward_is(&inputs))
             .map_err(|e| Error::Forward(first_line(&e.to_string())))?;
         self.collect_outputs(entry, result)
@@ -145,19 +167,33 @@ impl Bundle {
         let name = "pixel_values";
         let size = pixel_values.size();
         if size.len() != 4 {
-            return Err(Error::input(name, format!("expected rank 4 (B, C, H, W), found shape {size:?}")));
+            return Err(Error::input(
+                name,
+                format!("expected rank 4 (B, C, H, W), found shape {size:?}"),
+            ));
         }
         if !pixel_values.is_floating_point() {
-            return Err(Error::input(name, format!("expected a float tensor, found {:?}", pixel_values.kind())));
+            return Err(Error::input(
+                name,
+                format!("expected a float tensor, found {:?}", pixel_values.kind()),
+            ));
         }
         if size[0] == 0 {
             return Err(Error::input(name, "the batch is empty"));
         }
         let c = self.manifest.model.num_channels;
         if size[1] != c {
-            return Err(Error::input(name, format!("expected {c} channel(s), found {}", size[1])));
+            return Err(Error::input(
+                name,
+                format!("expected {c} channel(s), found {}", size[1]),
+            ));
         }
-        let all_finite = pixel_values.isfinite().all().f_int64_value(&[]).unwrap_or(0) == 1;
+        let all_finite = pixel_values
+            .isfinite()
+            .all()
+            .f_int64_value(&[])
+            .unwrap_or(0)
+            == 1;
         if !all_finite {
             return Err(Error::input(name, "contains NaN or infinite values"));
         }
@@ -185,25 +221,39 @@ impl Bundle {
         if mask.size() != [batch, patches] {
             return Err(Error::input(
                 name,
-                format!("expected shape [{batch}, {patches}] (batch, patches), found {:?}", mask.size()),
+                format!(
+                    "expected shape [{batch}, {patches}] (batch, patches), found {:?}",
+                    mask.size()
+                ),
             ));
         }
         let mask = match mask.kind() {
             Kind::Bool => mask.shallow_clone(),
             Kind::Uint8 | Kind::Int8 | Kind::Int16 | Kind::Int | Kind::Int64 => mask.ne(0),
-            other => return Err(Error::input(name, format!("expected bool or integer, found {other:?}"))),
+            other => {
+                return Err(Error::input(
+                    name,
+                    format!("expected bool or integer, found {other:?}"),
+                ))
+            }
         };
         Ok(mask.to_device(self.device))
     }
 
     fn check_head_mask(&self, head_mask: Option<&Tensor>) -> Result<Tensor> {
         let name = "head_mask";
-        let (layers, heads) = (self.manifest.model.num_hidden_layers, self.manifest.model.num_attention_heads);
+        let (layers, heads) = (
+            self.manifest.model.num_hidden_layers,
+            self.manifest.model.num_attention_heads,
+        );
         let Some(hm) = head_mask else {
             return Ok(Tensor::ones([layers, heads], (self.kind, self.device)));
         };
         if !hm.is_floating_point() {
-            return Err(Error::input(name, format!("expected a float tensor, found {:?}", hm.kind())));
+            return Err(Error::input(
+                name,
+                format!("expected a float tensor, found {:?}", hm.kind()),
+            ));
         }
         let hm = match hm.size().as_slice() {
             [h] if *h == heads => hm.unsqueeze(0).expand([layers, heads], false),
@@ -215,9 +265,18 @@ impl Bundle {
                 ))
             }
         };
-        let ok = hm.isfinite().logical_and(&hm.ge(0.0)).all().f_int64_value(&[]).unwrap_or(0) == 1;
+        let ok = hm
+            .isfinite()
+            .logical_and(&hm.ge(0.0))
+            .all()
+            .f_int64_value(&[])
+            .unwrap_or(0)
+            == 1;
         if !ok {
-            return Err(Error::input(name, "entries must be finite and non-negative"));
+            return Err(Error::input(
+                name,
+                "entries must be finite and non-negative",
+            ));
         }
         Ok(hm.to_kind(self.kind).to_device(self.device).contiguous())
     }
@@ -240,14 +299,22 @@ impl Bundle {
                     _ => None,
                 })
                 .collect(),
-            IValue::Tensor(t) => entry.outputs.first().map(|s| (s.name.clone(), t)).into_iter().collect(),
+            IValue::Tensor(t) => entry
+                .outputs
+                .first()
+                .map(|s| (s.name.clone(), t))
+                .into_iter()
+                .collect(),
             _ => Vec::new(),
         };
         let mut take = |name: &str| {
-            named
-                .iter()
-                .position(|(n, _)| n == name)
-                .map(|i| named.swap_remove(i).1.to_kind(Kind::Float).to_device(Device::Cpu))
+            named.iter().position(|(n, _)| n == name).map(|i| {
+                named
+                    .swap_remove(i)
+                    .1
+                    .to_kind(Kind::Float)
+                    .to_device(Device::Cpu)
+            })
         };
         let out = Output {
             last_hidden_state: take("last_hidden_state"),

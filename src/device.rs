@@ -23,7 +23,11 @@ pub fn parse_device(s: &str) -> Result<Device> {
 
 pub fn check_available(device: Device) -> Result<()> {
     if let Device::Cuda(i) = device {
-        let count = if tch::Cuda::is_available() { tch::Cuda::device_count() as usize } else { 0 };
+        let count = if tch::Cuda::is_available() {
+            tch::Cuda::device_count() as usize
+        } else {
+            0
+        };
         if i >= count {
             return Err(Error::Device(format!(
                 "cuda:{i} was asked for, but this machine has {count} CUDA device(s)"
@@ -46,6 +50,9 @@ pub fn parse_dtype(s: &str) -> Result<Kind> {
         "f32" | "float32" => Ok(Kind::Float),
         "f16" | "float16" => Ok(Kind::Half),
         "bf16" | "bfloat16" => Ok(Kind::BFloat16),
-        other => Err(Error::input("dtype", format!("unknown dtype `{other}` (expected f32, f16 or bf16)"))),
+        other => Err(Error::input(
+            "dtype",
+            format!("unknown dtype `{other}` (expected f32, f16 or bf16)"),
+        )),
     }
 }

@@ -4,11 +4,18 @@ use std::path::Path;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     Manifest { path: String, message: String },
     #[error("{path}: sha256 is {found}, the manifest says {expected}; refusing to load a modified artifact")]
-    Digest { path: String, expected: String, found: String },
+    Digest {
+        path: String,
+        expected: String,
+        found: String,
+    },
     #[error("{path}: cannot load TorchScript: {message}")]
     Artifact { path: String, message: String },
     #[error("input `{name}`: {message}")]
@@ -19,19 +26,31 @@ pub enum Error {
     File { path: String, message: String },
     #[error("forward failed: {0}")]
     Forward(String),
+    #[cfg(feature = "compiler")]
+    #[error("{0}")]
+    Compile(#[from] vit_msn_graph::Error),
 }
 
 impl Error {
     pub fn io(path: &Path, source: std::io::Error) -> Self {
-        Error::Io { path: path.display().to_string(), source }
+        Error::Io {
+            path: path.display().to_string(),
+            source,
+        }
     }
 
     pub fn input(name: &str, message: impl Into<String>) -> Self {
-        Error::Input { name: name.into(), message: message.into() }
+        Error::Input {
+            name: name.into(),
+            message: message.into(),
+        }
     }
 
     pub fn file(path: &Path, message: impl Into<String>) -> Self {
-        Error::File { path: path.display().to_string(), message: message.into() }
+        Error::File {
+            path: path.display().to_string(),
+            message: message.into(),
+        }
     }
 }
 

@@ -6,15 +6,22 @@ use crate::error::{Error, Result};
 
 /// A temporary path in the same folder as `target`, so the rename is atomic.
 pub fn sibling_tmp(target: &Path) -> PathBuf {
-    let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let parent = target
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     parent.join(format!(".{name}.tmp-{}", std::process::id()))
 }
 
 /// Calls `write` on a temporary path beside `target`, then renames it into place.
 pub fn write_atomic_with(target: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let tmp = sibling_tmp(target);
-    let result = write(&tmp).and_then(|()| std::fs::rename(&tmp, target).map_err(|e| Error::io(target, e)));
+    let result =
+        write(&tmp).and_then(|()| std::fs::rename(&tmp, target).map_err(|e| Error::io(target, e)));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
@@ -22,7 +29,9 @@ pub fn write_atomic_with(target: &Path, write: impl FnOnce(&Path) -> Result<()>)
 }
 
 pub fn write_atomic(target: &Path, bytes: &[u8]) -> Result<()> {
-    write_atomic_with(target, |tmp| std::fs::write(tmp, bytes).map_err(|e| Error::io(target, e)))
+    write_atomic_with(target, |tmp| {
+        std::fs::write(tmp, bytes).map_err(|e| Error::io(target, e))
+    })
 }
 
 /// Moves a finished directory `staged` to `target`, replacing any old one: at

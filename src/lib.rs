@@ -14,6 +14,8 @@
 //! `default-features = false` to leave the compiler out.
 
 pub mod bundle;
+#[cfg(feature = "compiler")]
+pub mod compiler;
 pub mod device;
 pub mod error;
 pub mod fsutil;

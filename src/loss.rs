@@ -22,21 +22,34 @@ pub fn loss(logits: &Tensor, labels: &Tensor, problem_type: Option<&str>) -> Res
             let labels = labels.to_kind(Kind::Float);
             if num_labels == 1 {
                 check_numel(&logits, &labels)?;
-                logits.squeeze().f_mse_loss(&labels.squeeze(), Reduction::Mean)
+                logits
+                    .squeeze()
+                    .f_mse_loss(&labels.squeeze(), Reduction::Mean)
             } else {
                 logits.f_mse_loss(&labels, Reduction::Mean)
             }
         }
         "single_label_classification" => {
             if !integer_labels {
-                return Err(bad(format!("single-label classification needs integer labels, found {:?}", labels.kind())));
+                return Err(bad(format!(
+                    "single-label classification needs integer labels, found {:?}",
+                    labels.kind()
+                )));
             }
             let labels = labels.to_kind(Kind::Int64).view([-1]);
-            let in_range = labels.ge(0).logical_and(&labels.lt(num_labels)).all().f_int64_value(&[]).unwrap_or(0) == 1;
+            let in_range = labels
+                .ge(0)
+                .logical_and(&labels.lt(num_labels))
+                .all()
+                .f_int64_value(&[])
+                .unwrap_or(0)
+                == 1;
             if !in_range {
                 return Err(bad(format!("class indices must be in 0..{num_labels}")));
             }
-            logits.view([-1, num_labels]).f_cross_entropy_loss::<Tensor>(&labels, None, Reduction::Mean, -100, 0.0)
+            logits
+                .view([-1, num_labels])
+                .f_cross_entropy_loss::<Tensor>(&labels, None, Reduction::Mean, -100, 0.0)
         }
         "multi_label_classification" => logits.f_binary_cross_entropy_with_logits::<Tensor>(
             &labels.to_kind(Kind::Float),
@@ -51,7 +64,10 @@ pub fn loss(logits: &Tensor, labels: &Tensor, problem_type: Option<&str>) -> Res
 
 fn check_numel(a: &Tensor, b: &Tensor) -> Result<()> {
     if a.numel() != b.numel() {
-        return Err(Error::input("labels", format!("expected {} value(s), found {}", a.numel(), b.numel())));
+        return Err(Error::input(
+            "labels",
+            format!("expected {} value(s), found {}", a.numel(), b.numel()),
+        ));
     }
     Ok(())
 }

@@ -13,7 +13,10 @@ fn main() -> ExitCode {
         Err(e) => {
             // One line: libtorch's own messages carry backtraces after the first.
             let message = e.to_string();
-            eprintln!("error: {}", message.lines().next().unwrap_or("unknown error"));
+            eprintln!(
+                "error: {}",
+                message.lines().next().unwrap_or("unknown error")
+            );
             ExitCode::from(1)
         }
     }

@@ -86,7 +86,10 @@ impl Manifest {
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST_FILE);
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let bad = |message: String| Error::Manifest { path: path.display().to_string(), message };
+        let bad = |message: String| Error::Manifest {
+            path: path.display().to_string(),
+            message,
+        };
         let value: Value =
             serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
         // Check the version first, so a newer format gets the right message.
@@ -130,10 +133,16 @@ impl Manifest {
         for a in &self.artifacts {
             // Artifact files live in the bundle folder itself.
             if a.file.is_empty() || a.file.contains(['/', '\\']) || a.file.starts_with('.') {
-                return Err(format!("artifact file name `{}` is not a plain file name", a.file));
+                return Err(format!(
+                    "artifact file name `{}` is not a plain file name",
+                    a.file
+                ));
             }
             if a.height < m.patch_size || a.width < m.patch_size {
-                return Err(format!("artifact `{}` has resolution {}x{}", a.file, a.height, a.width));
+                return Err(format!(
+                    "artifact `{}` has resolution {}x{}",
+                    a.file, a.height, a.width
+                ));
             }
         }
         Ok(())
@@ -145,6 +154,9 @@ impl Manifest {
 
     /// Sizes as `HxW`, for messages.
     pub fn resolutions(&self) -> Vec<String> {
-        self.artifacts.iter().map(|a| format!("{}x{}", a.height, a.width)).collect()
+        self.artifacts
+            .iter()
+            .map(|a| format!("{}x{}", a.height, a.width))
+            .collect()
     }
 }

@@ -27,7 +27,10 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
             Dtype::I32 => Kind::Int,
             Dtype::I64 => Kind::Int64,
             other => {
-                return Err(Error::file(path, format!("tensor `{name}` has unsupported dtype {other:?}")))
+                return Err(Error::file(
+                    path,
+                    format!("tensor `{name}` has unsupported dtype {other:?}"),
+                ))
             }
         };
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();

@@ -40,8 +40,26 @@ parity!(
 #[test]
 fn activations() {
     let names = [
-        "gelu", "gelu_10", "gelu_fast", "gelu_new", "gelu_python", "gelu_pytorch_tanh", "gelu_accurate", "laplace",
-        "leaky_relu", "linear", "mish", "quick_gelu", "relu", "relu2", "relu6", "selu", "sigmoid", "silu", "swish", "tanh",
+        "gelu",
+        "gelu_10",
+        "gelu_fast",
+        "gelu_new",
+        "gelu_python",
+        "gelu_pytorch_tanh",
+        "gelu_accurate",
+        "laplace",
+        "leaky_relu",
+        "linear",
+        "mish",
+        "quick_gelu",
+        "relu",
+        "relu2",
+        "relu6",
+        "selu",
+        "sigmoid",
+        "silu",
+        "swish",
+        "tanh",
     ];
     for name in names {
         common::check_case(&format!("act_{name}"));

@@ -58,7 +58,11 @@ pub fn dtype_name(kind: Kind) -> &'static str {
 
 /// `224` → (224, 224); `160x192` → height 160, width 192.
 pub fn parse_resolution(s: &str) -> Result<(i64, i64), Error> {
-    let bad = || Error::Invalid(format!("resolution `{s}` is not N or HxW with positive integers"));
+    let bad = || {
+        Error::Invalid(format!(
+            "resolution `{s}` is not N or HxW with positive integers"
+        ))
+    };
     let (h, w) = match s.trim().split_once(['x', 'X']) {
         Some((h, w)) => (h.trim(), w.trim()),
         None => (s.trim(), s.trim()),
@@ -75,11 +79,15 @@ pub fn parse_resolution(s: &str) -> Result<(i64, i64), Error> {
 pub fn compile(model_dir: &Path, out_dir: &Path, opts: &CompileOptions) -> Result<Compiled, Error> {
     if let Device::Cuda(i) = opts.device {
         if !tch::Cuda::is_available() || i >= tch::Cuda::device_count() as usize {
-            return Err(Error::Invalid(format!("cuda:{i} was asked for, but this machine has no such CUDA device")));
+            return Err(Error::Invalid(format!(
+                "cuda:{i} was asked for, but this machine has no such CUDA device"
+            )));
         }
     }
     if !matches!(opts.kind, Kind::Float | Kind::Half | Kind::BFloat16) {
-        return Err(Error::Invalid("the artifact dtype must be f32, f16 or bf16".into()));
+        return Err(Error::Invalid(
+            "the artifact dtype must be f32, f16 or bf16".into(),
+        ));
     }
     let mut model = Model::from_dir(model_dir, opts.task, opts.device)?;
     let cfg = model.config.clone();
@@ -123,15 +131,33 @@ pub fn compile(model_dir: &Path, out_dir: &Path, opts: &CompileOptions) -> Resul
         ];
         let mut outputs = vec![match model.task {
             Task::Classification => spec("logits", dtype, vec![-1, cfg.num_labels()]),
-            Task::Backbone => spec("last_hidden_state", dtype, vec![-1, tokens, cfg.hidden_size]),
+            Task::Backbone => spec(
+                "last_hidden_state",
+                dtype,
+                vec![-1, tokens, cfg.hidden_size],
+            ),
         }];
         if opts.wanted.hidden_states {
-            outputs.push(spec("hidden_states", dtype, vec![layers + 1, -1, tokens, cfg.hidden_size]));
+            outputs.push(spec(
+                "hidden_states",
+                dtype,
+                vec![layers + 1, -1, tokens, cfg.hidden_size],
+            ));
         }
         if opts.wanted.attentions {
-            outputs.push(spec("attentions", dtype, vec![layers, -1, heads, tokens, tokens]));
+            outputs.push(spec(
+                "attentions",
+                dtype,
+                vec![layers, -1, heads, tokens, tokens],
+            ));
         }
-        let artifact = Artifact { height: h, width: w, file: format!("model_{h}x{w}.pt"), inputs, outputs };
+        let artifact = Artifact {
+            height: h,
+            width: w,
+            file: format!("model_{h}x{w}.pt"),
+            inputs,
+            outputs,
+        };
 
         // Example inputs; batch 2 so nothing can specialise on batch 1.
         let opts_f = (opts.kind, opts.device);
@@ -157,7 +183,15 @@ pub fn compile(model_dir: &Path, out_dir: &Path, opts: &CompileOptions) -> Resul
                     ("bool_masked_pos", &bool_masked_pos),
                     ("head_mask", &head_mask),
                 ],
-                || Ok(model_ref.forward(&pixel_values, &bool_masked_pos, &head_mask, &table, opts.wanted)),
+                || {
+                    Ok(model_ref.forward(
+                        &pixel_values,
+                        &bool_masked_pos,
+                        &head_mask,
+                        &table,
+                        opts.wanted,
+                    ))
+                },
                 ARTIFACT_EXTRA_FILE,
                 &extra.to_string(),
             )

@@ -114,7 +114,9 @@ impl Config {
             ("num_channels", self.num_channels),
         ] {
             if v <= 0 {
-                return Err(Error::Config(format!("`{name}` must be positive, found {v}")));
+                return Err(Error::Config(format!(
+                    "`{name}` must be positive, found {v}"
+                )));
             }
         }
         if self.hidden_size % self.num_attention_heads != 0 {
@@ -246,7 +248,9 @@ fn read_labels(obj: &Map<String, Value>) -> Result<Vec<String>, Error> {
     }
     let n = int(obj, "num_labels", 2)?;
     if n <= 0 {
-        return Err(Error::Config(format!("`num_labels` must be positive, found {n}")));
+        return Err(Error::Config(format!(
+            "`num_labels` must be positive, found {n}"
+        )));
     }
     Ok((0..n).map(|i| format!("LABEL_{i}")).collect())
 }

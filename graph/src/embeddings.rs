@@ -11,15 +11,26 @@ pub struct PatchEmbeddings {
 
 impl PatchEmbeddings {
     pub fn new(p: &nn::Path, cfg: &Config) -> Self {
-        let conv = nn::ConvConfig { stride: cfg.patch_size, ..Default::default() };
-        let projection =
-            nn::conv2d(p / "projection", cfg.num_channels, cfg.hidden_size, cfg.patch_size, conv);
+        let conv = nn::ConvConfig {
+            stride: cfg.patch_size,
+            ..Default::default()
+        };
+        let projection = nn::conv2d(
+            p / "projection",
+            cfg.num_channels,
+            cfg.hidden_size,
+            cfg.patch_size,
+            conv,
+        );
         Self { projection }
     }
 
     /// (B, C, H, W) → (B, N, D).
     pub fn forward(&self, pixel_values: &Tensor) -> Tensor {
-        pixel_values.apply(&self.projection).flatten(2, -1).transpose(1, 2)
+        pixel_values
+            .apply(&self.projection)
+            .flatten(2, -1)
+            .transpose(1, 2)
     }
 }
 

@@ -25,7 +25,10 @@ pub struct AttentionOutput {
 impl SelfAttention {
     pub fn new(p: &nn::Path, cfg: &Config) -> Self {
         let d = cfg.hidden_size;
-        let lin = nn::LinearConfig { bias: cfg.qkv_bias, ..Default::default() };
+        let lin = nn::LinearConfig {
+            bias: cfg.qkv_bias,
+            ..Default::default()
+        };
         Self {
             query: nn::linear(p / "query", d, d, lin),
             key: nn::linear(p / "key", d, d, lin),
@@ -52,7 +55,10 @@ impl SelfAttention {
     /// it is one scalar per head, scaling each head's context is the same and
     /// lets scaled_dot_product_attention run when probabilities are not wanted.
     pub fn forward(&self, x: &Tensor, head_mask: &Tensor, want_probs: bool) -> AttentionOutput {
-        let (weight, bias) = self.qkv.as_ref().expect("SelfAttention::fuse runs before forward");
+        let (weight, bias) = self
+            .qkv
+            .as_ref()
+            .expect("SelfAttention::fuse runs before forward");
         let tokens = x.size()[1];
         let qkv = x
             .linear(weight, bias.as_ref())
@@ -70,7 +76,10 @@ impl SelfAttention {
             );
             (context * &per_head, None)
         };
-        let context = context.permute([0, 2, 1, 3]).reshape([-1, tokens, self.heads * self.head_dim]);
+        let context =
+            context
+                .permute([0, 2, 1, 3])
+                .reshape([-1, tokens, self.heads * self.head_dim]);
         AttentionOutput { context, probs }
     }
 }
@@ -89,7 +98,10 @@ pub struct Layer {
 impl Layer {
     pub fn new(p: &nn::Path, cfg: &Config, act: Activation) -> Self {
         let d = cfg.hidden_size;
-        let ln = nn::LayerNormConfig { eps: cfg.layer_norm_eps, ..Default::default() };
+        let ln = nn::LayerNormConfig {
+            eps: cfg.layer_norm_eps,
+            ..Default::default()
+        };
         let lin = Default::default();
         Self {
             layernorm_before: nn::layer_norm(p / "layernorm_before", vec![d], ln),
@@ -107,11 +119,16 @@ impl Layer {
     }
 
     pub fn forward(&self, x: &Tensor, head_mask: &Tensor, want_probs: bool) -> AttentionOutput {
-        let attn = self.attention.forward(&x.apply(&self.layernorm_before), head_mask, want_probs);
+        let attn = self
+            .attention
+            .forward(&x.apply(&self.layernorm_before), head_mask, want_probs);
         let h = x + attn.context.apply(&self.attention_output);
         let mlp = h.apply(&self.layernorm_after).apply(&self.intermediate);
         let y = &h + self.act.forward(&mlp).apply(&self.output);
-        AttentionOutput { context: y, probs: attn.probs }
+        AttentionOutput {
+            context: y,
+            probs: attn.probs,
+        }
     }
 }
 
@@ -130,7 +147,9 @@ pub struct EncoderOutput {
 impl Encoder {
     pub fn new(p: &nn::Path, cfg: &Config, act: Activation) -> Self {
         let p = p / "layer";
-        let layers = (0..cfg.num_hidden_layers).map(|i| Layer::new(&(&p / i), cfg, act)).collect();
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Layer::new(&(&p / i), cfg, act))
+            .collect();
         Self { layers }
     }
 
@@ -139,7 +158,13 @@ impl Encoder {
     }
 
     /// `head_mask` is (layers, heads).
-    pub fn forward(&self, x: Tensor, head_mask: &Tensor, want_hidden: bool, want_probs: bool) -> EncoderOutput {
+    pub fn forward(
+        &self,
+        x: Tensor,
+        head_mask: &Tensor,
+        want_hidden: bool,
+        want_probs: bool,
+    ) -> EncoderOutput {
         let mut hidden_states = Vec::new();
         let mut attentions = Vec::new();
         let mut x = x;
@@ -154,6 +179,10 @@ impl Encoder {
         if want_hidden {
             hidden_states.push(x.shallow_clone());
         }
-        EncoderOutput { last: x, hidden_states, attentions }
+        EncoderOutput {
+            last: x,
+            hidden_states,
+            attentions,
+        }
     }
 }

@@ -12,6 +12,7 @@ pub mod embeddings;
 pub mod encoder;
 pub mod model;
 pub mod trace;
+pub mod untrained;
 pub mod weights;
 
 pub use compile::{compile, CompileOptions, Compiled};
@@ -23,7 +24,10 @@ use std::path::Path;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("config: {0}")]
     Config(String),
     #[error("weights: {0}")]
@@ -31,7 +35,11 @@ pub enum Error {
     #[error("weights: tensor `{name}` is missing (expected shape {expected:?})")]
     MissingTensor { name: String, expected: Vec<i64> },
     #[error("weights: tensor `{name}` has shape {found:?}, expected {expected:?}")]
-    ShapeMismatch { name: String, expected: Vec<i64>, found: Vec<i64> },
+    ShapeMismatch {
+        name: String,
+        expected: Vec<i64>,
+        found: Vec<i64>,
+    },
     #[error("tracing: {0}")]
     Trace(String),
     #[error("{0}")]
@@ -42,7 +50,10 @@ pub enum Error {
 
 impl Error {
     pub fn io(path: &Path, source: std::io::Error) -> Self {
-        Error::Io { path: path.display().to_string(), source }
+        Error::Io {
+            path: path.display().to_string(),
+            source,
+        }
     }
 
     /// The message without the category prefix.

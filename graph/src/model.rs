@@ -33,7 +33,10 @@ pub struct Wanted {
 
 impl VitMsnModel {
     pub fn new(p: &nn::Path, cfg: &Config) -> Result<Self, Error> {
-        let ln = nn::LayerNormConfig { eps: cfg.layer_norm_eps, ..Default::default() };
+        let ln = nn::LayerNormConfig {
+            eps: cfg.layer_norm_eps,
+            ..Default::default()
+        };
         Ok(Self {
             embeddings: Embeddings::new(&(p / "embeddings"), cfg),
             encoder: Encoder::new(&(p / "encoder"), cfg, cfg.activation()?),
@@ -55,8 +58,12 @@ impl VitMsnModel {
         position_table: &Tensor,
         wanted: Wanted,
     ) -> ModelOutput {
-        let x = self.embeddings.forward(pixel_values, bool_masked_pos, position_table);
-        let enc = self.encoder.forward(x, head_mask, wanted.hidden_states, wanted.attentions);
+        let x = self
+            .embeddings
+            .forward(pixel_values, bool_masked_pos, position_table);
+        let enc = self
+            .encoder
+            .forward(x, head_mask, wanted.hidden_states, wanted.attentions);
         ModelOutput {
             last_hidden_state: enc.last.apply(&self.layernorm),
             hidden_states: enc.hidden_states,
@@ -85,24 +92,37 @@ impl Model {
     pub fn from_dir(dir: &Path, task: Option<Task>, device: Device) -> Result<Self, Error> {
         let config = Config::from_file(&dir.join("config.json"))?;
         let ckpt = Checkpoint::from_dir(dir)?;
-        let task = task
-            .or_else(|| config.task_from_architectures())
-            .unwrap_or(if ckpt.contains("classifier.weight") {
+        let task = task.or_else(|| config.task_from_architectures()).unwrap_or(
+            if ckpt.contains("classifier.weight") {
                 Task::Classification
             } else {
                 Task::Backbone
-            });
+            },
+        );
         let vs = nn::VarStore::new(device);
         let root = vs.root();
         let vit = VitMsnModel::new(&root, &config)?;
         let classifier = (task == Task::Classification).then(|| {
-            nn::linear(&root / "classifier", config.hidden_size, config.num_labels(), Default::default())
+            nn::linear(
+                &root / "classifier",
+                config.hidden_size,
+                config.num_labels(),
+                Default::default(),
+            )
         });
         let unused_tensors = ckpt.load_into(&vs, &["embeddings.mask_token"])?;
         let mut vs = vs;
         // Weights are constants of the trace; a tensor that requires grad cannot be one.
         vs.freeze();
-        Ok(Self { vs, config, task, vit, classifier, unused_tensors, weight_files: ckpt.files })
+        Ok(Self {
+            vs,
+            config,
+            task,
+            vit,
+            classifier,
+            unused_tensors,
+            weight_files: ckpt.files,
+        })
     }
 
     /// The primary output (`last_hidden_state` or `logits`) and the optional ones.
@@ -114,12 +134,19 @@ impl Model {
         position_table: &Tensor,
         wanted: Wanted,
     ) -> Vec<(&'static str, Tensor)> {
-        let out = self.vit.forward(pixel_values, bool_masked_pos, head_mask, position_table, wanted);
+        let out = self.vit.forward(
+            pixel_values,
+            bool_masked_pos,
+            head_mask,
+            position_table,
+            wanted,
+        );
         let mut named = Vec::new();
         match &self.classifier {
-            Some(classifier) => {
-                named.push(("logits", out.last_hidden_state.select(1, 0).apply(classifier)))
-            }
+            Some(classifier) => named.push((
+                "logits",
+                out.last_hidden_state.select(1, 0).apply(classifier),
+            )),
             None => named.push(("last_hidden_state", out.last_hidden_state)),
         }
         if wanted.hidden_states {

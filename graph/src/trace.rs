@@ -41,7 +41,9 @@ fn take_error(err: *mut c_char) -> Error {
         return Error::Trace("libtorch reported an error without a message".into());
     }
     // SAFETY: the shim returns a NUL-terminated malloc'ed string, freed here once.
-    let message = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
+    let message = unsafe { CStr::from_ptr(err) }
+        .to_string_lossy()
+        .into_owned();
     unsafe { vmsn_free_str(err) };
     Error::Trace(message)
 }
@@ -60,7 +62,10 @@ where
     F: FnOnce() -> Result<Vec<(&'static str, Tensor)>, Error>,
 {
     let module_name = cstring("VitMsn")?;
-    let names: Vec<CString> = inputs.iter().map(|(n, _)| cstring(n)).collect::<Result<_, _>>()?;
+    let names: Vec<CString> = inputs
+        .iter()
+        .map(|(n, _)| cstring(n))
+        .collect::<Result<_, _>>()?;
     let name_ptrs: Vec<*const c_char> = names.iter().map(|n| n.as_ptr()).collect();
     let tensor_ptrs: Vec<*const C_tensor> = inputs.iter().map(|(_, t)| t.as_ptr()).collect();
     let mut err: *mut c_char = std::ptr::null_mut();
@@ -85,7 +90,10 @@ where
             return Err(e);
         }
     };
-    let out_names: Vec<CString> = outputs.iter().map(|(n, _)| cstring(n)).collect::<Result<_, _>>()?;
+    let out_names: Vec<CString> = outputs
+        .iter()
+        .map(|(n, _)| cstring(n))
+        .collect::<Result<_, _>>()?;
     let out_name_ptrs: Vec<*const c_char> = out_names.iter().map(|n| n.as_ptr()).collect();
     let out_ptrs: Vec<*const C_tensor> = outputs.iter().map(|(_, t)| t.as_ptr()).collect();
     let path_c = cstring(&path.to_string_lossy())?;

@@ -28,7 +28,10 @@ impl Checkpoint {
             "pytorch_model.bin",
             "pytorch_model.bin.index.json",
         ];
-        let found = candidates.iter().map(|name| dir.join(name)).find(|p| p.is_file());
+        let found = candidates
+            .iter()
+            .map(|name| dir.join(name))
+            .find(|p| p.is_file());
         let Some(path) = found else {
             return Err(Error::Weights(format!(
                 "{}: no weights file (looked for {})",
@@ -41,7 +44,10 @@ impl Checkpoint {
         } else {
             vec![path]
         };
-        let mut ckpt = Checkpoint { tensors: BTreeMap::new(), files: Vec::new() };
+        let mut ckpt = Checkpoint {
+            tensors: BTreeMap::new(),
+            files: Vec::new(),
+        };
         for shard in &shards {
             let bytes = std::fs::read(shard).map_err(|e| Error::io(shard, e))?;
             let tensors = if shard.extension().is_some_and(|e| e == "safetensors") {
@@ -53,7 +59,11 @@ impl Checkpoint {
                 let name = name.strip_prefix("vit.").map(str::to_owned).unwrap_or(name);
                 ckpt.tensors.insert(name, tensor);
             }
-            let file_name = shard.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            let file_name = shard
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
             ckpt.files.push((file_name, hex_sha256(&bytes)));
         }
         Ok(ckpt)
@@ -74,7 +84,10 @@ impl Checkpoint {
                 if optional.contains(&name.as_str()) {
                     continue;
                 }
-                return Err(Error::MissingTensor { name: name.clone(), expected });
+                return Err(Error::MissingTensor {
+                    name: name.clone(),
+                    expected,
+                });
             };
             if src.size() != expected {
                 return Err(Error::ShapeMismatch {
@@ -109,7 +122,10 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>, Error> {
     let mut files: Vec<String> = Vec::new();
     for (tensor, file) in map {
         let file = file.as_str().ok_or_else(|| {
-            Error::Weights(format!("{}: shard of `{tensor}` is not a string", index.display()))
+            Error::Weights(format!(
+                "{}: shard of `{tensor}` is not a string",
+                index.display()
+            ))
         })?;
         if !files.iter().any(|f| f == file) {
             files.push(file.to_owned());
@@ -161,17 +177,27 @@ fn read_safetensors(path: &Path, bytes: &[u8]) -> Result<Vec<(String, Tensor)>, 
 
 fn read_pytorch_bin(path: &Path) -> Result<Vec<(String, Tensor)>, Error> {
     let tensors = Tensor::loadz_multi(path).map_err(|e| {
-        Error::Weights(format!("{}: not a readable PyTorch state dict: {e}", path.display()))
+        Error::Weights(format!(
+            "{}: not a readable PyTorch state dict: {e}",
+            path.display()
+        ))
     })?;
     Ok(tensors
         .into_iter()
         .map(|(name, t)| {
-            let t = if t.is_floating_point() { t.to_kind(Kind::Float) } else { t };
+            let t = if t.is_floating_point() {
+                t.to_kind(Kind::Float)
+            } else {
+                t
+            };
             (name, t)
         })
         .collect())
 }
 
 pub fn hex_sha256(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }

@@ -41,7 +41,12 @@ pub fn fixtures() -> PathBuf {
             .arg(root().join("tests/fixtures/make_fixtures.py"))
             .arg(&dir)
             .status()
-            .unwrap_or_else(|e| panic!("cannot run {} (run `make libtorch` first): {e}", python.display()));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run {} (run `make libtorch` first): {e}",
+                    python.display()
+                )
+            });
         assert!(status.success(), "fixture generation failed");
         std::fs::write(dir.join("COMPLETE"), "").expect("write fixture stamp");
     }
@@ -50,7 +55,11 @@ pub fn fixtures() -> PathBuf {
 
 pub fn case_dir(case: &str) -> PathBuf {
     let dir = fixtures().join(case);
-    assert!(dir.join("case.json").is_file(), "fixture {case} is missing from {}", dir.display());
+    assert!(
+        dir.join("case.json").is_file(),
+        "fixture {case} is missing from {}",
+        dir.display()
+    );
     dir
 }
 
@@ -79,14 +88,22 @@ pub fn read(path: &Path) -> Vec<(String, Tensor)> {
 /// max |got − ref|, and whether it is within `tol · max(1, max |ref|)`.
 pub fn within(got: &Tensor, expected: &Tensor, tol: f64) -> (f64, f64, bool) {
     assert_eq!(got.size(), expected.size(), "shapes differ");
-    let diff = (got.to_kind(tch::Kind::Double) - expected.to_kind(tch::Kind::Double)).abs().max().double_value(&[]);
+    let diff = (got.to_kind(tch::Kind::Double) - expected.to_kind(tch::Kind::Double))
+        .abs()
+        .max()
+        .double_value(&[]);
     let scale = expected.abs().max().double_value(&[]).max(1.0);
     (diff, tol * scale, diff <= tol * scale)
 }
 
 /// Every expected tensor is present in `got` and within tolerance. Returns
 /// (name, max diff) per output for reporting.
-pub fn check_outputs(got: &[(String, Tensor)], expected: &[(String, Tensor)], tol: f64, label: &str) -> Vec<(String, f64)> {
+pub fn check_outputs(
+    got: &[(String, Tensor)],
+    expected: &[(String, Tensor)],
+    tol: f64,
+    label: &str,
+) -> Vec<(String, f64)> {
     let mut report = Vec::new();
     assert!(!expected.is_empty(), "{label}: no expected outputs");
     for (name, want) in expected {
@@ -96,8 +113,12 @@ pub fn check_outputs(got: &[(String, Tensor)], expected: &[(String, Tensor)], to
             .map(|(_, t)| t)
             .unwrap_or_else(|| panic!("{label}: output `{name}` is missing"));
         let (diff, bound, ok) = within(have, want, tol);
-        assert!(ok, "{label}: `{name}` max |diff| {diff:e} exceeds {bound:e}");
-        report.push((name.clone(), diff));
+        assert!(
+            ok,
+            "{label}: `{name}` max |diff| {diff:e} exceeds {bound:e}"
+        );
+        // Reported relative to max(1, max |ref|), the scale the tolerance is in.
+        report.push((name.clone(), diff * tol / bound));
     }
     report
 }
@@ -106,11 +127,17 @@ pub fn check_outputs(got: &[(String, Tensor)], expected: &[(String, Tensor)], to
 /// through `vit-msn run`, and checks each output against the reference.
 pub fn check_case(case: &str) {
     let dir = case_dir(case);
-    let spec: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).expect("read case.json")).expect("case.json");
+    let spec: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("case.json")).expect("read case.json"),
+    )
+    .expect("case.json");
     let work = scratch(&format!("parity-{case}"));
     let bundle = work.join("bundle");
-    let mut args: Vec<String> = vec!["compile".into(), "--model".into(), dir.join("model").display().to_string()];
+    let mut args: Vec<String> = vec![
+        "compile".into(),
+        "--model".into(),
+        dir.join("model").display().to_string(),
+    ];
     args.extend(["--out".into(), bundle.display().to_string()]);
     for a in spec["compile"].as_array().expect("compile args") {
         args.push(a.as_str().expect("string arg").to_owned());
@@ -133,7 +160,12 @@ pub fn check_case(case: &str) {
             &out,
         ]);
         assert_ok(&result, &format!("{case}/{name}: run"));
-        let report = check_outputs(&read(&out), &read(&dir.join(run["expected"].as_str().expect("expected"))), tol, &format!("{case}/{name}"));
+        let report = check_outputs(
+            &read(&out),
+            &read(&dir.join(run["expected"].as_str().expect("expected"))),
+            tol,
+            &format!("{case}/{name}"),
+        );
         eprintln!("{case}/{name}: {report:?}");
     }
 }

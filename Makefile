@@ -1,0 +1,48 @@
+# Two commands set up everything on a fresh machine: `make demo` and `make test`.
+# Each target bootstraps libtorch (PyTorch 2.13.0 from PyPI, in .venv) first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BOOTSTRAP := $(VENV)/.vit-msn-bootstrap
+FIXTURES := tests/fixtures/generated
+# torch provides libtorch for tch 0.26; transformers is the reference the tests compare against.
+PIP_PACKAGES := torch==2.13.0 transformers==4.46.3 safetensors==0.8.0 numpy
+
+.PHONY: libtorch demo test fixtures bench gpu-check clean
+
+libtorch: $(BOOTSTRAP)
+
+$(BOOTSTRAP):
+	@echo "==> bootstrap: PyPI torch 2.13.0 into $(VENV) (about 4.7 GB, once)"
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --upgrade --progress-bar on pip
+	$(VENV)/bin/pip install --progress-bar on $(PIP_PACKAGES)
+	ln -sfn "$$($(PY) -c 'import os, torch; print(os.path.relpath(os.path.dirname(torch.__file__)))')" .libtorch
+	test -f .libtorch/lib/libtorch.so
+	touch $@
+
+demo: libtorch
+	cargo build --release
+	./target/release/vit-msn demo
+
+$(FIXTURES)/COMPLETE: tests/fixtures/make_fixtures.py | $(BOOTSTRAP)
+	rm -rf $(FIXTURES)
+	$(PY) tests/fixtures/make_fixtures.py $(FIXTURES)
+	touch $@
+
+fixtures: $(FIXTURES)/COMPLETE
+
+test: libtorch fixtures
+	cargo test --workspace
+
+bench: libtorch
+	cargo bench --bench forward
+
+# Builds a binary against PyTorch 2.11.0 / tch 0.24 for the GPU machines (see scripts/gpu-check.sh).
+gpu-check:
+	bash scripts/gpu-check.sh build
+
+clean:
+	cargo clean
+	rm -rf $(FIXTURES)

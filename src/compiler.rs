@@ -1,0 +1,120 @@
+//! Compiling a Hugging Face folder into a bundle: the graph crate traces the
+//! artifacts, and this module writes the manifest beside them. Only with the
+//! `compiler` feature; the runtime itself never needs it.
+
+use std::path::Path;
+
+use crate::bundle::sha256_hex;
+use crate::device;
+use crate::error::{Error, Result};
+use crate::fsutil::{replace_dir, sibling_tmp, write_atomic};
+use crate::manifest::{
+    ArtifactEntry, FileDigest, Manifest, ModelInfo, Source, TensorSpec, FORMAT_VERSION,
+    MANIFEST_FILE,
+};
+use vit_msn_graph::compile::dtype_name;
+use vit_msn_graph::{CompileOptions, Task};
+
+/// Compiles `model_dir` into a bundle at `out`, staged in a temporary folder
+/// beside it and renamed into place, so `out` is never half-written.
+pub fn compile_bundle(model_dir: &Path, out: &Path, opts: &CompileOptions) -> Result<Manifest> {
+    if !model_dir.is_dir() {
+        return Err(Error::file(model_dir, "not a model folder"));
+    }
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    }
+    let staged = sibling_tmp(out);
+    let _ = std::fs::remove_dir_all(&staged);
+    std::fs::create_dir_all(&staged).map_err(|e| Error::io(&staged, e))?;
+    let result = build_bundle(model_dir, &staged, opts)
+        .and_then(|manifest| replace_dir(&staged, out).map(|()| manifest));
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&staged);
+    }
+    result
+}
+
+fn build_bundle(model_dir: &Path, staged: &Path, opts: &CompileOptions) -> Result<Manifest> {
+    let compiled = vit_msn_graph::compile(model_dir, staged, opts)?;
+    let model = &compiled.model;
+    let specs = |v: &[vit_msn_graph::compile::TensorSpec]| -> Vec<TensorSpec> {
+        v.iter()
+            .map(|s| TensorSpec {
+                name: s.name.clone(),
+                dtype: s.dtype.clone(),
+                shape: s.shape.clone(),
+            })
+            .collect()
+    };
+    let mut artifacts = Vec::new();
+    for art in &compiled.artifacts {
+        let path = staged.join(&art.file);
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        artifacts.push(ArtifactEntry {
+            height: art.height,
+            width: art.width,
+            file: art.file.clone(),
+            sha256: sha256_hex(&bytes),
+            inputs: specs(&art.inputs),
+            outputs: specs(&art.outputs),
+        });
+    }
+    let cfg = &model.config;
+    let classifier = model.task == Task::Classification;
+    let preprocessing = read_json_if_present(&model_dir.join("preprocessor_config.json"))?;
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        compiler: concat!("vit-msn ", env!("CARGO_PKG_VERSION")).into(),
+        task: if classifier {
+            "classification"
+        } else {
+            "backbone"
+        }
+        .into(),
+        model: ModelInfo {
+            hidden_size: cfg.hidden_size,
+            num_hidden_layers: cfg.num_hidden_layers,
+            num_attention_heads: cfg.num_attention_heads,
+            num_channels: cfg.num_channels,
+            patch_size: cfg.patch_size,
+            image_size: cfg.image_size,
+            labels: if classifier {
+                cfg.id2label.clone()
+            } else {
+                Vec::new()
+            },
+            problem_type: cfg.problem_type.clone(),
+        },
+        dtype: dtype_name(opts.kind).into(),
+        device: device::device_name(opts.device),
+        preprocessing,
+        artifacts,
+        source: Source {
+            weights: model
+                .weight_files
+                .iter()
+                .map(|(f, h)| FileDigest {
+                    file: f.clone(),
+                    sha256: h.clone(),
+                })
+                .collect(),
+            unused_tensors: model.unused_tensors.clone(),
+        },
+        config: cfg.raw.clone(),
+    };
+    let text =
+        serde_json::to_string_pretty(&manifest).map_err(|e| Error::file(staged, e.to_string()))?;
+    write_atomic(&staged.join(MANIFEST_FILE), text.as_bytes())?;
+    Ok(manifest)
+}
+
+fn read_json_if_present(path: &Path) -> Result<Option<serde_json::Value>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let value = serde_json::from_str(&text)
+        .map_err(|e| Error::file(path, format!("not valid JSON: {e}")))?;
+    Ok(Some(value))
+}

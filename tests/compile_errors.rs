@@ -1,0 +1,239 @@
+//! Model folders the compiler must refuse with a clear, one-line error that
+//! names the file, field or tensor, and exit code 1; never a panic.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{case_dir, read, scratch, vit_msn};
+use serde_json::Value;
+use tch::Tensor;
+
+fn copy_model(case: &str, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(case_dir(case).join("model")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+fn edit_config(model: &Path, edit: impl FnOnce(&mut serde_json::Map<String, Value>)) {
+    let path = model.join("config.json");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(v.as_object_mut().unwrap());
+    std::fs::write(&path, v.to_string()).unwrap();
+}
+
+/// Runs `compile` on a broken copy of a fixture; returns stderr.
+fn compile_fails(name: &str, case: &str, break_it: impl FnOnce(&Path)) -> String {
+    let dir = scratch(&format!("compile-error-{name}"));
+    let model: PathBuf = dir.join("model");
+    copy_model(case, &model);
+    break_it(&model);
+    let out_dir = dir.join("bundle");
+    let out = vit_msn(&[&"compile", &"--model", &model, &"--out", &out_dir]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{name}: {stderr}");
+    assert!(
+        stderr.starts_with("error: ") && stderr.trim_end().lines().count() == 1,
+        "{name}: {stderr}"
+    );
+    assert!(!out_dir.exists(), "{name}: a bundle was written");
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        leftovers.len(),
+        1,
+        "{name}: temporary files left behind: {leftovers:?}"
+    );
+    stderr
+}
+
+fn rewrite_weights(model: &Path, edit: impl FnOnce(&mut Vec<(String, Tensor)>)) {
+    let path = model.join("model.safetensors");
+    let mut tensors = read(&path);
+    edit(&mut tensors);
+    let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    Tensor::write_safetensors(&refs, &path).unwrap();
+}
+
+#[test]
+fn config_errors() {
+    type Breaker = Box<dyn Fn(&Path)>;
+    let cases: Vec<(&str, Breaker, &str)> = vec![
+        (
+            "missing",
+            Box::new(|m: &Path| std::fs::remove_file(m.join("config.json")).unwrap()),
+            "config.json: No such file",
+        ),
+        (
+            "not_json",
+            Box::new(|m: &Path| std::fs::write(m.join("config.json"), "{nope").unwrap()),
+            "not valid JSON",
+        ),
+        (
+            "act",
+            Box::new(|m: &Path| {
+                edit_config(m, |c| {
+                    c.insert("hidden_act".into(), "swiglu".into());
+                })
+            }),
+            "unknown `hidden_act` `swiglu`",
+        ),
+        (
+            "zero",
+            Box::new(|m: &Path| {
+                edit_config(m, |c| {
+                    c.insert("num_hidden_layers".into(), 0.into());
+                })
+            }),
+            "`num_hidden_layers` must be positive",
+        ),
+        (
+            "negative",
+            Box::new(|m: &Path| {
+                edit_config(m, |c| {
+                    c.insert("hidden_size".into(), (-32).into());
+                })
+            }),
+            "`hidden_size` must be positive",
+        ),
+        (
+            "heads",
+            Box::new(|m: &Path| {
+                edit_config(m, |c| {
+                    c.insert("num_attention_heads".into(), 5.into());
+                })
+            }),
+            "not divisible by `num_attention_heads` 5",
+        ),
+        (
+            "patch",
+            Box::new(|m: &Path| {
+                edit_config(m, |c| {
+                    c.insert("image_size".into(), 36.into());
+                })
+            }),
+            "`image_size` 36 is not divisible by `patch_size` 8",
+        ),
+        (
+            "type",
+            Box::new(|m: &Path| {
+                edit_config(m, |c| {
+                    c.insert("patch_size".into(), "8".into());
+                })
+            }),
+            "`patch_size` must be an integer",
+        ),
+    ];
+    for (name, break_it, expect) in cases {
+        let err = compile_fails(&format!("config-{name}"), "no_qkv_bias", break_it);
+        assert!(err.contains(expect), "{name}: {err}");
+        assert!(
+            err.contains("config.json"),
+            "{name}: the message does not name the file: {err}"
+        );
+    }
+}
+
+#[test]
+fn weight_errors() {
+    let err = compile_fails("no-weights", "no_qkv_bias", |m| {
+        std::fs::remove_file(m.join("model.safetensors")).unwrap()
+    });
+    assert!(err.contains("no weights file"), "{err}");
+
+    let err = compile_fails("missing-tensor", "no_qkv_bias", |m| {
+        rewrite_weights(m, |t| {
+            t.retain(|(n, _)| n != "encoder.layer.1.output.dense.weight")
+        })
+    });
+    assert!(
+        err.contains("`encoder.layer.1.output.dense.weight` is missing (expected shape [32, 64])"),
+        "{err}"
+    );
+
+    let err = compile_fails("wrong-shape", "no_qkv_bias", |m| {
+        rewrite_weights(m, |t| {
+            let i = t.iter().position(|(n, _)| n == "layernorm.weight").unwrap();
+            t[i].1 = Tensor::ones([31], (tch::Kind::Float, tch::Device::Cpu));
+        })
+    });
+    assert!(
+        err.contains("`layernorm.weight` has shape [31], expected [32]"),
+        "{err}"
+    );
+
+    let err = compile_fails("truncated", "no_qkv_bias", |m| {
+        let p = m.join("model.safetensors");
+        let bytes = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+    });
+    assert!(
+        err.contains("model.safetensors: invalid safetensors"),
+        "{err}"
+    );
+
+    let err = compile_fails("header-past-end", "no_qkv_bias", |m| {
+        let p = m.join("model.safetensors");
+        let mut bytes = std::fs::read(&p).unwrap();
+        bytes[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        std::fs::write(&p, bytes).unwrap();
+    });
+    assert!(err.contains("invalid safetensors"), "{err}");
+
+    let err = compile_fails("int-dtype", "no_qkv_bias", |m| {
+        rewrite_weights(m, |t| {
+            let i = t.iter().position(|(n, _)| n == "layernorm.bias").unwrap();
+            t[i].1 = t[i].1.to_kind(tch::Kind::Int);
+        })
+    });
+    assert!(err.contains("`layernorm.bias` has dtype I32"), "{err}");
+
+    let err = compile_fails("bad-bin", "classifier_bin", |m| {
+        std::fs::write(
+            m.join("pytorch_model.bin"),
+            b"PK\x03\x04 this is not a zip archive",
+        )
+        .unwrap()
+    });
+    assert!(
+        err.contains("pytorch_model.bin: not a readable PyTorch state dict"),
+        "{err}"
+    );
+
+    let err = compile_fails("missing-shard", "classifier_sharded", |m| {
+        let shard = std::fs::read_dir(m)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| {
+                p.to_string_lossy().ends_with("-of-00002.safetensors")
+                    || p.to_string_lossy().contains("-of-")
+            })
+            .unwrap();
+        std::fs::remove_file(shard).unwrap();
+    });
+    assert!(
+        err.contains("model.safetensors.index.json: names shard") && err.contains("not a file"),
+        "{err}"
+    );
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let out = vit_msn(&[&"compile", &"--model"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = vit_msn(&[
+        &"compile",
+        &"--model",
+        &case_dir("base").join("model"),
+        &"--out",
+        &scratch("usage").join("b"),
+        &"--resolutions",
+        &"32,abc",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("resolution `abc`"));
+}

@@ -1,0 +1,233 @@
+//! The runtime library and the binary's contract, beyond numerical parity.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{assert_ok, case_dir, scratch, vit_msn};
+use tch::{Device, Kind, Tensor};
+use vit_msn::{Bundle, Error};
+
+fn compile(case: &str, extra: &[&str]) -> std::path::PathBuf {
+    let dir = scratch(&format!(
+        "runtime-{case}-{}",
+        extra.join("_").replace([',', '-'], "")
+    ));
+    let bundle = dir.join("bundle");
+    let model = case_dir(case).join("model");
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> =
+        vec![&"compile", &"--model", &model, &"--out", &bundle];
+    for e in extra {
+        args.push(e);
+    }
+    assert_ok(&vit_msn(&args), "compile");
+    bundle
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}
+
+/// One artifact, traced at batch 2, serves other batch sizes, and each
+/// sample's result equals running it alone.
+#[test]
+fn batch_is_dynamic_and_samples_are_independent() {
+    let bundle = Bundle::load(
+        compile("base", &["--outputs", "hidden_states,attentions"]),
+        Device::Cpu,
+    )
+    .unwrap();
+    tch::manual_seed(3);
+    let px = Tensor::randn([5, 3, 32, 32], (Kind::Float, Device::Cpu));
+    let mask = Tensor::rand([5, 16], (Kind::Float, Device::Cpu)).lt(0.4);
+    let hm = Tensor::rand([2, 4], (Kind::Float, Device::Cpu));
+    let all = bundle.forward(&px, Some(&mask), Some(&hm)).unwrap();
+    let lhs = all.last_hidden_state.as_ref().unwrap();
+    assert_eq!(lhs.size(), [5, 17, 32]);
+    for i in 0..5 {
+        let one = bundle
+            .forward(&px.narrow(0, i, 1), Some(&mask.narrow(0, i, 1)), Some(&hm))
+            .unwrap();
+        let scale = lhs.abs().max().double_value(&[]).max(1.0);
+        assert!(max_diff(&one.last_hidden_state.unwrap(), &lhs.narrow(0, i, 1)) <= 1e-4 * scale);
+        assert!(
+            max_diff(
+                &one.attentions.unwrap(),
+                &all.attentions.as_ref().unwrap().narrow(1, i, 1)
+            ) <= 1e-4
+        );
+    }
+}
+
+/// A (heads,) head mask is the same as that row repeated for every layer.
+#[test]
+fn head_mask_of_either_shape() {
+    let bundle = Bundle::load(compile("sdpa", &[]), Device::Cpu).unwrap();
+    let px = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
+    let row = Tensor::from_slice(&[1.0f32, 0.0, 0.5, 0.25]);
+    let a = bundle
+        .forward(&px, None, Some(&row))
+        .unwrap()
+        .last_hidden_state
+        .unwrap();
+    let b = bundle
+        .forward(&px, None, Some(&row.unsqueeze(0).repeat([2, 1])))
+        .unwrap()
+        .last_hidden_state
+        .unwrap();
+    assert_eq!(max_diff(&a, &b), 0.0);
+    let ones = bundle
+        .forward(&px, None, None)
+        .unwrap()
+        .last_hidden_state
+        .unwrap();
+    assert!(max_diff(&a, &ones) > 1e-3, "the head mask changed nothing");
+}
+
+#[test]
+fn bad_inputs_are_typed_errors() {
+    let bundle =
+        Bundle::load(compile("base", &["--resolutions", "32,48x40"]), Device::Cpu).unwrap();
+    let f = (Kind::Float, Device::Cpu);
+    let px = Tensor::randn([2, 3, 32, 32], f);
+    let input_err = |r: Result<vit_msn::Output, Error>| match r {
+        Err(Error::Input { name, message }) => format!("{name}: {message}"),
+        other => panic!("expected an input error, got {other:?}"),
+    };
+    let m = input_err(bundle.forward(&Tensor::randn([2, 3, 40, 40], f), None, None));
+    assert!(
+        m.contains("40x40 was not compiled") && m.contains("32x32, 48x40"),
+        "{m}"
+    );
+    assert!(
+        input_err(bundle.forward(&Tensor::randn([3, 32, 32], f), None, None)).contains("rank 4")
+    );
+    assert!(
+        input_err(bundle.forward(&Tensor::randn([2, 1, 32, 32], f), None, None))
+            .contains("3 channel")
+    );
+    assert!(
+        input_err(bundle.forward(&Tensor::randn([0, 3, 32, 32], f), None, None)).contains("empty")
+    );
+    let nan = px.copy();
+    let _ = nan.get(0).get(0).get(0).get(0).fill_(f64::NAN);
+    assert!(input_err(bundle.forward(&nan, None, None)).starts_with("pixel_values: contains NaN"));
+    let mask = Tensor::zeros([2, 15], (Kind::Bool, Device::Cpu));
+    assert!(input_err(bundle.forward(&px, Some(&mask), None)).starts_with("bool_masked_pos"));
+    let hm = Tensor::ones([3], f);
+    assert!(input_err(bundle.forward(&px, None, Some(&hm))).starts_with("head_mask"));
+    let hm = Tensor::from_slice(&[1.0f32, -1.0, 1.0, 1.0]);
+    assert!(input_err(bundle.forward(&px, None, Some(&hm))).contains("non-negative"));
+    let hm = Tensor::from_slice(&[1.0f32, f32::NAN, 1.0, 1.0]);
+    assert!(input_err(bundle.forward(&px, None, Some(&hm))).contains("finite"));
+}
+
+#[test]
+fn tampered_artifact_is_refused() {
+    let bundle = compile("no_qkv_bias", &[]);
+    let pt = bundle.join("model_32x32.pt");
+    let mut bytes = std::fs::read(&pt).unwrap();
+    let n = bytes.len();
+    bytes[n / 2] ^= 1;
+    std::fs::write(&pt, bytes).unwrap();
+    match Bundle::load(&bundle, Device::Cpu) {
+        Err(Error::Digest { path, .. }) => assert!(path.ends_with("model_32x32.pt")),
+        Err(other) => panic!("wrong error: {other}"),
+        Ok(_) => panic!("a tampered artifact was loaded"),
+    }
+}
+
+#[test]
+fn cuda_where_none_exists_is_an_error() {
+    if tch::Cuda::is_available() {
+        return;
+    }
+    let err = vit_msn::parse_device("cuda").unwrap_err().to_string();
+    assert!(
+        err.contains("cuda:0") && err.contains("0 CUDA device"),
+        "{err}"
+    );
+    let out = vit_msn(&[
+        &"compile",
+        &"--model",
+        &case_dir("base").join("model"),
+        &"--out",
+        &scratch("cuda").join("b"),
+        &"--device",
+        &"cuda",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: device: cuda:0 was asked for"));
+}
+
+/// The bundle is `Send + Sync`: one loaded bundle serves many threads.
+#[test]
+fn shared_across_threads() {
+    let bundle = Arc::new(Bundle::load(compile("sdpa", &[]), Device::Cpu).unwrap());
+    let px = Tensor::randn([1, 3, 32, 32], (Kind::Float, Device::Cpu));
+    let alone = bundle
+        .forward(&px, None, None)
+        .unwrap()
+        .last_hidden_state
+        .unwrap();
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let bundle = Arc::clone(&bundle);
+            let px = px.copy();
+            std::thread::spawn(move || {
+                bundle
+                    .forward(&px, None, None)
+                    .unwrap()
+                    .last_hidden_state
+                    .unwrap()
+            })
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(max_diff(&h.join().unwrap(), &alone), 0.0);
+    }
+}
+
+/// The binary starts without LD_LIBRARY_PATH and keeps libtorch_cuda.
+#[test]
+fn binary_dynamic_section() {
+    let out = std::process::Command::new("readelf")
+        .arg("-d")
+        .arg(common::bin())
+        .output()
+        .expect("readelf");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let runpath = text
+        .lines()
+        .find(|l| l.contains("(RUNPATH)"))
+        .expect("no RUNPATH");
+    assert!(
+        runpath.contains("torch/lib") || runpath.contains(".libtorch/lib"),
+        "{runpath}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.contains("(NEEDED)") && l.contains("libtorch_cuda.so")),
+        "{text}"
+    );
+    let status = std::process::Command::new(common::bin())
+        .arg("--version")
+        .env_remove("LD_LIBRARY_PATH")
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// An application that links only the runtime does not pull in the compiler.
+#[test]
+fn runtime_does_not_depend_on_the_graph() {
+    let out = std::process::Command::new(env!("CARGO"))
+        .args(["tree", "-p", "vit-msn", "--no-default-features", "-e", "normal", "--offline"])
+        .current_dir(common::root())
+        .output()
+        .expect("cargo tree");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let tree = String::from_utf8_lossy(&out.stdout);
+    assert!(tree.contains("tch v0.26"), "{tree}");
+    assert!(!tree.contains("vit-msn-graph"), "{tree}");
+}
