@@ -35,7 +35,7 @@ fixtures: $(FIXTURES)/COMPLETE
 
 # The last line sums up every test binary's results: "test: N passed, N failed".
 test: libtorch fixtures
-	set -o pipefail; cargo test --workspace 2>&1 | tee target/test.log
+	mkdir -p target; set -o pipefail; cargo test --workspace 2>&1 | tee target/test.log
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "test: %d passed, %d failed\n", p, f }' target/test.log
 
 bench: libtorch
