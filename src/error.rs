@@ -24,6 +24,8 @@ pub enum Error {
     Device(String),
     #[error("{path}: {message}")]
     File { path: String, message: String },
+    #[error("{path}: {message}")]
+    Image { path: String, message: String },
     #[error("forward failed: {0}")]
     Forward(String),
     #[cfg(feature = "compiler")]

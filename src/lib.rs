@@ -19,6 +19,7 @@ pub mod compiler;
 pub mod device;
 pub mod error;
 pub mod fsutil;
+pub mod image;
 pub mod loss;
 pub mod manifest;
 pub mod tensors;

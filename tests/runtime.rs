@@ -222,11 +222,23 @@ fn binary_dynamic_section() {
 #[test]
 fn runtime_does_not_depend_on_the_graph() {
     let out = std::process::Command::new(env!("CARGO"))
-        .args(["tree", "-p", "vit-msn", "--no-default-features", "-e", "normal", "--offline"])
+        .args([
+            "tree",
+            "-p",
+            "vit-msn",
+            "--no-default-features",
+            "-e",
+            "normal",
+            "--offline",
+        ])
         .current_dir(common::root())
         .output()
         .expect("cargo tree");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let tree = String::from_utf8_lossy(&out.stdout);
     assert!(tree.contains("tch v0.26"), "{tree}");
     assert!(!tree.contains("vit-msn-graph"), "{tree}");

@@ -14,13 +14,25 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The binary under test; `VIT_MSN_BIN` overrides it where the test binary
+/// runs on another machine (tests/gpu/check.sh).
 pub fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_vit-msn"))
+    std::env::var_os("VIT_MSN_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_vit-msn")))
+}
+
+/// `cpu`, or what `VIT_MSN_TEST_DEVICE` says (`cuda` on the GPU machine).
+pub fn test_device() -> String {
+    std::env::var("VIT_MSN_TEST_DEVICE").unwrap_or_else(|_| "cpu".into())
 }
 
 /// A scratch folder under target/, fresh for each call with the same name.
 pub fn scratch(name: &str) -> PathBuf {
-    let dir = root().join("target").join("test-scratch").join(name);
+    let base = std::env::var_os("VIT_MSN_SCRATCH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target").join("test-scratch"));
+    let dir = base.join(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create scratch folder");
     dir
@@ -142,6 +154,7 @@ pub fn check_case(case: &str) {
     for a in spec["compile"].as_array().expect("compile args") {
         args.push(a.as_str().expect("string arg").to_owned());
     }
+    args.extend(["--device".into(), test_device()]);
     let arg_refs: Vec<&dyn AsRef<std::ffi::OsStr>> = args.iter().map(|a| a as _).collect();
     assert_ok(&vit_msn(&arg_refs), &format!("{case}: compile"));
     let tol = spec["tolerance"].as_f64().expect("tolerance");
@@ -158,6 +171,8 @@ pub fn check_case(case: &str) {
             &dir.join(run["inputs"].as_str().expect("inputs")),
             &"--output",
             &out,
+            &"--device",
+            &test_device(),
         ]);
         assert_ok(&result, &format!("{case}/{name}: run"));
         let report = check_outputs(

@@ -1,0 +1,1 @@
+//! Images to `pixel_values`, as transformers' ViTImageProcessor computes them.
