@@ -8,6 +8,7 @@ use crate::bundle::sha256_hex;
 use crate::device;
 use crate::error::{Error, Result};
 use crate::fsutil::{replace_dir, sibling_tmp, write_atomic};
+use crate::image::Preprocessing;
 use crate::manifest::{
     ArtifactEntry, FileDigest, Manifest, ModelInfo, Source, TensorSpec, FORMAT_VERSION,
     MANIFEST_FILE,
@@ -62,7 +63,18 @@ fn build_bundle(model_dir: &Path, staged: &Path, opts: &CompileOptions) -> Resul
     }
     let cfg = &model.config;
     let classifier = model.task == Task::Classification;
-    let preprocessing = read_json_if_present(&model_dir.join("preprocessor_config.json"))?;
+    // What ViTImageProcessor would do for this model, normalised, so the
+    // runtime preprocesses exactly as the bundle was compiled for.
+    let preprocessing = match read_json_if_present(&model_dir.join("preprocessor_config.json"))? {
+        Some(v) => Preprocessing::from_json(&v)
+            .map_err(|e| Error::file(&model_dir.join("preprocessor_config.json"), e.to_string()))?,
+        None => {
+            let mut pp = Preprocessing::vit_msn_default();
+            pp.height = cfg.image_size as u32;
+            pp.width = cfg.image_size as u32;
+            pp
+        }
+    };
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
         compiler: concat!("vit-msn ", env!("CARGO_PKG_VERSION")).into(),
@@ -88,7 +100,7 @@ fn build_bundle(model_dir: &Path, staged: &Path, opts: &CompileOptions) -> Resul
         },
         dtype: dtype_name(opts.kind).into(),
         device: device::device_name(opts.device),
-        preprocessing,
+        preprocessing: Some(preprocessing.to_json()),
         artifacts,
         source: Source {
             weights: model

@@ -1,1 +1,926 @@
-//! Images to `pixel_values`, as transformers' ViTImageProcessor computes them.
+//! Images to `pixel_values`, as transformers 4.46.3's `ViTImageProcessor`
+//! computes them from `PIL.Image.open(path).convert("RGB")` (or
+//! `convert("L")` for one-channel models).
+//!
+//! The pipeline, step by step, with the arithmetic of each reference:
+//!
+//! 1. Decode (JPEG, PNG, WebP, BMP, GIF first frame, TIFF) with the `image`
+//!    crate, under decoder limits (16384×16384 pixels, 1 GiB of allocations).
+//! 2. Convert to 8-bit RGB or L the way Pillow 13 does: grey replicated,
+//!    palettes expanded, alpha dropped (not composited); a 16-bit grey PNG or
+//!    TIFF ("I;16") is clamped to 255, 16-bit colour and grey+alpha keep the
+//!    high byte; L = (19595 R + 38470 G + 7471 B + 0x8000) >> 16.
+//! 3. Resize straight to height×width with Pillow's resampling
+//!    (`Resample.c`): separable, horizontal pass then vertical, the filter
+//!    widened by the scale factor when shrinking, 22-bit fixed-point
+//!    coefficients, rounded and clamped to 8 bits after each pass; nearest
+//!    neighbour as Pillow's affine scale (`Geometry.c`).
+//! 4. Rescale in f64 then cast to f32 (`image.astype(float64) * scale`), and
+//!    normalize in f32 (`(image - mean) / std`), channels first.
+//!
+//! For the lossless formats the result is bit-identical to transformers; JPEG
+//! and lossy WebP differ only by what the decoders (libjpeg-turbo and libwebp
+//! in Pillow) round differently. `tests/image_parity.rs` measures both.
+
+use std::io::Cursor;
+use std::path::Path;
+
+use image::{DynamicImage, ImageError, ImageFormat, ImageReader, Limits};
+use serde_json::{json, Map, Value};
+use tch::Tensor;
+
+use crate::error::{Error, Result};
+
+/// Largest width or height accepted from a file.
+pub const MAX_IMAGE_SIDE: u32 = 16384;
+/// Largest allocation the decoders may make, in bytes.
+pub const MAX_DECODER_ALLOC: u64 = 1 << 30;
+/// Largest image file read, in bytes.
+pub const MAX_FILE_BYTES: u64 = 1 << 30;
+/// Largest `size` a preprocessor config may ask for.
+pub const MAX_TARGET_SIDE: u32 = 16384;
+
+/// The extensions [`is_image_path`] accepts (compared case-insensitively).
+pub const IMAGE_EXTENSIONS: [&str; 8] = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"];
+
+const IMAGENET_DEFAULT_MEAN: [f64; 3] = [0.485, 0.456, 0.406];
+const IMAGENET_DEFAULT_STD: [f64; 3] = [0.229, 0.224, 0.225];
+/// ViTImageProcessor's own defaults (`IMAGENET_STANDARD_MEAN/STD`).
+const IMAGENET_STANDARD_MEAN: [f64; 3] = [0.5, 0.5, 0.5];
+const IMAGENET_STANDARD_STD: [f64; 3] = [0.5, 0.5, 0.5];
+
+/// The settings of a `ViTImageProcessor` (`preprocessor_config.json`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Preprocessing {
+    pub do_resize: bool,
+    pub height: u32,
+    pub width: u32,
+    /// PIL filter code: 0 nearest, 1 lanczos, 2 bilinear, 3 bicubic, 4 box,
+    /// 5 hamming (all six are reproduced).
+    pub resample: u32,
+    pub do_rescale: bool,
+    pub rescale_factor: f64,
+    pub do_normalize: bool,
+    /// One value per channel, or a single value used for every channel.
+    pub image_mean: Vec<f64>,
+    pub image_std: Vec<f64>,
+}
+
+impl Preprocessing {
+    /// What the ViT-MSN checkpoints (facebook/vit-msn-*) save: 224×224,
+    /// bilinear, 1/255, ImageNet mean and std.
+    pub fn vit_msn_default() -> Self {
+        Preprocessing {
+            do_resize: true,
+            height: 224,
+            width: 224,
+            resample: 2,
+            do_rescale: true,
+            rescale_factor: 1.0 / 255.0,
+            do_normalize: true,
+            image_mean: IMAGENET_DEFAULT_MEAN.to_vec(),
+            image_std: IMAGENET_DEFAULT_STD.to_vec(),
+        }
+    }
+
+    /// Reads a `preprocessor_config.json`. Keys it lacks (or that are null,
+    /// for `size`, `image_mean`, `image_std`) take ViTImageProcessor's
+    /// defaults, which differ from [`Preprocessing::vit_msn_default`] in the
+    /// mean and std (0.5). `size` may be `{"height", "width"}`, an integer or
+    /// `[height, width]`. A processor type other than ViT is refused.
+    pub fn from_json(v: &Value) -> Result<Self> {
+        let obj = v
+            .as_object()
+            .ok_or_else(|| config_error("", "expected a JSON object"))?;
+        for key in ["image_processor_type", "feature_extractor_type"] {
+            if let Some(t) = obj.get(key) {
+                let name = t
+                    .as_str()
+                    .ok_or_else(|| config_error(key, "expected a string"))?;
+                if !name.starts_with("ViT") || name.contains("Hybrid") {
+                    return Err(config_error(
+                        key,
+                        format!("`{name}` is not supported (only ViTImageProcessor / ViTFeatureExtractor)"),
+                    ));
+                }
+            }
+        }
+        let (height, width) = parse_size(obj.get("size"))?;
+        let resample = match obj.get("resample") {
+            None => 2,
+            Some(r) => {
+                let code = r.as_u64().ok_or_else(|| {
+                    config_error(
+                        "resample",
+                        format!("expected a PIL filter code 0..=5, got {r}"),
+                    )
+                })?;
+                if code > 5 {
+                    return Err(config_error(
+                        "resample",
+                        format!("unknown PIL filter code {code} (0 nearest, 1 lanczos, 2 bilinear, 3 bicubic, 4 box, 5 hamming)"),
+                    ));
+                }
+                code as u32
+            }
+        };
+        let rescale_factor = match obj.get("rescale_factor") {
+            None => 1.0 / 255.0,
+            Some(r) => match r.as_f64() {
+                Some(f) if f.is_finite() => f,
+                _ => {
+                    return Err(config_error(
+                        "rescale_factor",
+                        format!("expected a finite number, got {r}"),
+                    ))
+                }
+            },
+        };
+        let pp = Preprocessing {
+            do_resize: get_bool(obj, "do_resize")?,
+            height,
+            width,
+            resample,
+            do_rescale: get_bool(obj, "do_rescale")?,
+            rescale_factor,
+            do_normalize: get_bool(obj, "do_normalize")?,
+            image_mean: get_stats(obj, "image_mean", &IMAGENET_STANDARD_MEAN)?,
+            image_std: get_stats(obj, "image_std", &IMAGENET_STANDARD_STD)?,
+        };
+        if let Some(i) = pp.image_std.iter().position(|&s| s == 0.0) {
+            return Err(config_error("image_std", format!("element {i} is 0")));
+        }
+        Ok(pp)
+    }
+
+    /// The config as `save_pretrained` writes it; [`Preprocessing::from_json`]
+    /// reads it back unchanged.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "image_processor_type": "ViTImageProcessor",
+            "do_resize": self.do_resize,
+            "size": {"height": self.height, "width": self.width},
+            "resample": self.resample,
+            "do_rescale": self.do_rescale,
+            "rescale_factor": self.rescale_factor,
+            "do_normalize": self.do_normalize,
+            "image_mean": self.image_mean,
+            "image_std": self.image_std,
+        })
+    }
+
+    /// The (channels, height, width) that `preprocess_image` returns for an
+    /// image of `width`×`height`.
+    pub fn output_size(&self, channels: i64, width: u32, height: u32) -> (i64, i64, i64) {
+        if self.do_resize {
+            (channels, i64::from(self.height), i64::from(self.width))
+        } else {
+            (channels, i64::from(height), i64::from(width))
+        }
+    }
+}
+
+fn config_error(field: &str, message: impl std::fmt::Display) -> Error {
+    let message = if field.is_empty() {
+        message.to_string()
+    } else {
+        format!("`{field}`: {message}")
+    };
+    Error::File {
+        path: "preprocessor_config.json".into(),
+        message,
+    }
+}
+
+fn get_bool(obj: &Map<String, Value>, key: &str) -> Result<bool> {
+    match obj.get(key) {
+        None => Ok(true),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(other) => Err(config_error(
+            key,
+            format!("expected true or false, got {other}"),
+        )),
+    }
+}
+
+fn get_stats(obj: &Map<String, Value>, key: &str, default: &[f64]) -> Result<Vec<f64>> {
+    let finite = |v: &Value| v.as_f64().filter(|f| f.is_finite());
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(default.to_vec()),
+        Some(Value::Array(items)) => {
+            if items.is_empty() {
+                return Err(config_error(key, "is an empty list"));
+            }
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    finite(v).ok_or_else(|| {
+                        config_error(key, format!("element {i} is not a finite number: {v}"))
+                    })
+                })
+                .collect()
+        }
+        Some(v) => finite(v).map(|f| vec![f]).ok_or_else(|| {
+            config_error(
+                key,
+                format!("expected a number or a list of numbers, got {v}"),
+            )
+        }),
+    }
+}
+
+fn parse_side(v: &Value, field: &str) -> Result<u32> {
+    match v.as_u64() {
+        Some(n) if n >= 1 && n <= u64::from(MAX_TARGET_SIDE) => Ok(n as u32),
+        _ => Err(config_error(
+            field,
+            format!("expected an integer in 1..={MAX_TARGET_SIDE}, got {v}"),
+        )),
+    }
+}
+
+fn parse_size(v: Option<&Value>) -> Result<(u32, u32)> {
+    match v {
+        None | Some(Value::Null) => Ok((224, 224)),
+        Some(Value::Object(m)) => {
+            let side = |k: &str| -> Result<u32> {
+                let v = m.get(k).ok_or_else(|| {
+                    let keys: Vec<&str> = m.keys().map(String::as_str).collect();
+                    config_error(
+                        "size",
+                        format!("must have `height` and `width` (ViTImageProcessor resizes to a fixed size), got keys {keys:?}"),
+                    )
+                })?;
+                parse_side(v, &format!("size.{k}"))
+            };
+            Ok((side("height")?, side("width")?))
+        }
+        Some(Value::Array(a)) if a.len() == 2 => {
+            Ok((parse_side(&a[0], "size[0]")?, parse_side(&a[1], "size[1]")?))
+        }
+        Some(n @ Value::Number(_)) => {
+            let s = parse_side(n, "size")?;
+            Ok((s, s))
+        }
+        Some(other) => Err(config_error(
+            "size",
+            format!("expected {{\"height\": h, \"width\": w}}, an integer or [h, w], got {other}"),
+        )),
+    }
+}
+
+/// A decoded image: 8-bit RGB (3 channels) or L (1 channel), row-major,
+/// channels interleaved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodedImage {
+    width: u32,
+    height: u32,
+    channels: u8,
+    pixels: Vec<u8>,
+    source: String,
+}
+
+impl DecodedImage {
+    /// An image from raw interleaved pixels; `source` names it in errors.
+    pub fn from_raw(
+        width: u32,
+        height: u32,
+        channels: u8,
+        pixels: Vec<u8>,
+        source: impl Into<String>,
+    ) -> Result<Self> {
+        let source = source.into();
+        let fail = |message: String| Error::Image {
+            path: source.clone(),
+            message,
+        };
+        if channels != 1 && channels != 3 {
+            return Err(fail(format!(
+                "{channels} channels; expected 1 (L) or 3 (RGB)"
+            )));
+        }
+        if width == 0 || height == 0 {
+            return Err(fail(format!("image is empty ({width}×{height} pixels)")));
+        }
+        let expected = (width as usize)
+            .checked_mul(height as usize)
+            .and_then(|n| n.checked_mul(channels as usize));
+        if expected != Some(pixels.len()) {
+            return Err(fail(format!(
+                "{} bytes of pixels for {width}×{height}×{channels}",
+                pixels.len()
+            )));
+        }
+        Ok(DecodedImage {
+            width,
+            height,
+            channels,
+            pixels,
+            source,
+        })
+    }
+
+    pub fn width(&self) -> u32 {
+        self.width
+    }
+
+    pub fn height(&self) -> u32 {
+        self.height
+    }
+
+    /// 1 (L) or 3 (RGB).
+    pub fn channels(&self) -> u8 {
+        self.channels
+    }
+
+    /// Interleaved pixels, `height × width × channels` bytes.
+    pub fn pixels(&self) -> &[u8] {
+        &self.pixels
+    }
+
+    /// The file (or label) the image came from.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// The image resized to `width`×`height` with PIL filter `resample`, as
+    /// Pillow's `Image.resize` computes it for an 8-bit image.
+    pub fn resize(&self, width: u32, height: u32, resample: u32) -> Result<DecodedImage> {
+        if width == 0 || height == 0 {
+            return Err(self.error(format!("cannot resize to {width}×{height}")));
+        }
+        let pixels = if width == self.width && height == self.height {
+            self.pixels.clone()
+        } else if resample == 0 {
+            resize_nearest(self, width, height)
+        } else {
+            let filter = Filter::from_code(resample)
+                .ok_or_else(|| self.error(format!("unknown PIL resample filter {resample}")))?;
+            resize_separable(self, width, height, filter)
+        };
+        Ok(DecodedImage {
+            width,
+            height,
+            channels: self.channels,
+            pixels,
+            source: self.source.clone(),
+        })
+    }
+
+    fn error(&self, message: impl Into<String>) -> Error {
+        Error::Image {
+            path: self.source.clone(),
+            message: message.into(),
+        }
+    }
+}
+
+/// True when the path's extension is one of [`IMAGE_EXTENSIONS`].
+pub fn is_image_path(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .map(|e| IMAGE_EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)))
+        .unwrap_or(false)
+}
+
+fn image_error(path: &Path, message: impl Into<String>) -> Error {
+    Error::Image {
+        path: path.display().to_string(),
+        message: message.into(),
+    }
+}
+
+/// Decodes an image file into 8-bit RGB (`num_channels` 3) or L (1), exactly
+/// as Pillow's `Image.open(path).convert("RGB")` / `.convert("L")`.
+pub fn load_image(path: &Path, num_channels: i64) -> Result<DecodedImage> {
+    if num_channels != 1 && num_channels != 3 {
+        return Err(image_error(
+            path,
+            format!("the model takes {num_channels} channels; images can feed 1 (L) or 3 (RGB)"),
+        ));
+    }
+    let meta = std::fs::metadata(path)
+        .map_err(|e| image_error(path, format!("cannot read image: {e}")))?;
+    if meta.is_dir() {
+        return Err(image_error(path, "is a directory, not an image"));
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(image_error(
+            path,
+            format!(
+                "file is {} bytes; images over {MAX_FILE_BYTES} bytes are refused",
+                meta.len()
+            ),
+        ));
+    }
+    let bytes =
+        std::fs::read(path).map_err(|e| image_error(path, format!("cannot read image: {e}")))?;
+    decode_bytes(&bytes, path, num_channels)
+}
+
+/// Which 8-bit mode Pillow reads a file into, as far as it matters here.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Base {
+    Gray,
+    Rgb,
+}
+
+fn decode_bytes(bytes: &[u8], path: &Path, num_channels: i64) -> Result<DecodedImage> {
+    if bytes.is_empty() {
+        return Err(image_error(path, "file is empty, not an image"));
+    }
+    let mut reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| image_error(path, format!("cannot read image: {e}")))?;
+    let format = match reader.format() {
+        Some(
+            f @ (ImageFormat::Jpeg
+            | ImageFormat::Png
+            | ImageFormat::WebP
+            | ImageFormat::Bmp
+            | ImageFormat::Gif
+            | ImageFormat::Tiff),
+        ) => f,
+        Some(f) => {
+            return Err(image_error(
+                path,
+                format!("{f:?} images are not supported (JPEG, PNG, WebP, BMP, GIF or TIFF)"),
+            ))
+        }
+        None => {
+            return Err(image_error(
+                path,
+                "not a recognised image (expected JPEG, PNG, WebP, BMP, GIF or TIFF)",
+            ))
+        }
+    };
+    let mut limits = Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE);
+    limits.max_alloc = Some(MAX_DECODER_ALLOC);
+    reader.limits(limits);
+    if format == ImageFormat::Jpeg {
+        check_jpeg_complete(bytes).map_err(|m| image_error(path, m))?;
+    }
+    let img = reader
+        .decode()
+        .map_err(|e| image_error(path, describe(format, &e)))?;
+    if img.width() == 0 || img.height() == 0 {
+        return Err(image_error(
+            path,
+            format!("image is empty ({}×{} pixels)", img.width(), img.height()),
+        ));
+    }
+    let png_color_type = (format == ImageFormat::Png && bytes.len() > 25).then(|| bytes[25]);
+    let (base, pixels) = to_pil_8bit(img, png_color_type).map_err(|m| image_error(path, m))?;
+    let (w, h) = (pixels.1, pixels.2);
+    let data = match (base, num_channels) {
+        (Base::Gray, 1) | (Base::Rgb, 3) => pixels.0,
+        (Base::Gray, _) => pixels.0.iter().flat_map(|&v| [v, v, v]).collect(),
+        (Base::Rgb, _) => pixels.0.chunks_exact(3).map(luminance).collect(),
+    };
+    DecodedImage::from_raw(w, h, num_channels as u8, data, path.display().to_string())
+}
+
+fn describe(format: ImageFormat, e: &ImageError) -> String {
+    let name = format!("{format:?}").to_uppercase();
+    match e {
+        ImageError::Limits(l) => format!(
+            "refusing to decode: {l} (limits: {MAX_IMAGE_SIDE}×{MAX_IMAGE_SIDE} pixels, {} MiB)",
+            MAX_DECODER_ALLOC >> 20
+        ),
+        ImageError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            format!("cannot decode {name}: the file is truncated ({io})")
+        }
+        ImageError::Unsupported(u) => format!("cannot decode {name}: unsupported: {u}"),
+        other => format!("cannot decode {name} (corrupt or truncated file?): {other}"),
+    }
+}
+
+/// Pillow refuses a JPEG whose entropy-coded data stops early ("image file
+/// is truncated"); zune-jpeg would fill the rest with grey. A complete JPEG
+/// has its EOI marker (FF D9) after its last start-of-scan (FF DA); inside
+/// scan data a 0xFF is always followed by 0x00 or a restart marker.
+fn check_jpeg_complete(bytes: &[u8]) -> std::result::Result<(), String> {
+    let last = |marker: u8| {
+        bytes
+            .windows(2)
+            .rposition(|w| w[0] == 0xFF && w[1] == marker)
+    };
+    match (last(0xDA), last(0xD9)) {
+        (Some(sos), Some(eoi)) if eoi > sos => Ok(()),
+        (None, _) => Err("cannot decode JPEG: no image data (start of scan missing; truncated file?)".into()),
+        _ => Err("cannot decode JPEG: the file is truncated (no end-of-image marker after the last scan)".into()),
+    }
+}
+
+/// ITU-R 601-2 luma as Pillow computes it (`L24` in Convert.c).
+fn luminance(rgb: &[u8]) -> u8 {
+    let l =
+        u32::from(rgb[0]) * 19595 + u32::from(rgb[1]) * 38470 + u32::from(rgb[2]) * 7471 + 0x8000;
+    (l >> 16) as u8
+}
+
+type Pixels = (Vec<u8>, u32, u32);
+
+/// Pillow's 8-bit view of a decoded image: grey ("L", "LA" without alpha,
+/// "I;16" clamped, "1") or RGB ("RGB", "RGBA" without alpha, "P" expanded).
+fn to_pil_8bit(
+    img: DynamicImage,
+    png_color_type: Option<u8>,
+) -> std::result::Result<(Base, Pixels), String> {
+    let (w, h) = (img.width(), img.height());
+    let clamp16 = |v: u16| v.min(255) as u8;
+    let high = |v: u16| (v >> 8) as u8;
+    Ok(match img {
+        DynamicImage::ImageLuma8(b) => (Base::Gray, (b.into_raw(), w, h)),
+        DynamicImage::ImageLumaA8(b) => (
+            Base::Gray,
+            (b.into_raw().chunks_exact(2).map(|p| p[0]).collect(), w, h),
+        ),
+        DynamicImage::ImageRgb8(b) => (Base::Rgb, (b.into_raw(), w, h)),
+        DynamicImage::ImageRgba8(b) => (
+            Base::Rgb,
+            (
+                b.into_raw()
+                    .chunks_exact(4)
+                    .flat_map(|p| [p[0], p[1], p[2]])
+                    .collect(),
+                w,
+                h,
+            ),
+        ),
+        // Pillow reads 16-bit grey as "I;16" and converts it to 8 bits by
+        // clamping at 255, even when a tRNS chunk made it grey+alpha here.
+        DynamicImage::ImageLuma16(b) => (
+            Base::Gray,
+            (b.into_raw().into_iter().map(clamp16).collect(), w, h),
+        ),
+        DynamicImage::ImageLumaA16(b) => {
+            // A PNG of colour type 4 (grey+alpha) Pillow reads as "LA;16B":
+            // high bytes. Colour type 0 with tRNS stays "I;16": clamped.
+            let f = if png_color_type == Some(0) {
+                clamp16
+            } else {
+                high
+            };
+            (
+                Base::Gray,
+                (
+                    b.into_raw().chunks_exact(2).map(|p| f(p[0])).collect(),
+                    w,
+                    h,
+                ),
+            )
+        }
+        DynamicImage::ImageRgb16(b) => (
+            Base::Rgb,
+            (b.into_raw().into_iter().map(high).collect(), w, h),
+        ),
+        DynamicImage::ImageRgba16(b) => (
+            Base::Rgb,
+            (
+                b.into_raw()
+                    .chunks_exact(4)
+                    .flat_map(|p| [high(p[0]), high(p[1]), high(p[2])])
+                    .collect(),
+                w,
+                h,
+            ),
+        ),
+        other => {
+            return Err(format!(
+                "unsupported pixel format {:?} (floating-point images are not supported)",
+                other.color()
+            ))
+        }
+    })
+}
+
+/// Pillow's resampling filters (`Resample.c`), by PIL code.
+#[derive(Debug, Clone, Copy)]
+enum Filter {
+    Lanczos,
+    Bilinear,
+    Bicubic,
+    Box,
+    Hamming,
+}
+
+impl Filter {
+    fn from_code(code: u32) -> Option<Filter> {
+        Some(match code {
+            1 => Filter::Lanczos,
+            2 => Filter::Bilinear,
+            3 => Filter::Bicubic,
+            4 => Filter::Box,
+            5 => Filter::Hamming,
+            _ => return None,
+        })
+    }
+
+    fn support(self) -> f64 {
+        match self {
+            Filter::Box => 0.5,
+            Filter::Bilinear | Filter::Hamming => 1.0,
+            Filter::Bicubic => 2.0,
+            Filter::Lanczos => 3.0,
+        }
+    }
+
+    fn eval(self, x: f64) -> f64 {
+        fn sinc(x: f64) -> f64 {
+            if x == 0.0 {
+                1.0
+            } else {
+                let x = x * std::f64::consts::PI;
+                x.sin() / x
+            }
+        }
+        match self {
+            Filter::Box => {
+                if x > -0.5 && x <= 0.5 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+            Filter::Bilinear => {
+                let x = x.abs();
+                if x < 1.0 {
+                    1.0 - x
+                } else {
+                    0.0
+                }
+            }
+            Filter::Hamming => {
+                let x = x.abs();
+                if x == 0.0 {
+                    1.0
+                } else if x >= 1.0 {
+                    0.0
+                } else {
+                    let x = x * std::f64::consts::PI;
+                    // The constants are C `float` literals (0.54f, 0.46f).
+                    x.sin() / x * (f64::from(0.54f32) + f64::from(0.46f32) * x.cos())
+                }
+            }
+            Filter::Bicubic => {
+                const A: f64 = -0.5;
+                let x = x.abs();
+                if x < 1.0 {
+                    ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+                } else if x < 2.0 {
+                    (((x - 5.0) * x + 8.0) * x - 4.0) * A
+                } else {
+                    0.0
+                }
+            }
+            Filter::Lanczos => {
+                if (-3.0..3.0).contains(&x) {
+                    sinc(x) * sinc(x / 3.0)
+                } else {
+                    0.0
+                }
+            }
+        }
+    }
+}
+
+/// Fixed-point bits of Pillow's 8-bit resampling coefficients.
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// One output pixel's window: first input index, and a fixed-point weight
+/// per input pixel from there.
+struct Window {
+    start: usize,
+    weights: Vec<i32>,
+}
+
+/// Pillow's `precompute_coeffs` followed by `normalize_coeffs_8bpc`.
+fn coefficients(in_size: u32, out_size: u32, filter: Filter) -> Vec<Window> {
+    // The box is kept as C floats: (float)in_size - 0.0f, then widened.
+    let scale = f64::from(in_size as f32) / f64::from(out_size);
+    let filterscale = if scale < 1.0 { 1.0 } else { scale };
+    let support = filter.support() * filterscale;
+    let ss = 1.0 / filterscale;
+    (0..out_size)
+        .map(|xx| {
+            let center = (f64::from(xx) + 0.5) * scale;
+            // C `(int)` truncates toward zero before the clamp.
+            let xmin = ((center - support + 0.5) as i64).max(0);
+            let xmax = ((center + support + 0.5) as i64).min(i64::from(in_size));
+            let raw: Vec<f64> = (xmin..xmax.max(xmin))
+                .map(|x| filter.eval((x as f64 - center + 0.5) * ss))
+                .collect();
+            let total: f64 = raw.iter().sum();
+            let weights = raw
+                .iter()
+                .map(|&w| {
+                    let w = if total != 0.0 { w / total } else { w };
+                    let scaled = w * f64::from(1u32 << PRECISION_BITS);
+                    if w < 0.0 {
+                        (-0.5 + scaled) as i32
+                    } else {
+                        (0.5 + scaled) as i32
+                    }
+                })
+                .collect();
+            Window {
+                start: xmin as usize,
+                weights,
+            }
+        })
+        .collect()
+}
+
+/// Rounds and clamps a fixed-point sum to 8 bits (Pillow's `clip8`).
+fn clip8(acc: i32) -> u8 {
+    (acc >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// Pillow's `ImagingResample` for 8-bit images: a horizontal pass (only
+/// when the width changes), then a vertical pass (only when the height
+/// changes), each rounding to 8 bits.
+fn resize_separable(img: &DecodedImage, out_w: u32, out_h: u32, filter: Filter) -> Vec<u8> {
+    let c = img.channels as usize;
+    let (in_w, in_h) = (img.width as usize, img.height as usize);
+    let vert = (out_h as usize != in_h).then(|| coefficients(img.height, out_h, filter));
+    // Rows the vertical pass reads; the horizontal pass computes only those.
+    let (row0, row1) = match &vert {
+        Some(v) => {
+            let first = v.first().map(|w| w.start).unwrap_or(0);
+            let last = v.last().map(|w| w.start + w.weights.len()).unwrap_or(in_h);
+            (first, last.max(first))
+        }
+        None => (0, in_h),
+    };
+    let round = 1i32 << (PRECISION_BITS - 1);
+    let (mut cur, mut cur_w) = (img.pixels[row0 * in_w * c..row1 * in_w * c].to_vec(), in_w);
+    if out_w as usize != in_w {
+        let ow = out_w as usize;
+        let horiz = coefficients(img.width, out_w, filter);
+        let mut out = vec![0u8; (row1 - row0) * ow * c];
+        for (src, dst) in cur.chunks_exact(in_w * c).zip(out.chunks_exact_mut(ow * c)) {
+            for (win, px) in horiz.iter().zip(dst.chunks_exact_mut(c)) {
+                for (ch, o) in px.iter_mut().enumerate() {
+                    let mut acc = round;
+                    for (i, &k) in win.weights.iter().enumerate() {
+                        acc += i32::from(src[(win.start + i) * c + ch]) * k;
+                    }
+                    *o = clip8(acc);
+                }
+            }
+        }
+        cur = out;
+        cur_w = ow;
+    }
+    match vert {
+        None => cur,
+        Some(vert) => {
+            let stride = cur_w * c;
+            let mut out = vec![0u8; out_h as usize * stride];
+            for (win, dst) in vert.iter().zip(out.chunks_exact_mut(stride)) {
+                for (x, o) in dst.iter_mut().enumerate() {
+                    let mut acc = round;
+                    for (i, &k) in win.weights.iter().enumerate() {
+                        acc += i32::from(cur[(win.start - row0 + i) * stride + x]) * k;
+                    }
+                    *o = clip8(acc);
+                }
+            }
+            out
+        }
+    }
+}
+
+/// Source index per output index for Pillow's nearest-neighbour scale
+/// (`ImagingScaleAffine`): the position advances by repeated addition.
+fn nearest_indices(in_size: u32, out_size: u32) -> Vec<Option<usize>> {
+    let step = f64::from(in_size as f32) / f64::from(out_size);
+    let mut pos = step * 0.5;
+    (0..out_size)
+        .map(|_| {
+            let i = if pos < 0.0 { -1 } else { pos as i64 };
+            pos += step;
+            (i >= 0 && i < i64::from(in_size)).then_some(i as usize)
+        })
+        .collect()
+}
+
+fn resize_nearest(img: &DecodedImage, out_w: u32, out_h: u32) -> Vec<u8> {
+    let c = img.channels as usize;
+    let xs = nearest_indices(img.width, out_w);
+    let ys = nearest_indices(img.height, out_h);
+    let mut out = vec![0u8; out_w as usize * out_h as usize * c];
+    for (y, dst) in ys.iter().zip(out.chunks_exact_mut(out_w as usize * c)) {
+        let Some(y) = *y else { continue };
+        let src = &img.pixels[y * img.width as usize * c..(y + 1) * img.width as usize * c];
+        for (x, px) in xs.iter().zip(dst.chunks_exact_mut(c)) {
+            if let Some(x) = *x {
+                px.copy_from_slice(&src[x * c..(x + 1) * c]);
+            }
+        }
+    }
+    out
+}
+
+/// `pixel_values` (C, H, W), f32, for one decoded image.
+pub fn preprocess_image(img: &DecodedImage, pp: &Preprocessing) -> Result<Tensor> {
+    let c = img.channels as usize;
+    let stats = |v: &[f64], name: &str| -> Result<Vec<f32>> {
+        match v.len() {
+            1 => Ok(vec![v[0] as f32; c]),
+            n if n == c => Ok(v.iter().map(|&x| x as f32).collect()),
+            n => Err(img.error(format!(
+                "{name} has {n} values for a {c}-channel image (model config num_channels = {c})"
+            ))),
+        }
+    };
+    let (mean, std) = if pp.do_normalize {
+        (
+            stats(&pp.image_mean, "image_mean")?,
+            stats(&pp.image_std, "image_std")?,
+        )
+    } else {
+        (vec![0.0; c], vec![1.0; c])
+    };
+    let resized;
+    let img = if pp.do_resize {
+        resized = img.resize(pp.width, pp.height, pp.resample)?;
+        &resized
+    } else {
+        img
+    };
+    let (w, h) = (img.width as usize, img.height as usize);
+    let mut out = vec![0f32; c * h * w];
+    for (i, px) in img.pixels.chunks_exact(c).enumerate() {
+        for (ch, &v) in px.iter().enumerate() {
+            // transformers: rescale in float64, cast to float32; normalize in float32.
+            let mut x = if pp.do_rescale {
+                (f64::from(v) * pp.rescale_factor) as f32
+            } else {
+                f32::from(v)
+            };
+            if pp.do_normalize {
+                x = (x - mean[ch]) / std[ch];
+            }
+            out[ch * h * w + i] = x;
+        }
+    }
+    Tensor::f_from_slice(&out)
+        .and_then(|t| t.f_reshape([c as i64, h as i64, w as i64]))
+        .map_err(|e| img.error(format!("cannot build pixel_values: {e}")))
+}
+
+/// [`load_image`] then [`preprocess_image`].
+pub fn preprocess_path(path: &Path, pp: &Preprocessing, num_channels: i64) -> Result<Tensor> {
+    preprocess_image(&load_image(path, num_channels)?, pp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn luminance_matches_pillow_formula() {
+        assert_eq!(luminance(&[255, 255, 255]), 255);
+        assert_eq!(luminance(&[0, 0, 0]), 0);
+        assert_eq!(luminance(&[255, 0, 0]), 76);
+        assert_eq!(luminance(&[0, 255, 0]), 150);
+        assert_eq!(luminance(&[0, 0, 255]), 29);
+    }
+
+    #[test]
+    fn coefficients_sum_to_one_in_fixed_point() {
+        for (i, o) in [(512, 224), (100, 224), (7, 3), (1, 5)] {
+            for f in [
+                Filter::Bilinear,
+                Filter::Bicubic,
+                Filter::Lanczos,
+                Filter::Box,
+                Filter::Hamming,
+            ] {
+                for w in coefficients(i, o, f) {
+                    let s: i64 = w.weights.iter().map(|&k| i64::from(k)).sum();
+                    assert!(
+                        (s - (1 << PRECISION_BITS)).abs() <= w.weights.len() as i64,
+                        "{i}->{o} {f:?}: {s}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn json_round_trip() {
+        let pp = Preprocessing {
+            height: 160,
+            width: 192,
+            resample: 3,
+            ..Preprocessing::vit_msn_default()
+        };
+        assert_eq!(Preprocessing::from_json(&pp.to_json()).ok(), Some(pp));
+    }
+}

@@ -13,13 +13,16 @@
 //! This crate does not depend on the compiler (`vit-msn-graph`); build it with
 //! `default-features = false` to leave the compiler out.
 
+pub mod attention;
 pub mod bundle;
 #[cfg(feature = "compiler")]
 pub mod compiler;
+pub mod describe;
 pub mod device;
 pub mod error;
 pub mod fsutil;
 pub mod image;
+pub mod inputs;
 pub mod loss;
 pub mod manifest;
 pub mod tensors;

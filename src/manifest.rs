@@ -148,6 +148,20 @@ impl Manifest {
         Ok(())
     }
 
+    /// How images become `pixel_values` for this bundle: what it was compiled
+    /// with, else ViT-MSN's default at the trained size.
+    pub fn preprocessing(&self) -> Result<crate::image::Preprocessing> {
+        match &self.preprocessing {
+            Some(v) => crate::image::Preprocessing::from_json(v),
+            None => {
+                let mut pp = crate::image::Preprocessing::vit_msn_default();
+                pp.height = self.model.image_size as u32;
+                pp.width = self.model.image_size as u32;
+                Ok(pp)
+            }
+        }
+    }
+
     pub fn is_classifier(&self) -> bool {
         self.task == "classification"
     }
@@ -159,4 +173,24 @@ impl Manifest {
             .map(|a| format!("{}x{}", a.height, a.width))
             .collect()
     }
+}
+
+/// `224` → (224, 224); `160x192` → height 160, width 192.
+pub fn parse_resolution(s: &str) -> Result<(i64, i64)> {
+    let bad = || {
+        Error::input(
+            "resolution",
+            format!("`{s}` is not N or HxW with positive integers"),
+        )
+    };
+    let (h, w) = match s.trim().split_once(['x', 'X']) {
+        Some((h, w)) => (h.trim(), w.trim()),
+        None => (s.trim(), s.trim()),
+    };
+    let h: i64 = h.parse().map_err(|_| bad())?;
+    let w: i64 = w.parse().map_err(|_| bad())?;
+    if h <= 0 || w <= 0 {
+        return Err(bad());
+    }
+    Ok((h, w))
 }

@@ -12,6 +12,7 @@ use crate::trace::trace_and_save;
 use crate::Error;
 
 /// Name of the JSON file stored inside each `.pt` that describes it.
+/// Must match `vit_msn::describe::ARTIFACT_EXTRA_FILE`, which reads it.
 pub const ARTIFACT_EXTRA_FILE: &str = "vit_msn.json";
 
 #[derive(Debug, Clone)]
@@ -54,25 +55,6 @@ pub fn dtype_name(kind: Kind) -> &'static str {
         Kind::Bool => "bool",
         _ => "f32",
     }
-}
-
-/// `224` → (224, 224); `160x192` → height 160, width 192.
-pub fn parse_resolution(s: &str) -> Result<(i64, i64), Error> {
-    let bad = || {
-        Error::Invalid(format!(
-            "resolution `{s}` is not N or HxW with positive integers"
-        ))
-    };
-    let (h, w) = match s.trim().split_once(['x', 'X']) {
-        Some((h, w)) => (h.trim(), w.trim()),
-        None => (s.trim(), s.trim()),
-    };
-    let h: i64 = h.parse().map_err(|_| bad())?;
-    let w: i64 = w.parse().map_err(|_| bad())?;
-    if h <= 0 || w <= 0 {
-        return Err(bad());
-    }
-    Ok((h, w))
 }
 
 /// Loads `model_dir` and writes one artifact per resolution into `out_dir`.

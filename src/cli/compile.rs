@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use clap::Args;
 use vit_msn::compiler::compile_bundle;
 use vit_msn::device;
-use vit_msn_graph::compile::parse_resolution;
+use vit_msn::manifest::parse_resolution;
 use vit_msn_graph::{CompileOptions, Task, Wanted};
 
 use super::CliResult;

@@ -1,8 +1,10 @@
 //! The command line. Exit codes: 0 success, 1 failure, 2 usage error.
 
+mod attention;
 mod compile;
 mod demo;
 mod run;
+mod tools;
 
 use clap::{Parser, Subcommand};
 
@@ -23,7 +25,9 @@ pub struct Cli {
 enum Command {
     Compile(compile::CompileArgs),
     Run(run::RunArgs),
-    Inspect(run::InspectArgs),
+    Inspect(tools::InspectArgs),
+    Preprocess(tools::PreprocessArgs),
+    Attention(attention::AttentionArgs),
     Demo(demo::DemoArgs),
 }
 
@@ -31,7 +35,9 @@ pub fn dispatch(cli: Cli) -> CliResult {
     match cli.command {
         Command::Compile(a) => compile::compile(a),
         Command::Run(a) => run::run(a),
-        Command::Inspect(a) => run::inspect(a),
+        Command::Inspect(a) => tools::inspect(a),
+        Command::Preprocess(a) => tools::preprocess(a),
+        Command::Attention(a) => attention::attention(a),
         Command::Demo(a) => demo::demo(a),
     }
 }

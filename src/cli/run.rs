@@ -1,30 +1,81 @@
-use std::path::PathBuf;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 
 use clap::Args;
-use tch::Tensor;
+use serde_json::json;
+use tch::{Kind, Tensor};
+use vit_msn::image::preprocess_path;
+use vit_msn::inputs::{collect_images, parse_head_mask, random_mask, write_npy};
 use vit_msn::tensors::{read_safetensors, write_safetensors};
-use vit_msn::{loss::loss, parse_device, Bundle, Manifest};
+use vit_msn::{loss::loss, parse_device, Bundle, Error};
 
 use super::CliResult;
 
-/// Run a bundle on tensors from a safetensors file.
+/// Run a bundle on images, or on tensors from a safetensors file.
 #[derive(Args)]
 #[command(
-    after_help = "IN holds pixel_values (f32, B×C×H×W) and optionally bool_masked_pos (bool or u8, B×N),
-head_mask (f32, heads or layers×heads) and labels. OUT gets last_hidden_state or logits, any
-compiled hidden_states / attentions (stacked), and loss when labels were given, all as f32.
+    after_help = "With --image, images (and folders, walked in name order) are preprocessed as the
+bundle was compiled for, and run in batches. A classifier prints the top-k labels; a
+backbone prints a summary of each CLS embedding (--embeddings saves them all).
+
+With --inputs, IN holds pixel_values (f32, B×C×H×W) and optionally bool_masked_pos
+(bool or u8, B×N), head_mask (f32, heads or layers×heads) and labels; OUT gets
+last_hidden_state or logits, any compiled hidden_states / attentions (stacked), and
+loss when labels were given, all as f32.
+
+--head-mask lists heads to REMOVE: LAYER:HEADS groups joined by ';', HEADS a comma
+list or '*', LAYER an index or '*'. \"0:1,3;5:*\" removes heads 1 and 3 of layer 0 and
+all heads of layer 5.
 
 Examples:
-  vit-msn run --bundle artifacts/small --inputs in.safetensors --output out.safetensors
-  vit-msn run --bundle artifacts/small --inputs in.safetensors --output out.safetensors --device cuda"
+  vit-msn run --bundle artifacts/demo --image cat.jpg photos/ --top-k 3
+  vit-msn run --bundle artifacts/small --image photos/ --embeddings emb.npy --json
+  vit-msn run --bundle artifacts/small --image a.png --mask-ratio 0.3 --seed 7 --head-mask \"0:1,3;5:*\"
+  vit-msn run --bundle artifacts/small --inputs in.safetensors --output out.safetensors"
 )]
 pub struct RunArgs {
+    /// Bundle folder.
     #[arg(long)]
     bundle: PathBuf,
+    /// Image files or folders.
+    #[arg(long, num_args = 1.., conflicts_with = "inputs")]
+    image: Vec<PathBuf>,
+    /// Tensor inputs (safetensors).
+    #[arg(long, requires = "output")]
+    inputs: Option<PathBuf>,
+    /// Where --inputs mode writes the outputs (safetensors).
     #[arg(long)]
-    inputs: PathBuf,
+    output: Option<PathBuf>,
+    /// Labels to print per image (classifiers).
+    #[arg(long, default_value_t = 5)]
+    top_k: usize,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Print JSON on stdout instead of text.
     #[arg(long)]
-    output: PathBuf,
+    json: bool,
+    /// Mask this fraction of each image's patches with the mask token.
+    #[arg(long, conflicts_with = "mask_file")]
+    mask_ratio: Option<f64>,
+    /// Seed for --mask-ratio.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// bool_masked_pos from a safetensors file: (N,) for every image, or (images, N).
+    #[arg(long)]
+    mask_file: Option<PathBuf>,
+    /// Heads to remove, e.g. "0:1,3;5:*".
+    #[arg(long, conflicts_with = "head_mask_file")]
+    head_mask: Option<String>,
+    /// head_mask from a safetensors file: (heads,) or (layers, heads).
+    #[arg(long)]
+    head_mask_file: Option<PathBuf>,
+    /// Save the CLS embeddings (backbone bundles) as .safetensors or .npy.
+    #[arg(long)]
+    embeddings: Option<PathBuf>,
+    /// Preprocess to this compiled resolution (N or HxW) instead of the bundle's default.
+    #[arg(long)]
+    resolution: Option<String>,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -32,11 +83,30 @@ pub struct RunArgs {
 
 pub fn run(a: RunArgs) -> CliResult {
     let device = parse_device(&a.device)?;
+    if let Some(inputs) = &a.inputs {
+        let output = a.output.as_ref().ok_or("--inputs needs --output")?;
+        let bundle = Bundle::load(&a.bundle, device)?;
+        return run_tensors(&bundle, inputs, output);
+    }
+    if a.image.is_empty() {
+        return Err(
+            "give --image FILES/FOLDERS, or --inputs IN.safetensors --output OUT.safetensors"
+                .into(),
+        );
+    }
+    if a.batch_size == 0 {
+        return Err("--batch-size must be at least 1".into());
+    }
+    let images = collect_images(&a.image)?;
     let bundle = Bundle::load(&a.bundle, device)?;
-    let tensors = read_safetensors(&a.inputs)?;
+    run_images(&bundle, &images, &a)
+}
+
+fn run_tensors(bundle: &Bundle, inputs: &Path, output: &Path) -> CliResult {
+    let tensors = read_safetensors(inputs)?;
     let get = |name: &str| tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t);
     let pixel_values = get("pixel_values")
-        .ok_or_else(|| format!("{}: no `pixel_values` tensor", a.inputs.display()))?;
+        .ok_or_else(|| format!("{}: no `pixel_values` tensor", inputs.display()))?;
     let out = bundle.forward(pixel_values, get("bool_masked_pos"), get("head_mask"))?;
     let mut named: Vec<(&str, &Tensor)> = out.named();
     let loss_value;
@@ -48,19 +118,227 @@ pub fn run(a: RunArgs) -> CliResult {
         )?;
         named.push(("loss", &loss_value));
     }
-    write_safetensors(&a.output, &named)?;
+    write_safetensors(output, &named)?;
     Ok(())
 }
 
-/// Show a bundle's manifest.
-#[derive(Args)]
-pub struct InspectArgs {
-    /// Bundle folder.
-    bundle: PathBuf,
+fn head_mask_of(
+    bundle: &Bundle,
+    a: &RunArgs,
+) -> Result<Option<Tensor>, Box<dyn std::error::Error>> {
+    let m = &bundle.manifest().model;
+    if let Some(spec) = &a.head_mask {
+        return Ok(Some(parse_head_mask(
+            spec,
+            m.num_hidden_layers,
+            m.num_attention_heads,
+        )?));
+    }
+    if let Some(file) = &a.head_mask_file {
+        return Ok(Some(single_tensor(file, "head_mask")?));
+    }
+    Ok(None)
 }
 
-pub fn inspect(a: InspectArgs) -> CliResult {
-    let m = Manifest::read(&a.bundle)?;
-    println!("{}", serde_json::to_string_pretty(&m)?);
+/// The tensor named `name` in a safetensors file, or its only tensor.
+fn single_tensor(file: &Path, name: &str) -> Result<Tensor, Box<dyn std::error::Error>> {
+    let mut tensors = read_safetensors(file)?;
+    if let Some(i) = tensors.iter().position(|(n, _)| n == name) {
+        return Ok(tensors.swap_remove(i).1);
+    }
+    match tensors.len() {
+        1 => Ok(tensors.swap_remove(0).1),
+        _ => Err(Error::file(file, format!("no tensor named `{name}`")).into()),
+    }
+}
+
+fn run_images(bundle: &Bundle, images: &[PathBuf], a: &RunArgs) -> CliResult {
+    let manifest = bundle.manifest();
+    let mut pp = manifest.preprocessing()?;
+    if let Some(r) = &a.resolution {
+        let (h, w) = vit_msn::manifest::parse_resolution(r)?;
+        pp.height = h as u32;
+        pp.width = w as u32;
+    }
+    let (h, w) = (pp.height as i64, pp.width as i64);
+    let patches = (h / manifest.model.patch_size) * (w / manifest.model.patch_size);
+    let head_mask = head_mask_of(bundle, a)?;
+    let file_mask = match &a.mask_file {
+        Some(f) => Some(single_tensor(f, "bool_masked_pos")?),
+        None => None,
+    };
+    if a.embeddings.is_some() && manifest.is_classifier() {
+        return Err("--embeddings needs a backbone bundle (this one is a classifier)".into());
+    }
+    let progress = progress_bar(images.len() as u64, a.json);
+    let mut results = Vec::new();
+    let mut embeddings = Vec::new();
+    for (chunk_index, chunk) in images.chunks(a.batch_size).enumerate() {
+        let start = chunk_index * a.batch_size;
+        let pixel_values = Tensor::stack(
+            &chunk
+                .iter()
+                .map(|p| preprocess_path(p, &pp, manifest.model.num_channels))
+                .collect::<Result<Vec<_>, _>>()?,
+            0,
+        );
+        let n = chunk.len() as i64;
+        let mask = match (&file_mask, a.mask_ratio) {
+            (Some(m), _) if m.dim() == 1 => Some(m.unsqueeze(0).expand([n, m.size()[0]], false)),
+            (Some(m), _) if m.dim() == 2 && m.size()[0] == images.len() as i64 => {
+                Some(m.narrow(0, start as i64, n))
+            }
+            (Some(m), _) => {
+                return Err(Error::input(
+                    "bool_masked_pos",
+                    format!(
+                        "--mask-file holds shape {:?}; expected [{patches}] or [{}, {patches}]",
+                        m.size(),
+                        images.len()
+                    ),
+                )
+                .into())
+            }
+            // One draw over all images, so results do not depend on --batch-size.
+            (None, Some(ratio)) => Some(
+                random_mask(images.len() as i64, patches, ratio, a.seed)?.narrow(
+                    0,
+                    start as i64,
+                    n,
+                ),
+            ),
+            (None, None) => None,
+        };
+        let out = bundle.forward(&pixel_values, mask.as_ref(), head_mask.as_ref())?;
+        for (i, path) in chunk.iter().enumerate() {
+            let i = i as i64;
+            results.push(match (&out.logits, &out.last_hidden_state) {
+                (Some(logits), _) => {
+                    classify(path, &logits.get(i), &manifest.model.labels, a.top_k)
+                }
+                (None, Some(lhs)) => {
+                    let cls = lhs.get(i).get(0);
+                    embeddings.push(cls.shallow_clone());
+                    summarize(path, &cls)
+                }
+                (None, None) => {
+                    return Err("the bundle returned neither logits nor last_hidden_state".into())
+                }
+            });
+        }
+        progress.inc(chunk.len() as u64);
+    }
+    progress.finish_and_clear();
+    if let Some(path) = &a.embeddings {
+        let all = Tensor::stack(&embeddings, 0);
+        save_embeddings(path, &all)?;
+    }
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({ "bundle": a.bundle, "results": results }))?
+        );
+    } else {
+        for r in &results {
+            print_result(r);
+        }
+        if let Some(path) = &a.embeddings {
+            println!(
+                "saved {} embeddings to {}",
+                embeddings.len(),
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn progress_bar(len: u64, json: bool) -> indicatif::ProgressBar {
+    if json || !std::io::stderr().is_terminal() || len < 2 {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} images {elapsed_precise}")
+    {
+        bar.set_style(style);
+    }
+    bar
+}
+
+fn classify(path: &Path, logits: &Tensor, labels: &[String], k: usize) -> serde_json::Value {
+    let probs = logits.softmax(-1, Kind::Float);
+    let k = k.min(labels.len().max(1)) as i64;
+    let (p, idx) = probs.topk(k, -1, true, true);
+    let top: Vec<_> = (0..k)
+        .map(|j| {
+            let index = idx.int64_value(&[j]);
+            json!({
+                "label": labels.get(index as usize).cloned().unwrap_or_else(|| format!("LABEL_{index}")),
+                "index": index,
+                "probability": p.double_value(&[j]),
+            })
+        })
+        .collect();
+    let logits = Vec::<f32>::try_from(logits.to_kind(Kind::Float)).unwrap_or_default();
+    json!({ "image": path, "top_k": top, "logits": logits })
+}
+
+fn summarize(path: &Path, cls: &Tensor) -> serde_json::Value {
+    let v = Vec::<f32>::try_from(cls.to_kind(Kind::Float)).unwrap_or_default();
+    let norm = v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let mean = v.iter().map(|x| *x as f64).sum::<f64>() / v.len().max(1) as f64;
+    json!({
+        "image": path,
+        "embedding": { "dim": v.len(), "l2_norm": norm, "mean": mean, "first": &v[..v.len().min(4)] },
+    })
+}
+
+fn print_result(r: &serde_json::Value) {
+    let image = r["image"].as_str().unwrap_or("?");
+    if let Some(top) = r["top_k"].as_array() {
+        let parts: Vec<String> = top
+            .iter()
+            .map(|t| {
+                format!(
+                    "{} {:.3}",
+                    t["label"].as_str().unwrap_or("?"),
+                    t["probability"].as_f64().unwrap_or(0.0)
+                )
+            })
+            .collect();
+        println!("{image}: {}", parts.join(", "));
+    } else {
+        let e = &r["embedding"];
+        let first: Vec<String> = e["first"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|x| format!("{:.3}", x.as_f64().unwrap_or(0.0)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!(
+            "{image}: CLS embedding dim {} |x| {:.3} mean {:.4} [{}, ...]",
+            e["dim"],
+            e["l2_norm"].as_f64().unwrap_or(0.0),
+            e["mean"].as_f64().unwrap_or(0.0),
+            first.join(", ")
+        );
+    }
+}
+
+fn save_embeddings(path: &Path, all: &Tensor) -> CliResult {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("npy") => write_npy(path, all)?,
+        Some("safetensors") => write_safetensors(path, &[("embeddings", all)])?,
+        _ => {
+            return Err(format!(
+                "{}: --embeddings must end in .safetensors or .npy",
+                path.display()
+            )
+            .into())
+        }
+    }
     Ok(())
 }

@@ -1,0 +1,490 @@
+//! Every command of the binary, run on real files: photos through the image
+//! pipeline and the model, compared with transformers where there is a number.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{assert_ok, case_dir, read, root, scratch, vit_msn};
+use tch::{Kind, Tensor};
+
+fn photos() -> PathBuf {
+    root().join("tests/data/photos")
+}
+
+fn compile(case: &str, name: &str, extra: &[&str]) -> PathBuf {
+    let bundle = scratch(&format!("cli-bundle-{name}")).join("bundle");
+    let model = case_dir(case).join("model");
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> =
+        vec![&"compile", &"--model", &model, &"--out", &bundle];
+    for e in extra {
+        args.push(e);
+    }
+    assert_ok(&vit_msn(&args), "compile");
+    bundle
+}
+
+fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn fails(out: &std::process::Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.starts_with("error: ") && err.contains(needle),
+        "expected `{needle}` in: {err}"
+    );
+}
+
+/// Reference tensors of an end-to-end case, and the photo names in order.
+fn reference(case: &str) -> (Tensor, Tensor, Vec<String>) {
+    let dir = case_dir(case);
+    let t = read(&dir.join("photos.ref.safetensors"));
+    let get = |n: &str| t.iter().find(|(k, _)| k == n).unwrap().1.shallow_clone();
+    let names: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("photos.json")).unwrap()).unwrap();
+    (get("pixel_values"), get("expected"), names)
+}
+
+/// Bound on |got − ref| / max(1, max|ref|) of model outputs computed from our
+/// pixel_values instead of the reference processor's: PNG is decoded and
+/// resized exactly as PIL does, JPEG decoders differ by a level here and there.
+const E2E_TOL: f64 = 2e-2;
+
+#[test]
+fn image_to_logits_matches_transformers() {
+    let bundle = compile("e2e_classifier", "e2e-classifier", &[]);
+    let (_, expected, names) = reference("e2e_classifier");
+    let out = vit_msn(&[
+        &"run",
+        &"--bundle",
+        &bundle,
+        &"--image",
+        &photos(),
+        &"--json",
+        &"--top-k",
+        &"2",
+    ]);
+    assert_ok(&out, "run --image");
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), names.len());
+    for (i, (r, name)) in results.iter().zip(&names).enumerate() {
+        assert!(
+            r["image"].as_str().unwrap().ends_with(name.as_str()),
+            "order: {r} vs {name}"
+        );
+        assert_eq!(r["top_k"].as_array().unwrap().len(), 2);
+        let logits: Vec<f32> = r["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        let (diff, bound, ok) = common::within(
+            &Tensor::from_slice(&logits),
+            &expected.get(i as i64),
+            E2E_TOL,
+        );
+        eprintln!("{name}: logits max |diff| {diff:e}");
+        assert!(ok, "{name}: logits differ by {diff} > {bound}");
+        let exact = name.ends_with(".png");
+        if exact {
+            assert!(
+                diff <= 1e-4 * bound / E2E_TOL,
+                "{name}: PNG should match to f32 precision, diff {diff}"
+            );
+        }
+    }
+}
+
+#[test]
+fn image_to_embedding_matches_transformers_and_saves_npy() {
+    let bundle = compile("e2e_backbone", "e2e-backbone", &[]);
+    let (_, expected, names) = reference("e2e_backbone");
+    let dir = scratch("cli-embeddings");
+    let st = dir.join("emb.safetensors");
+    let out = vit_msn(&[
+        &"run",
+        &"--bundle",
+        &bundle,
+        &"--image",
+        &photos(),
+        &"--embeddings",
+        &st,
+        &"--batch-size",
+        &"2",
+    ]);
+    assert_ok(&out, "run --embeddings");
+    let text = stdout(&out);
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.contains("CLS embedding dim 48"))
+            .count(),
+        names.len(),
+        "{text}"
+    );
+    let got = read(&st).remove(0).1;
+    assert_eq!(got.size(), [names.len() as i64, 48]);
+    for (i, name) in names.iter().enumerate() {
+        let (diff, bound, ok) =
+            common::within(&got.get(i as i64), &expected.get(i as i64), E2E_TOL);
+        eprintln!("{name}: CLS max |diff| {diff:e}");
+        assert!(ok, "{name}: CLS differs by {diff} > {bound}");
+    }
+    // The same embeddings as .npy.
+    let npy = dir.join("emb.npy");
+    assert_ok(
+        &vit_msn(&[
+            &"run",
+            &"--bundle",
+            &bundle,
+            &"--image",
+            &photos(),
+            &"--embeddings",
+            &npy,
+        ]),
+        "npy",
+    );
+    let bytes = std::fs::read(&npy).unwrap();
+    assert_eq!(&bytes[..8], b"\x93NUMPY\x01\x00");
+    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let header = std::str::from_utf8(&bytes[10..10 + header_len]).unwrap();
+    assert!(
+        header.contains("'shape': (5, 48)") && header.contains("'<f4'"),
+        "{header}"
+    );
+    let values: Vec<f32> = bytes[10 + header_len..]
+        .chunks(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    assert_eq!(Tensor::from_slice(&values).view([5, 48]), got);
+}
+
+#[test]
+fn preprocess_writes_the_runtime_pixel_values() {
+    let bundle = compile("e2e_backbone", "preprocess", &[]);
+    let (reference_px, _, names) = reference("e2e_backbone");
+    let out_file = scratch("cli-preprocess").join("px.safetensors");
+    let out = vit_msn(&[
+        &"preprocess",
+        &"--image",
+        &photos(),
+        &"--bundle",
+        &bundle,
+        &"--output",
+        &out_file,
+    ]);
+    assert_ok(&out, "preprocess");
+    let px = read(&out_file).remove(0).1;
+    assert_eq!(px.size(), reference_px.size());
+    for (i, name) in names.iter().enumerate() {
+        let d = (px.get(i as i64) - reference_px.get(i as i64)).abs();
+        let (max, mean) = (
+            d.max().double_value(&[]),
+            d.mean(Kind::Float).double_value(&[]),
+        );
+        eprintln!("{name}: pixel_values max {max:e} mean {mean:e}");
+        // One 8-bit level is 1/255/std ≈ 0.0175 after normalisation.
+        assert!(
+            max <= 0.0176 * 4.0 && mean <= 0.005,
+            "{name}: max {max} mean {mean}"
+        );
+        if name.ends_with(".png") {
+            assert!(max <= 1e-5, "{name}: PNG should be exact, max {max}");
+        }
+    }
+    // --model takes the folder's preprocessor_config.json: the same result.
+    let again = scratch("cli-preprocess-model").join("px.safetensors");
+    let model = case_dir("e2e_backbone").join("model");
+    assert_ok(
+        &vit_msn(&[
+            &"preprocess",
+            &"--image",
+            &photos(),
+            &"--model",
+            &model,
+            &"--output",
+            &again,
+        ]),
+        "--model",
+    );
+    assert_eq!(read(&again).remove(0).1, px);
+}
+
+#[test]
+fn inspect_bundle_and_pt() {
+    let bundle = compile(
+        "base",
+        "inspect",
+        &["--resolutions", "32,48x40", "--outputs", "attentions"],
+    );
+    let out = vit_msn(&[&"inspect", &bundle]);
+    assert_ok(&out, "inspect");
+    let text = stdout(&out);
+    for needle in [
+        "task:     backbone",
+        "48x40: model_48x40.pt",
+        "verified",
+        "in  bool_masked_pos",
+        "out attentions",
+        "dtype:    f32",
+    ] {
+        assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
+    }
+    let out = vit_msn(&[&"inspect", &bundle, &"--json"]);
+    assert_ok(&out, "inspect --json");
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["artifacts"].as_array().unwrap().len(), 2);
+    assert_eq!(v["digests_ok"][0]["ok"], true);
+    let out = vit_msn(&[&"inspect", &bundle.join("model_32x32.pt")]);
+    assert_ok(&out, "inspect .pt");
+    let text = stdout(&out);
+    assert!(
+        text.contains("forward(__torch__.VitMsn self, Tensor pixel_values, Tensor bool_masked_pos, Tensor head_mask) -> Dict(str, Tensor)"),
+        "{text}"
+    );
+    assert!(text.contains("\"attentions\""), "{text}");
+    let garbage = scratch("cli-inspect-garbage").join("x.pt");
+    std::fs::write(&garbage, b"not torchscript").unwrap();
+    fails(&vit_msn(&[&"inspect", &garbage]), "x.pt");
+}
+
+#[test]
+fn attention_maps_at_the_image_size() {
+    let bundle = compile("e2e_backbone", "attention", &["--outputs", "attentions"]);
+    let dir = scratch("cli-attention");
+    for (layer, head) in [
+        ("last", "mean"),
+        ("0", "1"),
+        ("rollout", "mean"),
+        ("rollout", "3"),
+    ] {
+        let png = dir.join(format!("{layer}-{head}.png"));
+        let out = vit_msn(&[
+            &"attention",
+            &"--bundle",
+            &bundle,
+            &"--image",
+            &photos().join("chelsea.jpg"),
+            &"--out",
+            &png,
+            &"--layer",
+            &layer,
+            &"--head",
+            &head,
+        ]);
+        assert_ok(&out, "attention");
+        let img = image::open(&png).unwrap();
+        assert_eq!((img.width(), img.height()), (451, 300));
+    }
+    fails(
+        &vit_msn(&[
+            &"attention",
+            &"--bundle",
+            &bundle,
+            &"--image",
+            &photos().join("chelsea.jpg"),
+            &"--out",
+            &dir.join("x.png"),
+            &"--head",
+            &"9",
+        ]),
+        "head 9 is not in 0..4",
+    );
+    let plain = compile("e2e_backbone", "attention-plain", &[]);
+    fails(
+        &vit_msn(&[
+            &"attention",
+            &"--bundle",
+            &plain,
+            &"--image",
+            &photos().join("chelsea.jpg"),
+            &"--out",
+            &dir.join("y.png"),
+        ]),
+        "compile with --outputs attentions",
+    );
+}
+
+/// --mask-ratio/--seed and --head-mask give what the library computes with
+/// the same mask and head mask, and change the result.
+#[test]
+fn masks_from_the_command_line() {
+    let bundle = compile("e2e_backbone", "masks", &[]);
+    let dir = scratch("cli-masks");
+    let run = |extra: &[&dyn AsRef<std::ffi::OsStr>], name: &str| -> Tensor {
+        let file = dir.join(format!("{name}.safetensors"));
+        let photo_dir = photos();
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
+            &"run",
+            &"--bundle",
+            &bundle,
+            &"--image",
+            &photo_dir,
+            &"--embeddings",
+            &file,
+        ];
+        args.extend_from_slice(extra);
+        assert_ok(&vit_msn(&args), name);
+        read(&file).remove(0).1
+    };
+    let plain = run(&[], "plain");
+    let masked = run(
+        &[
+            &"--mask-ratio",
+            &"0.5",
+            &"--seed",
+            &"7",
+            &"--head-mask",
+            &"0:1,3;1:*",
+        ],
+        "masked",
+    );
+    assert!((&plain - &masked).abs().max().double_value(&[]) > 1e-3);
+
+    let b = vit_msn::Bundle::load(&bundle, tch::Device::Cpu).unwrap();
+    let pp = b.manifest().preprocessing().unwrap();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(photos())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| vit_msn::image::is_image_path(p))
+        .collect();
+    files.sort();
+    let px = Tensor::stack(
+        &files
+            .iter()
+            .map(|p| vit_msn::image::preprocess_path(p, &pp, 3).unwrap())
+            .collect::<Vec<_>>(),
+        0,
+    );
+    let mask = vit_msn::inputs::random_mask(5, 16, 0.5, 7).unwrap();
+    assert_eq!(
+        mask.sum(Kind::Int64).int64_value(&[]),
+        5 * 8,
+        "exactly half of each image's patches"
+    );
+    let hm = vit_msn::inputs::parse_head_mask("0:1,3;1:*", 2, 4).unwrap();
+    assert_eq!(
+        Vec::<f32>::try_from(hm.flatten(0, -1)).unwrap(),
+        [1., 0., 1., 0., 0., 0., 0., 0.]
+    );
+    let lib = b
+        .forward(&px, Some(&mask), Some(&hm))
+        .unwrap()
+        .last_hidden_state
+        .unwrap()
+        .select(1, 0);
+    assert!((&lib - &masked).abs().max().double_value(&[]) <= 1e-5);
+
+    // The same mask from a file.
+    let mask_file = dir.join("mask.safetensors");
+    vit_msn::tensors::write_safetensors(&mask_file, &[("bool_masked_pos", &mask)]).unwrap();
+    let hm_file = dir.join("hm.safetensors");
+    vit_msn::tensors::write_safetensors(&hm_file, &[("head_mask", &hm)]).unwrap();
+    let from_files = run(
+        &[&"--mask-file", &mask_file, &"--head-mask-file", &hm_file],
+        "files",
+    );
+    assert_eq!(from_files, masked);
+
+    fails(
+        &vit_msn(&[
+            &"run",
+            &"--bundle",
+            &bundle,
+            &"--image",
+            &photos(),
+            &"--head-mask",
+            &"9:1",
+        ]),
+        "`9` is not a layer index",
+    );
+    fails(
+        &vit_msn(&[
+            &"run",
+            &"--bundle",
+            &bundle,
+            &"--image",
+            &photos(),
+            &"--mask-ratio",
+            &"1.5",
+        ]),
+        "mask ratio 1.5",
+    );
+}
+
+#[test]
+fn image_errors_name_the_file() {
+    let bundle = compile("e2e_classifier", "image-errors", &[]);
+    let dir = scratch("cli-image-errors");
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    std::fs::write(empty.join("notes.txt"), "no images here").unwrap();
+    fails(
+        &vit_msn(&[&"run", &"--bundle", &bundle, &"--image", &empty]),
+        "holds no images",
+    );
+    let fake = dir.join("fake.jpg");
+    std::fs::write(&fake, b"this is not a jpeg").unwrap();
+    fails(
+        &vit_msn(&[&"run", &"--bundle", &bundle, &"--image", &fake]),
+        "fake.jpg",
+    );
+    fails(
+        &vit_msn(&[
+            &"run",
+            &"--bundle",
+            &bundle,
+            &"--image",
+            &dir.join("missing.png"),
+        ]),
+        "missing.png",
+    );
+    let out = vit_msn(&[&"run", &"--bundle", &bundle]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(vit_msn(&[&"run", &"--bogus"]).status.code(), Some(2));
+}
+
+#[test]
+fn help_has_examples() {
+    for cmd in [
+        "compile",
+        "run",
+        "preprocess",
+        "inspect",
+        "attention",
+        "demo",
+    ] {
+        let out = vit_msn(&[&cmd, &"--help"]);
+        assert_ok(&out, cmd);
+        assert!(
+            stdout(&out).contains("Examples:"),
+            "{cmd} --help has no examples"
+        );
+    }
+}
+
+#[test]
+fn demo_runs_out_of_the_box() {
+    let out_dir = scratch("cli-demo").join("demo");
+    let out = vit_msn(&[&"demo", &"--out", &out_dir]);
+    assert_ok(&out, "demo");
+    let text = stdout(&out);
+    for needle in [
+        "UNTRAINED",
+        "CLS embedding size: 384",
+        "224x224:",
+        "160x160:",
+        "chelsea.jpg",
+        "attention map",
+    ] {
+        assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
+    }
+    assert!(Path::new(&format!("{}-attention.png", out_dir.display())).is_file());
+    // A warm repeat reuses the bundle.
+    let again = vit_msn(&[&"demo", &"--out", &out_dir]);
+    assert_ok(&again, "demo again");
+    assert!(stdout(&again).contains("using the bundle"));
+}
