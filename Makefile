@@ -7,7 +7,11 @@ PY := $(VENV)/bin/python
 BOOTSTRAP := $(VENV)/.vit-msn-bootstrap
 FIXTURES := tests/fixtures/generated
 # torch provides libtorch for tch 0.26; transformers is the reference the tests compare against.
-PIP_PACKAGES := torch==2.13.0 transformers==4.46.3 safetensors==0.8.0 numpy
+# pillow and scikit-image: the image fixtures (Pillow decodes and resizes for ViTImageProcessor;
+# scikit-image ships the public-domain / CC0 photographs).
+IMAGE_PIP_PACKAGES := pillow==13.0.0 scikit-image==0.26.0
+PIP_PACKAGES := torch==2.13.0 transformers==4.46.3 safetensors==0.8.0 numpy $(IMAGE_PIP_PACKAGES)
+IMAGE_FIXTURES := tests/fixtures/generated-images
 
 .PHONY: libtorch demo test fixtures bench gpu-check clean
 
@@ -31,7 +35,14 @@ $(FIXTURES)/COMPLETE: tests/fixtures/make_fixtures.py | $(BOOTSTRAP)
 	$(PY) tests/fixtures/make_fixtures.py $(FIXTURES)
 	touch $@
 
-fixtures: $(FIXTURES)/COMPLETE
+# A venv bootstrapped before pillow/scikit-image were on the list gets them here.
+$(IMAGE_FIXTURES)/COMPLETE: tests/fixtures/make_image_fixtures.py $(wildcard tests/data/photos/*) | $(BOOTSTRAP)
+	$(PY) -c 'import PIL, skimage' 2>/dev/null || $(VENV)/bin/pip install $(IMAGE_PIP_PACKAGES)
+	rm -rf $(IMAGE_FIXTURES)
+	$(PY) tests/fixtures/make_image_fixtures.py $(IMAGE_FIXTURES)
+	touch $@
+
+fixtures: $(FIXTURES)/COMPLETE $(IMAGE_FIXTURES)/COMPLETE
 
 # The last line sums up every test binary's results: "test: N passed, N failed".
 test: libtorch fixtures

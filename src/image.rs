@@ -11,21 +11,24 @@
 //!    TIFF ("I;16") is clamped to 255, 16-bit colour and grey+alpha keep the
 //!    high byte; L = (19595 R + 38470 G + 7471 B + 0x8000) >> 16.
 //! 3. Resize straight to height×width with Pillow's resampling
-//!    (`Resample.c`): separable, horizontal pass then vertical, the filter
-//!    widened by the scale factor when shrinking, 22-bit fixed-point
-//!    coefficients, rounded and clamped to 8 bits after each pass; nearest
-//!    neighbour as Pillow's affine scale (`Geometry.c`).
+//!    (`Resample.c`): separable, the filter widened by the scale factor when
+//!    shrinking, 22-bit fixed-point coefficients, rounded and clamped to 8
+//!    bits after each pass; horizontal pass first unless the height shrinks
+//!    by more than twice as many pixels as the width (Pillow 13's order);
+//!    nearest neighbour as Pillow's affine scale (`Geometry.c`).
 //! 4. Rescale in f64 then cast to f32 (`image.astype(float64) * scale`), and
 //!    normalize in f32 (`(image - mean) / std`), channels first.
 //!
-//! For the lossless formats the result is bit-identical to transformers; JPEG
-//! and lossy WebP differ only by what the decoders (libjpeg-turbo and libwebp
-//! in Pillow) round differently. `tests/image_parity.rs` measures both.
+//! For PNG, BMP, GIF, TIFF and WebP (lossy included: image-webp decodes as
+//! libwebp does) the result is bit-identical to transformers + Pillow 13.0.0.
+//! JPEG differs only where zune-jpeg rounds chroma upsampling and colour
+//! conversion differently from Pillow's libjpeg-turbo (a few 8-bit levels on
+//! some pixels). `tests/image_parity.rs` measures and bounds both.
 
 use std::io::Cursor;
 use std::path::Path;
 
-use image::{DynamicImage, ImageError, ImageFormat, ImageReader, Limits};
+use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, Limits};
 use serde_json::{json, Map, Value};
 use tch::Tensor;
 
@@ -463,17 +466,51 @@ fn decode_bytes(bytes: &[u8], path: &Path, num_channels: i64) -> Result<DecodedI
     if format == ImageFormat::Jpeg {
         check_jpeg_complete(bytes).map_err(|m| image_error(path, m))?;
     }
-    let img = reader
-        .decode()
+    let png = (format == ImageFormat::Png)
+        .then(|| png_header(bytes))
+        .flatten();
+    if let Some(ihdr) = png {
+        if ihdr.width == 0 || ihdr.height == 0 {
+            return Err(image_error(
+                path,
+                format!("image is empty ({}×{} pixels)", ihdr.width, ihdr.height),
+            ));
+        }
+        if ihdr.width > MAX_IMAGE_SIDE || ihdr.height > MAX_IMAGE_SIDE {
+            return Err(image_error(
+                path,
+                format!(
+                    "refusing to decode a {}×{} image (limit {MAX_IMAGE_SIDE}×{MAX_IMAGE_SIDE} pixels)",
+                    ihdr.width, ihdr.height
+                ),
+            ));
+        }
+    }
+    let decoder = reader
+        .into_decoder()
         .map_err(|e| image_error(path, describe(format, &e)))?;
-    if img.width() == 0 || img.height() == 0 {
+    let (w, h) = decoder.dimensions();
+    if w == 0 || h == 0 {
         return Err(image_error(
             path,
-            format!("image is empty ({}×{} pixels)", img.width(), img.height()),
+            format!("image is empty ({w}×{h} pixels)"),
         ));
     }
-    let png_color_type = (format == ImageFormat::Png && bytes.len() > 25).then(|| bytes[25]);
-    let (base, pixels) = to_pil_8bit(img, png_color_type).map_err(|m| image_error(path, m))?;
+    if decoder.total_bytes() > MAX_DECODER_ALLOC {
+        return Err(image_error(
+            path,
+            format!(
+                "refusing to decode: {w}×{h} {:?} needs {} MiB (limit {} MiB)",
+                decoder.color_type(),
+                decoder.total_bytes() >> 20,
+                MAX_DECODER_ALLOC >> 20
+            ),
+        ));
+    }
+    let img =
+        DynamicImage::from_decoder(decoder).map_err(|e| image_error(path, describe(format, &e)))?;
+    let (base, pixels) =
+        to_pil_8bit(img, png.map(|h| h.color_type)).map_err(|m| image_error(path, m))?;
     let (w, h) = (pixels.1, pixels.2);
     let data = match (base, num_channels) {
         (Base::Gray, 1) | (Base::Rgb, 3) => pixels.0,
@@ -481,6 +518,26 @@ fn decode_bytes(bytes: &[u8], path: &Path, num_channels: i64) -> Result<DecodedI
         (Base::Rgb, _) => pixels.0.chunks_exact(3).map(luminance).collect(),
     };
     DecodedImage::from_raw(w, h, num_channels as u8, data, path.display().to_string())
+}
+
+/// The fields of a PNG's IHDR chunk that matter here.
+#[derive(Debug, Clone, Copy)]
+struct PngHeader {
+    width: u32,
+    height: u32,
+    color_type: u8,
+}
+
+fn png_header(bytes: &[u8]) -> Option<PngHeader> {
+    let be = |i: usize| -> Option<u32> {
+        Some(u32::from_be_bytes(bytes.get(i..i + 4)?.try_into().ok()?))
+    };
+    (bytes.get(12..16)? == b"IHDR").then_some(())?;
+    Some(PngHeader {
+        width: be(16)?,
+        height: be(20)?,
+        color_type: *bytes.get(25)?,
+    })
 }
 
 fn describe(format: ImageFormat, e: &ImageError) -> String {
@@ -499,7 +556,7 @@ fn describe(format: ImageFormat, e: &ImageError) -> String {
 }
 
 /// Pillow refuses a JPEG whose entropy-coded data stops early ("image file
-/// is truncated"); zune-jpeg would fill the rest with grey. A complete JPEG
+/// is truncated"); zune-jpeg decodes such a file without an error. A complete JPEG
 /// has its EOI marker (FF D9) after its last start-of-scan (FF DA); inside
 /// scan data a 0xFF is always followed by 0x00 or a restart marker.
 fn check_jpeg_complete(bytes: &[u8]) -> std::result::Result<(), String> {
@@ -740,59 +797,81 @@ fn clip8(acc: i32) -> u8 {
     (acc >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
-/// Pillow's `ImagingResample` for 8-bit images: a horizontal pass (only
-/// when the width changes), then a vertical pass (only when the height
-/// changes), each rounding to 8 bits.
+/// Pillow's `ImagingResample` for 8-bit images: two separable passes, each
+/// rounding to 8 bits, a pass skipped when its size does not change.
+/// Pillow 13 runs the vertical pass first when the height shrinks by more
+/// than twice as many pixels as the width (`ImagingResampleInner`), else the
+/// horizontal pass first; the order changes the rounding, so it is kept.
 fn resize_separable(img: &DecodedImage, out_w: u32, out_h: u32, filter: Filter) -> Vec<u8> {
     let c = img.channels as usize;
-    let (in_w, in_h) = (img.width as usize, img.height as usize);
-    let vert = (out_h as usize != in_h).then(|| coefficients(img.height, out_h, filter));
-    // Rows the vertical pass reads; the horizontal pass computes only those.
-    let (row0, row1) = match &vert {
-        Some(v) => {
-            let first = v.first().map(|w| w.start).unwrap_or(0);
-            let last = v.last().map(|w| w.start + w.weights.len()).unwrap_or(in_h);
-            (first, last.max(first))
+    let (in_w, in_h) = (i64::from(img.width), i64::from(img.height));
+    let vertical_first =
+        i64::from(out_h) < in_h && in_h - i64::from(out_h) > 2 * (in_w - i64::from(out_w));
+    let horiz = (out_w != img.width).then(|| coefficients(img.width, out_w, filter));
+    let vert = (out_h != img.height).then(|| coefficients(img.height, out_h, filter));
+    let (w, h) = (img.width as usize, img.height as usize);
+    match (horiz, vert) {
+        (None, None) => img.pixels.clone(),
+        (Some(hz), None) => pass_horizontal(&img.pixels, w, c, &hz),
+        (None, Some(vt)) => pass_vertical(&img.pixels, w * c, 0, &vt),
+        (Some(hz), Some(vt)) if vertical_first => {
+            pass_horizontal(&pass_vertical(&img.pixels, w * c, 0, &vt), w, c, &hz)
         }
-        None => (0, in_h),
-    };
+        (Some(hz), Some(vt)) => {
+            // Only the rows the vertical pass reads go through the horizontal one.
+            let first = vt.first().map(|v| v.start).unwrap_or(0);
+            let last = vt
+                .last()
+                .map(|v| v.start + v.weights.len())
+                .unwrap_or(h)
+                .max(first);
+            let rows = &img.pixels[first * w * c..last * w * c];
+            pass_vertical(
+                &pass_horizontal(rows, w, c, &hz),
+                out_w as usize * c,
+                first,
+                &vt,
+            )
+        }
+    }
+}
+
+/// Resamples every row of `src` (rows of `w` pixels of `c` channels).
+fn pass_horizontal(src: &[u8], w: usize, c: usize, windows: &[Window]) -> Vec<u8> {
     let round = 1i32 << (PRECISION_BITS - 1);
-    let (mut cur, mut cur_w) = (img.pixels[row0 * in_w * c..row1 * in_w * c].to_vec(), in_w);
-    if out_w as usize != in_w {
-        let ow = out_w as usize;
-        let horiz = coefficients(img.width, out_w, filter);
-        let mut out = vec![0u8; (row1 - row0) * ow * c];
-        for (src, dst) in cur.chunks_exact(in_w * c).zip(out.chunks_exact_mut(ow * c)) {
-            for (win, px) in horiz.iter().zip(dst.chunks_exact_mut(c)) {
-                for (ch, o) in px.iter_mut().enumerate() {
-                    let mut acc = round;
-                    for (i, &k) in win.weights.iter().enumerate() {
-                        acc += i32::from(src[(win.start + i) * c + ch]) * k;
-                    }
-                    *o = clip8(acc);
+    let ow = windows.len();
+    let mut out = vec![0u8; src.len() / (w * c) * ow * c];
+    for (row, dst) in src.chunks_exact(w * c).zip(out.chunks_exact_mut(ow * c)) {
+        for (win, px) in windows.iter().zip(dst.chunks_exact_mut(c)) {
+            let taps = &row[win.start * c..(win.start + win.weights.len()) * c];
+            for (ch, o) in px.iter_mut().enumerate() {
+                let mut acc = round;
+                for (&k, p) in win.weights.iter().zip(taps.chunks_exact(c)) {
+                    acc += i32::from(p[ch]) * k;
                 }
+                *o = clip8(acc);
             }
         }
-        cur = out;
-        cur_w = ow;
     }
-    match vert {
-        None => cur,
-        Some(vert) => {
-            let stride = cur_w * c;
-            let mut out = vec![0u8; out_h as usize * stride];
-            for (win, dst) in vert.iter().zip(out.chunks_exact_mut(stride)) {
-                for (x, o) in dst.iter_mut().enumerate() {
-                    let mut acc = round;
-                    for (i, &k) in win.weights.iter().enumerate() {
-                        acc += i32::from(cur[(win.start - row0 + i) * stride + x]) * k;
-                    }
-                    *o = clip8(acc);
-                }
+    out
+}
+
+/// Resamples columns: output row `i` mixes rows `windows[i].start - offset ..`
+/// of `src` (rows of `stride` bytes).
+fn pass_vertical(src: &[u8], stride: usize, offset: usize, windows: &[Window]) -> Vec<u8> {
+    let round = 1i32 << (PRECISION_BITS - 1);
+    let mut out = vec![0u8; windows.len() * stride];
+    for (win, dst) in windows.iter().zip(out.chunks_exact_mut(stride)) {
+        let base = (win.start - offset) * stride;
+        for (x, o) in dst.iter_mut().enumerate() {
+            let mut acc = round;
+            for (i, &k) in win.weights.iter().enumerate() {
+                acc += i32::from(src[base + i * stride + x]) * k;
             }
-            out
+            *o = clip8(acc);
         }
     }
+    out
 }
 
 /// Source index per output index for Pillow's nearest-neighbour scale
