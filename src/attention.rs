@@ -137,3 +137,51 @@ pub fn colormap(v: f32) -> [u8; 3] {
     }
     [180, 20, 10]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random_attentions() -> Tensor {
+        tch::manual_seed(0);
+        // (layers 2, batch 2, heads 3, tokens 5, tokens 5), rows summing to 1.
+        Tensor::rand([2, 2, 3, 5, 5], (Kind::Float, tch::Device::Cpu)).softmax(-1, Kind::Float)
+    }
+
+    #[test]
+    fn one_layer_one_head_is_the_cls_row() {
+        let a = random_attentions();
+        let got = cls_attention(&a, 1, LayerChoice::Index(0), HeadChoice::Index(2)).unwrap();
+        assert_eq!(got, a.get(0).get(1).get(2).get(0).narrow(0, 1, 4));
+        let last = cls_attention(&a, 0, LayerChoice::Last, HeadChoice::Mean).unwrap();
+        let want = a
+            .get(1)
+            .get(0)
+            .mean_dim(0, false, Kind::Float)
+            .get(0)
+            .narrow(0, 1, 4);
+        assert!((last - want).abs().max().double_value(&[]) < 1e-7);
+    }
+
+    #[test]
+    fn rollout_multiplies_the_residual_attention() {
+        let a = random_attentions();
+        let eye = Tensor::eye(5, (Kind::Float, tch::Device::Cpu));
+        let step = |l: i64| {
+            let m = a.get(l).get(0).mean_dim(0, false, Kind::Float) + &eye;
+            &m / m.sum_dim_intlist([-1].as_slice(), true, Kind::Float)
+        };
+        let want = step(1).matmul(&step(0)).get(0).narrow(0, 1, 4);
+        let got = cls_attention(&a, 0, LayerChoice::Rollout, HeadChoice::Mean).unwrap();
+        assert!((got - want).abs().max().double_value(&[]) < 1e-6);
+    }
+
+    #[test]
+    fn out_of_range_choices_are_errors() {
+        let a = random_attentions();
+        assert!(cls_attention(&a, 0, LayerChoice::Index(2), HeadChoice::Mean).is_err());
+        assert!(cls_attention(&a, 0, LayerChoice::Last, HeadChoice::Index(3)).is_err());
+        assert!(cls_attention(&a, 2, LayerChoice::Last, HeadChoice::Mean).is_err());
+        assert!("rollout".parse::<LayerChoice>().is_ok() && "x".parse::<LayerChoice>().is_err());
+    }
+}

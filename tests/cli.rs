@@ -13,15 +13,7 @@ fn photos() -> PathBuf {
 }
 
 fn compile(case: &str, name: &str, extra: &[&str]) -> PathBuf {
-    let bundle = scratch(&format!("cli-bundle-{name}")).join("bundle");
-    let model = case_dir(case).join("model");
-    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> =
-        vec![&"compile", &"--model", &model, &"--out", &bundle];
-    for e in extra {
-        args.push(e);
-    }
-    assert_ok(&vit_msn(&args), "compile");
-    bundle
+    common::compile_case(case, &format!("cli-bundle-{name}"), extra)
 }
 
 fn stdout(out: &std::process::Output) -> String {

@@ -4,24 +4,13 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{assert_ok, case_dir, scratch, vit_msn};
+use common::{case_dir, scratch, vit_msn};
 use tch::{Device, Kind, Tensor};
 use vit_msn::{Bundle, Error};
 
 fn compile(case: &str, extra: &[&str]) -> std::path::PathBuf {
-    let dir = scratch(&format!(
-        "runtime-{case}-{}",
-        extra.join("_").replace([',', '-'], "")
-    ));
-    let bundle = dir.join("bundle");
-    let model = case_dir(case).join("model");
-    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> =
-        vec![&"compile", &"--model", &model, &"--out", &bundle];
-    for e in extra {
-        args.push(e);
-    }
-    assert_ok(&vit_msn(&args), "compile");
-    bundle
+    let name = format!("runtime-{case}-{}", extra.join("_").replace([',', '-'], ""));
+    common::compile_case(case, &name, extra)
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f64 {

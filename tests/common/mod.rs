@@ -75,6 +75,20 @@ pub fn case_dir(case: &str) -> PathBuf {
     dir
 }
 
+/// Compiles a fixture case's model with extra `compile` arguments into the
+/// scratch folder `name`; returns the bundle folder.
+pub fn compile_case(case: &str, name: &str, extra: &[&str]) -> PathBuf {
+    let bundle = scratch(name).join("bundle");
+    let model = case_dir(case).join("model");
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> =
+        vec![&"compile", &"--model", &model, &"--out", &bundle];
+    for e in extra {
+        args.push(e);
+    }
+    assert_ok(&vit_msn(&args), "compile");
+    bundle
+}
+
 pub fn vit_msn(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
     let mut cmd = Command::new(bin());
     for a in args {
