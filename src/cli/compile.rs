@@ -1,3 +1,4 @@
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use clap::Args;
@@ -65,7 +66,22 @@ pub fn compile(a: CompileArgs) -> CliResult {
         device: device::parse_device(&a.device)?,
         task: a.task.as_deref().map(str::parse::<Task>).transpose()?,
     };
-    let report = compile_bundle(&a.model, &a.out, &opts)?;
+    // Tracing a large model takes a while: show that it is working, on a terminal.
+    let spinner = if std::io::stderr().is_terminal() {
+        let s = indicatif::ProgressBar::new_spinner();
+        s.set_message(format!(
+            "compiling {} ({} resolution(s))",
+            a.model.display(),
+            opts.resolutions.len().max(1)
+        ));
+        s.enable_steady_tick(std::time::Duration::from_millis(120));
+        s
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let report = compile_bundle(&a.model, &a.out, &opts);
+    spinner.finish_and_clear();
+    let report = report?;
     if !report.source.unused_tensors.is_empty() {
         eprintln!(
             "warning: {} checkpoint tensor(s) not used by the {} model: {}",
