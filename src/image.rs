@@ -5,7 +5,9 @@
 //! The pipeline, step by step, with the arithmetic of each reference:
 //!
 //! 1. Decode (JPEG, PNG, WebP, BMP, GIF first frame, TIFF) with the `image`
-//!    crate, under decoder limits (16384×16384 pixels, 1 GiB of allocations).
+//!    crate, under decoder limits (16384×16384 pixels, 1 GiB of allocations);
+//!    JPEG pixels come from libjpeg-turbo's code (the `mozjpeg` crate, built
+//!    from source without SIMD) at Pillow's settings.
 //! 2. Convert to 8-bit RGB or L the way Pillow 13 does: grey replicated,
 //!    palettes expanded, alpha dropped (not composited); a 16-bit grey PNG or
 //!    TIFF ("I;16") is clamped to 255, 16-bit colour and grey+alpha keep the
@@ -19,11 +21,10 @@
 //! 4. Rescale in f64 then cast to f32 (`image.astype(float64) * scale`), and
 //!    normalize in f32 (`(image - mean) / std`), channels first.
 //!
-//! For PNG, BMP, GIF, TIFF and WebP (lossy included: image-webp decodes as
-//! libwebp does) the result is bit-identical to transformers + Pillow 13.0.0.
-//! JPEG differs only where zune-jpeg rounds chroma upsampling and colour
-//! conversion differently from Pillow's libjpeg-turbo (a few 8-bit levels on
-//! some pixels). `tests/image_parity.rs` measures and bounds both.
+//! For JPEG (4:2:0, 4:2:2, 4:4:4, progressive, grey, CMYK), PNG, BMP, GIF,
+//! TIFF and WebP (lossy included: image-webp decodes as libwebp does) the
+//! result is bit-identical to transformers + Pillow 13.0.0;
+//! `tests/image_parity.rs` checks it.
 
 use std::io::Cursor;
 use std::path::Path;
@@ -507,10 +508,14 @@ fn decode_bytes(bytes: &[u8], path: &Path, num_channels: i64) -> Result<DecodedI
             ),
         ));
     }
-    let img =
-        DynamicImage::from_decoder(decoder).map_err(|e| image_error(path, describe(format, &e)))?;
-    let (base, pixels) =
-        to_pil_8bit(img, png.map(|h| h.color_type)).map_err(|m| image_error(path, m))?;
+    let (base, pixels) = if format == ImageFormat::Jpeg {
+        drop(decoder);
+        decode_jpeg_libjpeg(bytes, (w, h)).map_err(|m| image_error(path, m))?
+    } else {
+        let img = DynamicImage::from_decoder(decoder)
+            .map_err(|e| image_error(path, describe(format, &e)))?;
+        to_pil_8bit(img, png.map(|h| h.color_type)).map_err(|m| image_error(path, m))?
+    };
     let (w, h) = (pixels.1, pixels.2);
     let data = match (base, num_channels) {
         (Base::Gray, 1) | (Base::Rgb, 3) => pixels.0,
@@ -556,7 +561,7 @@ fn describe(format: ImageFormat, e: &ImageError) -> String {
 }
 
 /// Pillow refuses a JPEG whose entropy-coded data stops early ("image file
-/// is truncated"); zune-jpeg decodes such a file without an error. A complete JPEG
+/// is truncated"); libjpeg only warns and pads such a file with grey. A complete JPEG
 /// has its EOI marker (FF D9) after its last start-of-scan (FF DA); inside
 /// scan data a 0xFF is always followed by 0x00 or a restart marker.
 fn check_jpeg_complete(bytes: &[u8]) -> std::result::Result<(), String> {
@@ -570,6 +575,77 @@ fn check_jpeg_complete(bytes: &[u8]) -> std::result::Result<(), String> {
         (None, _) => Err("cannot decode JPEG: no image data (start of scan missing; truncated file?)".into()),
         _ => Err("cannot decode JPEG: the file is truncated (no end-of-image marker after the last scan)".into()),
     }
+}
+
+/// Decodes a JPEG exactly as Pillow does: with libjpeg-turbo's code (as
+/// bundled by mozjpeg, built without SIMD, whose output is bit-identical) at
+/// its defaults (`JDCT_ISLOW`, fancy upsampling). Grey stays grey, other
+/// 3-channel images convert to RGB in libjpeg, and CMYK/YCCK images are read
+/// as Adobe-inverted CMYK and converted to RGB as Pillow's `cmyk2rgb` does.
+/// `expected` is the size the header check already accepted.
+fn decode_jpeg_libjpeg(
+    bytes: &[u8],
+    expected: (u32, u32),
+) -> std::result::Result<(Base, Pixels), String> {
+    use mozjpeg::{ColorSpace, ColorSpaceExt, Decompress};
+    let run = || -> std::io::Result<(Base, Vec<u8>, usize, usize)> {
+        let dec = Decompress::new_mem(bytes)?;
+        let (w, h) = dec.size();
+        if (w, h) != (expected.0 as usize, expected.1 as usize) {
+            return Err(std::io::Error::other(format!(
+                "header says {w}×{h}, expected {}×{}",
+                expected.0, expected.1
+            )));
+        }
+        let (base, out) = match dec.color_space() {
+            ColorSpace::JCS_GRAYSCALE => (Base::Gray, ColorSpace::JCS_GRAYSCALE),
+            ColorSpace::JCS_CMYK | ColorSpace::JCS_YCCK => (Base::Rgb, ColorSpace::JCS_CMYK),
+            _ => (Base::Rgb, ColorSpace::JCS_RGB),
+        };
+        let mut started = dec.to_colorspace(out)?;
+        let data: Vec<u8> = started.read_scanlines()?;
+        let channels = started.color_space().num_components();
+        started.finish()?;
+        if data.len() != w * h * channels {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let data = if out == ColorSpace::JCS_CMYK {
+            data.chunks_exact(4)
+                .flat_map(cmyk_inverted_to_rgb)
+                .collect()
+        } else {
+            data
+        };
+        Ok((base, data, w, h))
+    };
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+        Ok(Ok((base, data, w, h))) => Ok((base, (data, w as u32, h as u32))),
+        Ok(Err(e)) => Err(format!(
+            "cannot decode JPEG (corrupt or truncated file?): {e}"
+        )),
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "libjpeg error".into());
+            Err(format!(
+                "cannot decode JPEG (corrupt or truncated file?): {msg}"
+            ))
+        }
+    }
+}
+
+/// Pillow's JPEG `CMYK;I` unpacking followed by `cmyk2rgb` (Convert.c).
+fn cmyk_inverted_to_rgb(raw: &[u8]) -> [u8; 3] {
+    let nk = i32::from(raw[3]); // 255 − (255 − raw k)
+    let channel = |v: u8| {
+        let c = 255 - i32::from(v);
+        let t = c * nk + 128;
+        let m = ((t >> 8) + t) >> 8;
+        (nk - m).clamp(0, 255) as u8
+    };
+    [channel(raw[0]), channel(raw[1]), channel(raw[2])]
 }
 
 /// ITU-R 601-2 luma as Pillow computes it (`L24` in Convert.c).

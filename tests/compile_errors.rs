@@ -235,5 +235,5 @@ fn usage_errors_exit_2() {
         &"32,abc",
     ]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("resolution `abc`"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`abc` is not N or HxW"));
 }
