@@ -28,6 +28,7 @@ fn bundle_dir(name: &str, hidden: i64, heads: i64) -> std::path::PathBuf {
         kind: Kind::Float,
         device: Device::Cpu,
         task: None,
+        linear: None,
     };
     vit_msn::compiler::compile_bundle(&model, &bundle, &opts).expect("compile");
     bundle

@@ -2,7 +2,8 @@
 //! (tests/fixtures/make_fixtures.py says what each case holds). f32 cases hold
 //! max |got − ref| ≤ 1e-4 · max(1, max |ref|) on every output; the f16/bf16
 //! artifact cases hold the bound written in their case.json against the f32
-//! reference.
+//! reference. On the CPU the linears run on oneDNN by default (GELU fused);
+//! the `aten_*` tests cover the aten::linear path.
 
 mod common;
 
@@ -34,6 +35,7 @@ parity!(
     artifact_f16,
     artifact_bf16,
     vit_msn_small,
+    vit_msn_small_bf16,
 );
 
 /// Every `hidden_act` that transformers accepts, plus selu.
@@ -63,5 +65,22 @@ fn activations() {
     ];
     for name in names {
         common::check_case(&format!("act_{name}"));
+    }
+}
+
+/// The aten::linear path (MKL on CPU; what CUDA artifacts use), with the
+/// activations that oneDNN would otherwise fuse.
+#[test]
+fn aten_linear() {
+    for case in [
+        "base",
+        "sdpa",
+        "classifier_bin",
+        "artifact_bf16",
+        "act_gelu",
+        "act_gelu_pytorch_tanh",
+        "act_relu",
+    ] {
+        common::check_case_with(case, &["--linear", "aten"]);
     }
 }

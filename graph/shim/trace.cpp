@@ -93,6 +93,59 @@ int vmsn_trace_finish_and_save(void *module_ptr, torch::Tensor **outputs,
   return 1;
 }
 
+// oneDNN's linear on dense tensors, with an optional fused post-op (`attr`
+// "none" or "gelu", `algorithm` "none"/"tanh" for gelu). Called through the
+// dispatcher, so an open trace records it as mkldnn::_linear_pointwise. tch
+// has no binding for ops outside aten. Returns a new tensor, or null with *err.
+torch::Tensor *vmsn_linear_pointwise(torch::Tensor *x, torch::Tensor *w,
+                                     torch::Tensor *b, const char *attr,
+                                     const char *algorithm, char **err) {
+  try {
+    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow(
+        "mkldnn::_linear_pointwise", "");
+    auto state = torch::jit::tracer::getTracingState();
+    c10::IValue bias = b == nullptr ? c10::IValue() : c10::IValue(*b);
+    torch::Tensor out;
+    {
+      // The tracer's generic fallback cannot record a Scalar?[] argument:
+      // run the op untraced and record its node here instead.
+      torch::jit::tracer::setTracingState(nullptr);
+      torch::jit::Stack stack{*x, *w, bias, std::string(attr),
+                              c10::List<std::optional<c10::Scalar>>(),
+                              std::string(algorithm)};
+      try {
+        op.callBoxed(&stack);
+      } catch (...) {
+        torch::jit::tracer::setTracingState(state);
+        throw;
+      }
+      torch::jit::tracer::setTracingState(state);
+      out = stack.back().toTensor();
+    }
+    if (state) {
+      auto graph = state->graph;
+      auto *node = graph->create(
+          c10::Symbol::fromQualString("mkldnn::_linear_pointwise"), 1);
+      node->addInput(state->getValue(*x));
+      node->addInput(state->getValue(*w));
+      node->addInput(b == nullptr ? graph->insertNode(graph->createNone())->output()
+                                  : state->getValue(*b));
+      node->addInput(graph->insertConstant(std::string(attr)));
+      node->addInput(graph->insertNode(graph->createList(
+                                           c10::OptionalType::create(c10::NumberType::get()), {}))
+                         ->output());
+      node->addInput(graph->insertConstant(std::string(algorithm)));
+      graph->insertNode(node);
+      node->output()->setType(c10::TensorType::get());
+      state->setValue(out, node->output());
+    }
+    return new torch::Tensor(out);
+  } catch (const std::exception &e) {
+    *err = copy_message(e.what());
+  }
+  return nullptr;
+}
+
 // Drops a trace begun with vmsn_trace_begin, after an error on the Rust side.
 void vmsn_trace_abandon(void *module_ptr) {
   torch::jit::tracer::abandon();

@@ -7,6 +7,7 @@ use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::config::Task;
+use crate::encoder::LinearBackend;
 use crate::model::{Model, Wanted};
 use crate::trace::trace_and_save;
 use crate::Error;
@@ -24,6 +25,8 @@ pub struct CompileOptions {
     pub device: Device,
     /// Overrides the task that `architectures` names.
     pub task: Option<Task>,
+    /// GEMM backend for the linears; `None` picks oneDNN on CPU in f32/bf16, else aten.
+    pub linear: Option<LinearBackend>,
 }
 
 /// One tensor of an artifact's signature. `-1` marks the batch dimension.
@@ -92,7 +95,17 @@ pub fn compile(model_dir: &Path, out_dir: &Path, opts: &CompileOptions) -> Resul
         .map(|&(h, w)| tch::no_grad(|| model.vit.embeddings.position_table(h, w)))
         .collect();
     model.vs.set_kind(opts.kind);
-    model.vit.fuse();
+    // oneDNN's inner product has no f16 kernel on these CPUs; f32 and bf16 use it.
+    let backend = opts.linear.unwrap_or(match (opts.device, opts.kind) {
+        (Device::Cpu, Kind::Float | Kind::BFloat16) => LinearBackend::OneDnn,
+        _ => LinearBackend::Aten,
+    });
+    if backend == LinearBackend::OneDnn && (opts.device != Device::Cpu || opts.kind == Kind::Half) {
+        return Err(Error::Invalid(
+            "the oneDNN linear runs on the CPU in f32 or bf16 only".into(),
+        ));
+    }
+    model.vit.fuse(backend);
 
     let dtype = dtype_name(opts.kind);
     let (layers, heads) = (cfg.num_hidden_layers, cfg.num_attention_heads);
@@ -166,13 +179,13 @@ pub fn compile(model_dir: &Path, out_dir: &Path, opts: &CompileOptions) -> Resul
                     ("head_mask", &head_mask),
                 ],
                 || {
-                    Ok(model_ref.forward(
+                    model_ref.forward(
                         &pixel_values,
                         &bool_masked_pos,
                         &head_mask,
                         &table,
                         opts.wanted,
-                    ))
+                    )
                 },
                 ARTIFACT_EXTRA_FILE,
                 &extra.to_string(),

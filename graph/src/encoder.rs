@@ -2,7 +2,40 @@
 
 use tch::{nn, Kind, Tensor};
 
-use crate::{activation::Activation, Config};
+use crate::trace::{linear_pointwise, PostOp};
+use crate::{activation::Activation, Config, Error};
+
+/// Which GEMM the linears record into the trace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LinearBackend {
+    /// `aten::linear` (MKL on CPU, cuBLAS on CUDA).
+    #[default]
+    Aten,
+    /// oneDNN's `mkldnn::_linear_pointwise` on dense tensors, CPU only:
+    /// faster than MKL's GEMM on these shapes here, and it fuses GELU.
+    OneDnn,
+}
+
+/// `x · wᵀ + b`, then `post`, with the chosen backend.
+fn project(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    backend: LinearBackend,
+    post: PostOp,
+) -> Result<Tensor, Error> {
+    match backend {
+        LinearBackend::OneDnn => linear_pointwise(x, w, b, post),
+        LinearBackend::Aten => {
+            let y = x.linear(w, b);
+            Ok(match post {
+                PostOp::None => y,
+                PostOp::Gelu => y.gelu("none"),
+                PostOp::GeluTanh => y.gelu("tanh"),
+            })
+        }
+    }
+}
 
 /// `attention.attention`: separate query/key/value linears in the checkpoint,
 /// fused into one projection before tracing.
@@ -11,6 +44,7 @@ pub struct SelfAttention {
     key: nn::Linear,
     value: nn::Linear,
     qkv: Option<(Tensor, Option<Tensor>)>,
+    backend: LinearBackend,
     heads: i64,
     head_dim: i64,
 }
@@ -34,13 +68,15 @@ impl SelfAttention {
             key: nn::linear(p / "key", d, d, lin),
             value: nn::linear(p / "value", d, d, lin),
             qkv: None,
+            backend: LinearBackend::Aten,
             heads: cfg.num_attention_heads,
             head_dim: cfg.head_dim(),
         }
     }
 
     /// Concatenates the three projections, once the weights are loaded.
-    pub fn fuse(&mut self) {
+    pub fn fuse(&mut self, backend: LinearBackend) {
+        self.backend = backend;
         let weight = Tensor::cat(&[&self.query.ws, &self.key.ws, &self.value.ws], 0);
         let bias = match (&self.query.bs, &self.key.bs, &self.value.bs) {
             (Some(q), Some(k), Some(v)) => Some(Tensor::cat(&[q, k, v], 0)),
@@ -54,14 +90,18 @@ impl SelfAttention {
     /// The head mask scales each head's probabilities in the reference; since
     /// it is one scalar per head, scaling each head's context is the same and
     /// lets scaled_dot_product_attention run when probabilities are not wanted.
-    pub fn forward(&self, x: &Tensor, head_mask: &Tensor, want_probs: bool) -> AttentionOutput {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        head_mask: &Tensor,
+        want_probs: bool,
+    ) -> Result<AttentionOutput, Error> {
         let (weight, bias) = self
             .qkv
             .as_ref()
-            .expect("SelfAttention::fuse runs before forward");
+            .ok_or_else(|| Error::Trace("SelfAttention::fuse must run before forward".into()))?;
         let tokens = x.size()[1];
-        let qkv = x
-            .linear(weight, bias.as_ref())
+        let qkv = project(x, weight, bias.as_ref(), self.backend, PostOp::None)?
             .view([-1, tokens, 3, self.heads, self.head_dim])
             .permute([2, 0, 3, 1, 4]);
         let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
@@ -80,7 +120,7 @@ impl SelfAttention {
             context
                 .permute([0, 2, 1, 3])
                 .reshape([-1, tokens, self.heads * self.head_dim]);
-        AttentionOutput { context, probs }
+        Ok(AttentionOutput { context, probs })
     }
 }
 
@@ -93,6 +133,7 @@ pub struct Layer {
     intermediate: nn::Linear,
     output: nn::Linear,
     act: Activation,
+    backend: LinearBackend,
 }
 
 impl Layer {
@@ -111,24 +152,47 @@ impl Layer {
             intermediate: nn::linear(p / "intermediate" / "dense", d, cfg.intermediate_size, lin),
             output: nn::linear(p / "output" / "dense", cfg.intermediate_size, d, lin),
             act,
+            backend: LinearBackend::Aten,
         }
     }
 
-    pub fn fuse(&mut self) {
-        self.attention.fuse();
+    pub fn fuse(&mut self, backend: LinearBackend) {
+        self.backend = backend;
+        self.attention.fuse(backend);
     }
 
-    pub fn forward(&self, x: &Tensor, head_mask: &Tensor, want_probs: bool) -> AttentionOutput {
-        let attn = self
-            .attention
-            .forward(&x.apply(&self.layernorm_before), head_mask, want_probs);
-        let h = x + attn.context.apply(&self.attention_output);
-        let mlp = h.apply(&self.layernorm_after).apply(&self.intermediate);
-        let y = &h + self.act.forward(&mlp).apply(&self.output);
-        AttentionOutput {
+    fn dense(&self, x: &Tensor, lin: &nn::Linear, post: PostOp) -> Result<Tensor, Error> {
+        project(x, &lin.ws, lin.bs.as_ref(), self.backend, post)
+    }
+
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        head_mask: &Tensor,
+        want_probs: bool,
+    ) -> Result<AttentionOutput, Error> {
+        let attn =
+            self.attention
+                .forward(&x.apply(&self.layernorm_before), head_mask, want_probs)?;
+        let h = x + self.dense(&attn.context, &self.attention_output, PostOp::None)?;
+        let normed = h.apply(&self.layernorm_after);
+        // GELU rides along with oneDNN's GEMM as a post-op; others run after.
+        let mlp = match (self.backend, self.act) {
+            (LinearBackend::OneDnn, Activation::Gelu) => {
+                self.dense(&normed, &self.intermediate, PostOp::Gelu)?
+            }
+            (LinearBackend::OneDnn, Activation::GeluPytorchTanh) => {
+                self.dense(&normed, &self.intermediate, PostOp::GeluTanh)?
+            }
+            _ => self
+                .act
+                .forward(&self.dense(&normed, &self.intermediate, PostOp::None)?),
+        };
+        let y = &h + self.dense(&mlp, &self.output, PostOp::None)?;
+        Ok(AttentionOutput {
             context: y,
             probs: attn.probs,
-        }
+        })
     }
 }
 
@@ -153,8 +217,8 @@ impl Encoder {
         Self { layers }
     }
 
-    pub fn fuse(&mut self) {
-        self.layers.iter_mut().for_each(Layer::fuse);
+    pub fn fuse(&mut self, backend: LinearBackend) {
+        self.layers.iter_mut().for_each(|l| l.fuse(backend));
     }
 
     /// `head_mask` is (layers, heads).
@@ -164,7 +228,7 @@ impl Encoder {
         head_mask: &Tensor,
         want_hidden: bool,
         want_probs: bool,
-    ) -> EncoderOutput {
+    ) -> Result<EncoderOutput, Error> {
         let mut hidden_states = Vec::new();
         let mut attentions = Vec::new();
         let mut x = x;
@@ -172,17 +236,17 @@ impl Encoder {
             if want_hidden {
                 hidden_states.push(x.shallow_clone());
             }
-            let out = layer.forward(&x, &head_mask.get(i as i64), want_probs);
+            let out = layer.forward(&x, &head_mask.get(i as i64), want_probs)?;
             attentions.extend(out.probs);
             x = out.context;
         }
         if want_hidden {
             hidden_states.push(x.shallow_clone());
         }
-        EncoderOutput {
+        Ok(EncoderOutput {
             last: x,
             hidden_states,
             attentions,
-        }
+        })
     }
 }

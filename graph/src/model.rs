@@ -6,7 +6,7 @@ use tch::{nn, Device, Tensor};
 
 use crate::config::{Config, Task};
 use crate::embeddings::Embeddings;
-use crate::encoder::Encoder;
+use crate::encoder::{Encoder, LinearBackend};
 use crate::weights::Checkpoint;
 use crate::Error;
 
@@ -46,8 +46,8 @@ impl VitMsnModel {
 
     /// Fuses each layer's query/key/value projections; run after the weights
     /// are loaded and cast.
-    pub fn fuse(&mut self) {
-        self.encoder.fuse();
+    pub fn fuse(&mut self, backend: LinearBackend) {
+        self.encoder.fuse(backend);
     }
 
     pub fn forward(
@@ -57,18 +57,18 @@ impl VitMsnModel {
         head_mask: &Tensor,
         position_table: &Tensor,
         wanted: Wanted,
-    ) -> ModelOutput {
+    ) -> Result<ModelOutput, Error> {
         let x = self
             .embeddings
             .forward(pixel_values, bool_masked_pos, position_table);
         let enc = self
             .encoder
-            .forward(x, head_mask, wanted.hidden_states, wanted.attentions);
-        ModelOutput {
+            .forward(x, head_mask, wanted.hidden_states, wanted.attentions)?;
+        Ok(ModelOutput {
             last_hidden_state: enc.last.apply(&self.layernorm),
             hidden_states: enc.hidden_states,
             attentions: enc.attentions,
-        }
+        })
     }
 }
 
@@ -133,14 +133,14 @@ impl Model {
         head_mask: &Tensor,
         position_table: &Tensor,
         wanted: Wanted,
-    ) -> Vec<(&'static str, Tensor)> {
+    ) -> Result<Vec<(&'static str, Tensor)>, Error> {
         let out = self.vit.forward(
             pixel_values,
             bool_masked_pos,
             head_mask,
             position_table,
             wanted,
-        );
+        )?;
         let mut named = Vec::new();
         match &self.classifier {
             Some(classifier) => named.push((
@@ -155,6 +155,6 @@ impl Model {
         if wanted.attentions {
             named.push(("attentions", Tensor::stack(&out.attentions, 0)));
         }
-        named
+        Ok(named)
     }
 }

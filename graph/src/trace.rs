@@ -29,6 +29,14 @@ extern "C" {
         err: *mut *mut c_char,
     ) -> c_int;
     fn vmsn_trace_abandon(module: *mut c_void);
+    fn vmsn_linear_pointwise(
+        x: *const C_tensor,
+        w: *const C_tensor,
+        b: *const C_tensor,
+        attr: *const c_char,
+        algorithm: *const c_char,
+        err: *mut *mut c_char,
+    ) -> *mut C_tensor;
     fn vmsn_free_str(s: *mut c_char);
 }
 
@@ -116,4 +124,49 @@ where
         return Err(take_error(err));
     }
     Ok(())
+}
+
+/// A post-op fused into oneDNN's linear.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PostOp {
+    None,
+    /// Exact (erf) GELU.
+    Gelu,
+    /// GELU's tanh approximation, as torch's `gelu(approximate="tanh")`.
+    GeluTanh,
+}
+
+/// `mkldnn::_linear_pointwise`: `x · wᵀ + b`, then the post-op, with oneDNN's
+/// GEMM on ordinary (dense) tensors. Recorded into an open trace.
+pub fn linear_pointwise(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    post: PostOp,
+) -> Result<Tensor, Error> {
+    let (attr, algorithm) = match post {
+        PostOp::None => ("none", ""),
+        PostOp::Gelu => ("gelu", "none"),
+        PostOp::GeluTanh => ("gelu", "tanh"),
+    };
+    let attr = cstring(attr)?;
+    let algorithm = cstring(algorithm)?;
+    let mut err: *mut c_char = std::ptr::null_mut();
+    let b_ptr = b.map_or(std::ptr::null(), |b| b.as_ptr());
+    // SAFETY: live tensors and NUL-terminated strings for the duration of the call.
+    let out = unsafe {
+        vmsn_linear_pointwise(
+            x.as_ptr(),
+            w.as_ptr(),
+            b_ptr,
+            attr.as_ptr(),
+            algorithm.as_ptr(),
+            &mut err,
+        )
+    };
+    if out.is_null() {
+        return Err(take_error(err));
+    }
+    // SAFETY: the shim returned a new heap tensor that we now own.
+    Ok(unsafe { Tensor::from_ptr(out) })
 }

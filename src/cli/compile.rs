@@ -5,6 +5,7 @@ use clap::Args;
 use vit_msn::compiler::compile_bundle;
 use vit_msn::device;
 use vit_msn::manifest::parse_resolution;
+use vit_msn_graph::encoder::LinearBackend;
 use vit_msn_graph::{CompileOptions, Task, Wanted};
 
 use super::CliResult;
@@ -37,6 +38,9 @@ pub struct CompileArgs {
     /// backbone or classification; default from the config's `architectures`.
     #[arg(long)]
     task: Option<String>,
+    /// GEMM for the linears: onednn (default on CPU; fuses GELU) or aten (MKL/cuBLAS).
+    #[arg(long)]
+    linear: Option<String>,
 }
 
 pub fn compile(a: CompileArgs) -> CliResult {
@@ -65,6 +69,17 @@ pub fn compile(a: CompileArgs) -> CliResult {
         kind: device::parse_dtype(&a.dtype)?,
         device: device::parse_device(&a.device)?,
         task: a.task.as_deref().map(str::parse::<Task>).transpose()?,
+        linear: match a.linear.as_deref() {
+            None => None,
+            Some("aten") => Some(LinearBackend::Aten),
+            Some("onednn") => Some(LinearBackend::OneDnn),
+            Some(other) => {
+                return Err(format!(
+                    "--linear: unknown backend `{other}` (expected aten or onednn)"
+                )
+                .into())
+            }
+        },
     };
     // Tracing a large model takes a while: show that it is working, on a terminal.
     let spinner = if std::io::stderr().is_terminal() {

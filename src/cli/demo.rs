@@ -100,6 +100,7 @@ pub fn demo(a: DemoArgs) -> CliResult {
             kind: Kind::Float,
             device: Device::Cpu,
             task: None,
+            linear: None,
         };
         let start = Instant::now();
         compile_bundle(&model_dir, &a.out, &opts)?;

@@ -1,6 +1,7 @@
 //! The command line. Exit codes: 0 success, 1 failure, 2 usage error.
 
 mod attention;
+mod bench;
 mod compile;
 mod demo;
 mod run;
@@ -19,6 +20,9 @@ pub type CliResult = Result<(), Box<dyn std::error::Error>>;
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Intra-op threads for libtorch (default: the machine's physical cores).
+    #[arg(long, global = true)]
+    threads: Option<i32>,
 }
 
 #[derive(Subcommand)]
@@ -29,9 +33,16 @@ enum Command {
     Preprocess(tools::PreprocessArgs),
     Attention(attention::AttentionArgs),
     Demo(demo::DemoArgs),
+    Bench(bench::BenchArgs),
 }
 
 pub fn dispatch(cli: Cli) -> CliResult {
+    let threads = match cli.threads {
+        Some(n) if n < 1 => return Err("--threads must be at least 1".into()),
+        Some(n) => n,
+        None => vit_msn::bench::physical_cores() as i32,
+    };
+    tch::set_num_threads(threads);
     match cli.command {
         Command::Compile(a) => compile::compile(a),
         Command::Run(a) => run::run(a),
@@ -39,5 +50,6 @@ pub fn dispatch(cli: Cli) -> CliResult {
         Command::Preprocess(a) => tools::preprocess(a),
         Command::Attention(a) => attention::attention(a),
         Command::Demo(a) => demo::demo(a),
+        Command::Bench(a) => bench::bench(a),
     }
 }

@@ -152,12 +152,17 @@ pub fn check_outputs(
 /// Compiles the case's model with its compile arguments, runs every run
 /// through `vit-msn run`, and checks each output against the reference.
 pub fn check_case(case: &str) {
+    check_case_with(case, &[]);
+}
+
+/// As `check_case`, with more `compile` arguments (e.g. another GEMM backend).
+pub fn check_case_with(case: &str, extra: &[&str]) {
     let dir = case_dir(case);
     let spec: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join("case.json")).expect("read case.json"),
     )
     .expect("case.json");
-    let work = scratch(&format!("parity-{case}"));
+    let work = scratch(&format!("parity-{case}{}", extra.join("")));
     let bundle = work.join("bundle");
     let mut args: Vec<String> = vec![
         "compile".into(),
@@ -169,6 +174,7 @@ pub fn check_case(case: &str) {
         args.push(a.as_str().expect("string arg").to_owned());
     }
     args.extend(["--device".into(), test_device()]);
+    args.extend(extra.iter().map(|a| a.to_string()));
     let arg_refs: Vec<&dyn AsRef<std::ffi::OsStr>> = args.iter().map(|a| a as _).collect();
     assert_ok(&vit_msn(&arg_refs), &format!("{case}: compile"));
     let tol = spec["tolerance"].as_f64().expect("tolerance");
