@@ -476,6 +476,56 @@ fn demo_runs_out_of_the_box() {
         assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
     }
     assert!(Path::new(&format!("{}-attention.png", out_dir.display())).is_file());
+
+    // The demo's checkpoint is a real Hugging Face folder: transformers loads
+    // it, and its logits on the demo photos are ours.
+    let model = format!("{}-model", out_dir.display());
+    let photo_dir = format!("{}-photos", out_dir.display());
+    let script = r#"
+import json, os, sys, torch
+from PIL import Image
+from transformers import ViTImageProcessor, ViTMSNForImageClassification
+model_dir, photo_dir = sys.argv[1], sys.argv[2]
+m = ViTMSNForImageClassification.from_pretrained(model_dir, attn_implementation="eager").eval()
+p = ViTImageProcessor(size={"height": 224, "width": 224}, resample=2, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+names = sorted(os.listdir(photo_dir))
+with torch.no_grad():
+    logits = m(**p([Image.open(os.path.join(photo_dir, n)).convert("RGB") for n in names], return_tensors="pt")).logits
+print(json.dumps({"names": names, "logits": logits.tolist()}))
+"#;
+    let py = std::process::Command::new(root().join(".venv/bin/python"))
+        .args(["-c", script, &model, &photo_dir])
+        .output()
+        .unwrap();
+    assert_ok(&py, "transformers on the demo model");
+    let reference: serde_json::Value = serde_json::from_str(&stdout(&py)).unwrap();
+    let ours = vit_msn(&[
+        &"run",
+        &"--bundle",
+        &out_dir,
+        &"--image",
+        &photo_dir,
+        &"--json",
+    ]);
+    assert_ok(&ours, "run on the demo photos");
+    let ours: serde_json::Value = serde_json::from_str(&stdout(&ours)).unwrap();
+    for (i, r) in ours["results"].as_array().unwrap().iter().enumerate() {
+        let got: Vec<f32> = r["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        let want: Vec<f32> = reference["logits"][i]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        let (diff, bound, ok) =
+            common::within(&Tensor::from_slice(&got), &Tensor::from_slice(&want), 1e-4);
+        assert!(ok, "demo photo {i}: logits differ by {diff} > {bound}");
+    }
     // A warm repeat reuses the bundle.
     let again = vit_msn(&[&"demo", &"--out", &out_dir]);
     assert_ok(&again, "demo again");

@@ -36,6 +36,11 @@ pub fn write_untrained_checkpoint(dir: &Path, config: &Value, seed: i64) -> Resu
     names.sort();
     let mut named = Vec::new();
     for name in names {
+        // transformers' classifier has no mask token; its backbone keeps one
+        // (loaded with use_mask_token=True).
+        if task == Task::Classification && name == "embeddings.mask_token" {
+            continue;
+        }
         let shape = variables[name].size();
         let randn = Tensor::randn(shape.as_slice(), (Kind::Float, Device::Cpu));
         let value = if name.contains("token") || name.contains("position_embeddings") {
@@ -55,9 +60,35 @@ pub fn write_untrained_checkpoint(dir: &Path, config: &Value, seed: i64) -> Resu
         named.push((saved_name, value));
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let weights = dir.join("model.safetensors");
-    Tensor::write_safetensors(&named, &weights)?;
+    write_hf_safetensors(&dir.join("model.safetensors"), &named)?;
     let text = serde_json::to_string_pretty(config).map_err(|e| Error::Invalid(e.to_string()))?;
     std::fs::write(dir.join("config.json"), text).map_err(|e| Error::io(dir, e))?;
     Ok(())
+}
+
+/// Writes f32 tensors as transformers saves them: with `{"format": "pt"}` in
+/// the header metadata, which `from_pretrained` requires.
+fn write_hf_safetensors(path: &Path, named: &[(String, Tensor)]) -> Result<(), Error> {
+    let mut buffers = Vec::with_capacity(named.len());
+    for (name, t) in named {
+        let t = t.to_kind(Kind::Float).contiguous();
+        let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+        let values = Vec::<f32>::try_from(t.flatten(0, -1))?;
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        buffers.push((name.clone(), shape, bytes));
+    }
+    let views = buffers
+        .iter()
+        .map(|(name, shape, bytes)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| Error::Weights(format!("{name}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let metadata = Some(std::collections::HashMap::from([(
+        "format".to_string(),
+        "pt".to_string(),
+    )]));
+    safetensors::serialize_to_file(views, &metadata, path)
+        .map_err(|e| Error::Weights(format!("{}: {e}", path.display())))
 }
