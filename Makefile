@@ -13,7 +13,7 @@ IMAGE_PIP_PACKAGES := pillow==13.0.0 scikit-image==0.26.0
 PIP_PACKAGES := torch==2.13.0 transformers==4.46.3 safetensors==0.8.0 numpy $(IMAGE_PIP_PACKAGES)
 IMAGE_FIXTURES := tests/fixtures/generated-images
 
-.PHONY: libtorch demo test fixtures bench side-by-side gpu-check clean
+.PHONY: libtorch demo test fixtures bench side-by-side soak gpu-check clean
 
 libtorch: $(BOOTSTRAP)
 
@@ -51,6 +51,10 @@ test: libtorch fixtures
 
 bench: libtorch
 	cargo bench --bench forward
+
+# 2,000 forward passes in one process; fails if RSS grows over 5% after warm-up.
+soak: libtorch fixtures
+	cargo test --release --test soak -- --ignored --nocapture
 
 # Every stack on the same weights in one run (needs onnxruntime and onnx, installed here on demand).
 side-by-side: libtorch

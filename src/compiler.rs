@@ -7,7 +7,7 @@ use std::path::Path;
 use crate::bundle::sha256_hex;
 use crate::device;
 use crate::error::{Error, Result};
-use crate::fsutil::{replace_dir, sibling_tmp, write_atomic};
+use crate::fsutil::{remove_stale_siblings, replace_dir, sibling_tmp, write_atomic};
 use crate::image::Preprocessing;
 use crate::manifest::{
     ArtifactEntry, FileDigest, Manifest, ModelInfo, Source, TensorSpec, FORMAT_VERSION,
@@ -25,8 +25,8 @@ pub fn compile_bundle(model_dir: &Path, out: &Path, opts: &CompileOptions) -> Re
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     }
+    remove_stale_siblings(out);
     let staged = sibling_tmp(out);
-    let _ = std::fs::remove_dir_all(&staged);
     std::fs::create_dir_all(&staged).map_err(|e| Error::io(&staged, e))?;
     let result = build_bundle(model_dir, &staged, opts)
         .and_then(|manifest| replace_dir(&staged, out).map(|()| manifest));

@@ -47,3 +47,29 @@ pub fn replace_dir(staged: &Path, target: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// Removes what interrupted writes of `target` left beside it (the staged
+/// `.NAME.tmp-PID` files and folders of processes that were killed).
+pub fn remove_stale_siblings(target: &Path) {
+    let Some(name) = target.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return;
+    };
+    let prefix = format!(".{name}.tmp-");
+    let parent = target
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            let path = entry.path();
+            let _ = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+        }
+    }
+}

@@ -1,0 +1,284 @@
+//! Bundles that users download or edit by hand: every broken one is a typed
+//! error naming the file, never a crash; outputs are never half-written.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use common::{compile_case, scratch, vit_msn};
+use tch::{Device, Kind, Tensor};
+use vit_msn::bundle::sha256_hex;
+use vit_msn::Bundle;
+
+/// A fresh copy of a small compiled bundle to break.
+fn bundle_copy(name: &str) -> PathBuf {
+    let src = compile_case("no_qkv_bias", "bundle-errors-src", &[]);
+    let dir = scratch(&format!("bundle-error-{name}")).join("bundle");
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+    }
+    dir
+}
+
+fn edit_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join("manifest.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(&path, v.to_string()).unwrap();
+}
+
+/// Replaces the artifact with `bytes` and updates its digest, as someone
+/// swapping a file by hand would.
+fn swap_artifact(dir: &Path, bytes: &[u8]) {
+    std::fs::write(dir.join("model_32x32.pt"), bytes).unwrap();
+    let digest = sha256_hex(bytes);
+    edit_manifest(dir, |v| v["artifacts"][0]["sha256"] = digest.into());
+}
+
+fn load_err(dir: &Path) -> String {
+    match Bundle::load(dir, Device::Cpu) {
+        Ok(_) => panic!("{} loaded", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn broken_bundles_are_refused_with_the_reason() {
+    let d = bundle_copy("missing-manifest");
+    std::fs::remove_file(d.join("manifest.json")).unwrap();
+    let e = load_err(&d);
+    assert!(
+        e.contains("manifest.json") && e.contains("No such file"),
+        "{e}"
+    );
+
+    let d = bundle_copy("invalid-manifest");
+    std::fs::write(d.join("manifest.json"), "{\"format_version\": 1, ").unwrap();
+    assert!(load_err(&d).contains("not valid JSON"));
+
+    let d = bundle_copy("missing-field");
+    edit_manifest(&d, |v| {
+        v.as_object_mut().unwrap().remove("artifacts");
+    });
+    assert!(load_err(&d).contains("invalid manifest: missing field `artifacts`"));
+
+    let d = bundle_copy("newer");
+    edit_manifest(&d, |v| v["format_version"] = 99.into());
+    assert!(load_err(&d).contains("format version 99 is newer than this program reads (1)"));
+
+    let d = bundle_copy("escape");
+    edit_manifest(&d, |v| {
+        v["artifacts"][0]["file"] = "../../etc/passwd".into()
+    });
+    assert!(load_err(&d).contains("is not a plain file name"));
+
+    let d = bundle_copy("missing-artifact");
+    std::fs::remove_file(d.join("model_32x32.pt")).unwrap();
+    let e = load_err(&d);
+    assert!(
+        e.contains("model_32x32.pt") && e.contains("No such file"),
+        "{e}"
+    );
+
+    let d = bundle_copy("garbage");
+    swap_artifact(&d, b"this is not TorchScript at all");
+    let e = load_err(&d);
+    assert!(e.contains("model_32x32.pt: cannot load TorchScript"), "{e}");
+
+    let d = bundle_copy("truncated");
+    let bytes = std::fs::read(d.join("model_32x32.pt")).unwrap();
+    swap_artifact(&d, &bytes[..bytes.len() / 3]);
+    assert!(load_err(&d).contains("model_32x32.pt: cannot load TorchScript"));
+
+    let d = bundle_copy("cuda");
+    edit_manifest(&d, |v| v["device"] = "cuda:0".into());
+    if !tch::Cuda::is_available() {
+        let e = load_err(&d);
+        assert!(
+            e.contains("compiled for cuda:0") && e.contains("no CUDA device"),
+            "{e}"
+        );
+    }
+
+    let d = bundle_copy("dtype");
+    edit_manifest(&d, |v| v["dtype"] = "f8".into());
+    assert!(load_err(&d).contains("unknown dtype `f8`"));
+}
+
+/// A TorchScript file whose forward takes only `pixel_values` (as
+/// `torch.jit.trace(model, pixel_values)` gives) does not match the manifest.
+#[test]
+fn wrong_forward_signature_is_refused() {
+    let d = bundle_copy("signature");
+    let other = d.parent().unwrap().join("one_input.pt");
+    let py = std::process::Command::new(common::root().join(".venv/bin/python"))
+        .arg("-c")
+        .arg(
+            "import sys, torch\n\
+             class M(torch.nn.Module):\n    def forward(self, pixel_values):\n        return pixel_values.mean()\n\
+             torch.jit.trace(M(), torch.zeros(1, 3, 32, 32)).save(sys.argv[1])",
+        )
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(
+        py.status.success(),
+        "{}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+    swap_artifact(&d, &std::fs::read(&other).unwrap());
+    let e = load_err(&d);
+    assert!(
+        e.contains("model_32x32.pt") && e.contains("warm-up run failed"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unwritable_output_fails_cleanly() {
+    let bundle = compile_case("no_qkv_bias", "bundle-errors-output", &[]);
+    let dir = scratch("bundle-errors-output-io");
+    let inputs = dir.join("in.safetensors");
+    let px = Tensor::randn([1, 3, 32, 32], (Kind::Float, Device::Cpu));
+    vit_msn::tensors::write_safetensors(&inputs, &[("pixel_values", &px)]).unwrap();
+    // A path under a regular file cannot be created, even by root.
+    let blocker = dir.join("not-a-dir");
+    std::fs::write(&blocker, "x").unwrap();
+    let out = vit_msn(&[
+        &"run",
+        &"--bundle",
+        &bundle,
+        &"--inputs",
+        &inputs,
+        &"--output",
+        &blocker.join("out.safetensors"),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("not-a-dir"), "{err}");
+    // An existing output is replaced whole or left as it was: never truncated.
+    let target = dir.join("out.safetensors");
+    std::fs::write(&target, "previous").unwrap();
+    let bad_inputs = dir.join("bad.safetensors");
+    std::fs::write(&bad_inputs, "garbage").unwrap();
+    let out = vit_msn(&[
+        &"run",
+        &"--bundle",
+        &bundle,
+        &"--inputs",
+        &bad_inputs,
+        &"--output",
+        &target,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "previous");
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        leftovers
+            .iter()
+            .all(|n| !n.to_string_lossy().contains(".tmp-")),
+        "{leftovers:?}"
+    );
+}
+
+/// 8 threads × 50 forward passes with different inputs on one bundle: every
+/// result is bitwise the result of the same input run alone.
+#[test]
+fn eight_threads_fifty_passes_bitwise() {
+    let bundle = Arc::new(
+        Bundle::load(
+            compile_case("sdpa", "bundle-errors-threads", &[]),
+            Device::Cpu,
+        )
+        .unwrap(),
+    );
+    tch::manual_seed(11);
+    let inputs: Vec<Tensor> = (0..8)
+        .map(|_| Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu)))
+        .collect();
+    let alone: Vec<Tensor> = inputs
+        .iter()
+        .map(|px| {
+            bundle
+                .forward(px, None, None)
+                .unwrap()
+                .last_hidden_state
+                .unwrap()
+        })
+        .collect();
+    let handles: Vec<_> = inputs
+        .iter()
+        .zip(alone)
+        .map(|(px, expected)| {
+            let (bundle, px) = (Arc::clone(&bundle), px.copy());
+            std::thread::spawn(move || {
+                for _ in 0..50 {
+                    let got = bundle
+                        .forward(&px, None, None)
+                        .unwrap()
+                        .last_hidden_state
+                        .unwrap();
+                    assert!(
+                        got.equal(&expected),
+                        "a result differs from the same input run alone"
+                    );
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+}
+
+/// Killing `compile` part-way leaves the old bundle (or the new, complete
+/// one), never a mix; the next compile clears the leftovers.
+#[test]
+fn interrupted_compile_leaves_the_old_bundle() {
+    let dir = scratch("bundle-errors-interrupt");
+    let target = dir.join("bundle");
+    let small = common::case_dir("base").join("model");
+    let big = common::case_dir("vit_msn_small").join("model");
+    common::assert_ok(
+        &vit_msn(&[&"compile", &"--model", &small, &"--out", &target]),
+        "first compile",
+    );
+    let old_manifest = std::fs::read_to_string(target.join("manifest.json")).unwrap();
+    for delay_ms in [50u64, 300, 800] {
+        let mut child = std::process::Command::new(common::bin())
+            .args(["compile", "--model"])
+            .arg(&big)
+            .arg("--out")
+            .arg(&target)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        let _ = child.wait();
+        let manifest = std::fs::read_to_string(target.join("manifest.json")).unwrap();
+        if manifest != old_manifest {
+            // The new bundle landed whole before the kill.
+            Bundle::load(&target, Device::Cpu).unwrap();
+            return;
+        }
+        Bundle::load(&target, Device::Cpu).unwrap();
+    }
+    // A later compile cleans up what the killed ones staged.
+    common::assert_ok(
+        &vit_msn(&[&"compile", &"--model", &small, &"--out", &target]),
+        "compile again",
+    );
+    let names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["bundle"], "leftovers: {names:?}");
+}
