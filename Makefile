@@ -13,7 +13,7 @@ IMAGE_PIP_PACKAGES := pillow==13.0.0 scikit-image==0.26.0
 PIP_PACKAGES := torch==2.13.0 transformers==4.46.3 safetensors==0.8.0 numpy $(IMAGE_PIP_PACKAGES)
 IMAGE_FIXTURES := tests/fixtures/generated-images
 
-.PHONY: libtorch demo test fixtures bench side-by-side soak gpu-check clean
+.PHONY: libtorch demo test fixtures bench side-by-side soak fuzz gpu-check clean
 
 libtorch: $(BOOTSTRAP)
 
@@ -55,6 +55,19 @@ bench: libtorch
 # 2,000 forward passes in one process; fails if RSS grows over 5% after warm-up.
 soak: libtorch fixtures
 	cargo test --release --test soak -- --ignored --nocapture
+
+# Each cargo-fuzz target (tests/fuzz) for FUZZ_SECONDS. cargo fuzz wants nightly
+# flags: RUSTC_BOOTSTRAP lets the stable toolchain take them; no sanitizer (the
+# targets are Rust over libtorch, and the point is panics and aborts).
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := manifest config safetensors masks image
+fuzz: libtorch
+	command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --version 0.13.2 --locked
+	cd tests/fuzz && for t in $(FUZZ_TARGETS); do \
+	  echo "==> fuzz $$t for $(FUZZ_SECONDS) s"; \
+	  LD_LIBRARY_PATH=$(CURDIR)/.libtorch/lib RUSTC_BOOTSTRAP=1 cargo fuzz run -s none --fuzz-dir . $$t -- \
+	    -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096 || exit 1; \
+	done
 
 # Every stack on the same weights in one run (needs onnxruntime and onnx, installed here on demand).
 side-by-side: libtorch

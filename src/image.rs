@@ -430,7 +430,9 @@ enum Base {
     Rgb,
 }
 
-fn decode_bytes(bytes: &[u8], path: &Path, num_channels: i64) -> Result<DecodedImage> {
+/// Decodes an image held in memory, as `load_image` does a file; `path` names
+/// it in errors.
+pub fn decode_bytes(bytes: &[u8], path: &Path, num_channels: i64) -> Result<DecodedImage> {
     if bytes.is_empty() {
         return Err(image_error(path, "file is empty, not an image"));
     }

@@ -86,12 +86,17 @@ impl Manifest {
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST_FILE);
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        Self::parse(&text, &path)
+    }
+
+    /// Parses and checks a manifest's text; `path` names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self> {
         let bad = |message: String| Error::Manifest {
             path: path.display().to_string(),
             message,
         };
         let value: Value =
-            serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+            serde_json::from_str(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
         // Check the version first, so a newer format gets the right message.
         match value.get("format_version").and_then(Value::as_u64) {
             None => return Err(bad("no `format_version`".into())),

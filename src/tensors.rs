@@ -11,7 +11,13 @@ use crate::fsutil::write_atomic_with;
 /// Every tensor of a safetensors file, on the CPU, in file order.
 pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let st = SafeTensors::deserialize(&bytes)
+    parse_safetensors(&bytes, path)
+}
+
+/// The tensors of safetensors bytes; `path` names them in errors. The header
+/// is validated (offsets, sizes, dtypes) before any tensor is built.
+pub fn parse_safetensors(bytes: &[u8], path: &Path) -> Result<Vec<(String, Tensor)>> {
+    let st = SafeTensors::deserialize(bytes)
         .map_err(|e| Error::file(path, format!("invalid safetensors: {e}")))?;
     let mut out = Vec::new();
     for (name, view) in st.iter() {

@@ -150,7 +150,7 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>, Error> {
         .collect()
 }
 
-fn read_safetensors(path: &Path, bytes: &[u8]) -> Result<Vec<(String, Tensor)>, Error> {
+pub fn read_safetensors(path: &Path, bytes: &[u8]) -> Result<Vec<(String, Tensor)>, Error> {
     let st = SafeTensors::deserialize(bytes)
         .map_err(|e| Error::Weights(format!("{}: invalid safetensors: {e}", path.display())))?;
     let mut out = Vec::new();
