@@ -8,7 +8,8 @@ use tch::{CModule, Device, IValue, Kind, Tensor};
 
 use crate::device::{check_available, device_name, parse_dtype};
 use crate::error::{Error, Result};
-use crate::manifest::{ArtifactEntry, Manifest};
+use crate::fsutil::{remove_stale_siblings, replace_dir, sibling_tmp};
+use crate::manifest::{ArtifactEntry, Manifest, TensorSpec, MANIFEST_FILE};
 
 /// A bundle loaded on one device: one TorchScript module per resolution.
 /// `Send + Sync`: share it across threads with `Arc`.
@@ -282,31 +283,7 @@ impl Bundle {
     }
 
     fn collect_outputs(&self, entry: &ArtifactEntry, result: IValue) -> Result<Output> {
-        let mut named: Vec<(String, Tensor)> = match result {
-            IValue::GenericDict(items) => items
-                .into_iter()
-                .filter_map(|(k, v)| match (k, v) {
-                    (IValue::String(k), IValue::Tensor(t)) => Some((k, t)),
-                    _ => None,
-                })
-                .collect(),
-            IValue::Tuple(items) | IValue::GenericList(items) => entry
-                .outputs
-                .iter()
-                .zip(items)
-                .filter_map(|(spec, v)| match v {
-                    IValue::Tensor(t) => Some((spec.name.clone(), t)),
-                    _ => None,
-                })
-                .collect(),
-            IValue::Tensor(t) => entry
-                .outputs
-                .first()
-                .map(|s| (s.name.clone(), t))
-                .into_iter()
-                .collect(),
-            _ => Vec::new(),
-        };
+        let mut named = outputs_by_name(&entry.outputs, result);
         let mut take = |name: &str| {
             named.iter().position(|(n, _)| n == name).map(|i| {
                 named
@@ -340,7 +317,148 @@ impl Bundle {
     }
 }
 
-/// libtorch messages carry a C++ backtrace after the first line.
+/// A forward's result as named tensors: a dict by its keys; a tuple, list or
+/// single tensor by the manifest's output order.
+pub fn outputs_by_name(specs: &[TensorSpec], result: IValue) -> Vec<(String, Tensor)> {
+    match result {
+        IValue::GenericDict(items) => items
+            .into_iter()
+            .filter_map(|(k, v)| match (k, v) {
+                (IValue::String(k), IValue::Tensor(t)) => Some((k, t)),
+                _ => None,
+            })
+            .collect(),
+        IValue::Tuple(items) | IValue::GenericList(items) => specs
+            .iter()
+            .zip(items)
+            .filter_map(|(spec, v)| match v {
+                IValue::Tensor(t) => Some((spec.name.clone(), t)),
+                _ => None,
+            })
+            .collect(),
+        IValue::Tensor(t) => specs
+            .first()
+            .map(|s| (s.name.clone(), t))
+            .into_iter()
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Swaps the artifact compiled for `height`×`width` for `new_artifact`, after
+/// checking that the new file loads, accepts the bundle's inputs and returns
+/// the manifest's outputs at their shapes (a probe run at batch 2). The
+/// bundle is rewritten whole beside itself and renamed into place; on any
+/// refusal it is left untouched.
+pub fn replace_artifact(dir: &Path, height: i64, width: i64, new_artifact: &Path) -> Result<()> {
+    let mut manifest = Manifest::read(dir)?;
+    let index = manifest
+        .artifacts
+        .iter()
+        .position(|a| a.height == height && a.width == width)
+        .ok_or_else(|| {
+            Error::input(
+                "resolution",
+                format!(
+                    "{height}x{width} is not in the bundle, which has {}",
+                    manifest.resolutions().join(", ")
+                ),
+            )
+        })?;
+    let bytes = std::fs::read(new_artifact).map_err(|e| Error::io(new_artifact, e))?;
+    let refuse = |m: String| Error::Artifact {
+        path: new_artifact.display().to_string(),
+        message: m,
+    };
+    let module = CModule::load_data_on_device(&mut Cursor::new(&bytes), Device::Cpu)
+        .map_err(|e| refuse(format!("does not load: {}", first_line(&e.to_string()))))?;
+    let entry = &manifest.artifacts[index];
+    let kind = parse_dtype(&manifest.dtype)?;
+    let batch = 2;
+    let probe: Vec<IValue> = entry
+        .inputs
+        .iter()
+        .map(|spec| {
+            let shape: Vec<i64> = spec
+                .shape
+                .iter()
+                .map(|&d| if d < 0 { batch } else { d })
+                .collect();
+            IValue::Tensor(match spec.name.as_str() {
+                "bool_masked_pos" => Tensor::zeros(shape.as_slice(), (Kind::Bool, Device::Cpu)),
+                "head_mask" => Tensor::ones(shape.as_slice(), (kind, Device::Cpu)),
+                _ => Tensor::zeros(shape.as_slice(), (kind, Device::Cpu)),
+            })
+        })
+        .collect();
+    let result = tch::no_grad(|| module.forward_is(&probe)).map_err(|e| {
+        refuse(format!(
+            "its forward does not accept the bundle's inputs: {}",
+            first_line(&e.to_string())
+        ))
+    })?;
+    let named = outputs_by_name(&entry.outputs, result);
+    for spec in &entry.outputs {
+        let want: Vec<i64> = spec
+            .shape
+            .iter()
+            .map(|&d| if d < 0 { batch } else { d })
+            .collect();
+        match named.iter().find(|(n, _)| *n == spec.name) {
+            None => return Err(refuse(format!("returns no `{}`", spec.name))),
+            Some((_, t)) if t.size() != want => {
+                return Err(refuse(format!(
+                    "returns `{}` of shape {:?} at batch {batch}; the manifest says {want:?}",
+                    spec.name,
+                    t.size()
+                )))
+            }
+            Some(_) => {}
+        }
+    }
+    // Stage the whole bundle beside it: other files as hard links (or copies).
+    remove_stale_siblings(dir);
+    let staged = sibling_tmp(dir);
+    std::fs::create_dir_all(&staged).map_err(|e| Error::io(&staged, e))?;
+    let result = (|| {
+        for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+            let e = e.map_err(|e| Error::io(dir, e))?;
+            let name = e.file_name();
+            if name == MANIFEST_FILE || name.to_string_lossy() == manifest.artifacts[index].file {
+                continue;
+            }
+            let to = staged.join(&name);
+            if std::fs::hard_link(e.path(), &to).is_err() {
+                std::fs::copy(e.path(), &to).map_err(|err| Error::io(&to, err))?;
+            }
+        }
+        let file = &manifest.artifacts[index].file;
+        std::fs::write(staged.join(file), &bytes).map_err(|e| Error::io(&staged.join(file), e))?;
+        manifest.artifacts[index].sha256 = sha256_hex(&bytes);
+        let text =
+            serde_json::to_string_pretty(&manifest).map_err(|e| Error::file(dir, e.to_string()))?;
+        std::fs::write(staged.join(MANIFEST_FILE), text).map_err(|e| Error::io(&staged, e))?;
+        replace_dir(&staged, dir)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&staged);
+    }
+    result
+}
+
+/// libtorch messages carry a C++ backtrace after the first line; errors
+/// raised inside a TorchScript graph put the cause on a later
+/// `RuntimeError: ...` line instead, which is the one worth showing.
 pub fn first_line(message: &str) -> String {
-    message.lines().next().unwrap_or("").to_owned()
+    let first = message.lines().next().unwrap_or("");
+    if first.contains("failed in the TorchScript interpreter") {
+        if let Some(cause) = message
+            .lines()
+            .rev()
+            .find_map(|l| l.trim().strip_prefix("RuntimeError: "))
+        {
+            return format!("in the TorchScript graph: {cause}");
+        }
+    }
+    first.to_owned()
 }

@@ -14,6 +14,7 @@
 //! `default-features = false` to leave the compiler out.
 
 pub mod attention;
+pub mod bare;
 pub mod bench;
 pub mod bundle;
 #[cfg(feature = "compiler")]

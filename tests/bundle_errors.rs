@@ -13,7 +13,7 @@ use vit_msn::Bundle;
 
 /// A fresh copy of a small compiled bundle to break.
 fn bundle_copy(name: &str) -> PathBuf {
-    let src = compile_case("no_qkv_bias", "bundle-errors-src", &[]);
+    let src = compile_case("no_qkv_bias", &format!("bundle-errors-src-{name}"), &[]);
     let dir = scratch(&format!("bundle-error-{name}")).join("bundle");
     std::fs::create_dir_all(&dir).unwrap();
     for e in std::fs::read_dir(&src).unwrap() {

@@ -8,9 +8,10 @@ use common::{case_dir, scratch, vit_msn};
 use tch::{Device, Kind, Tensor};
 use vit_msn::{Bundle, Error};
 
-fn compile(case: &str, extra: &[&str]) -> std::path::PathBuf {
-    let name = format!("runtime-{case}-{}", extra.join("_").replace([',', '-'], ""));
-    common::compile_case(case, &name, extra)
+/// Compiles into a scratch folder of the calling test's own (`test`), so
+/// tests running in parallel never share one.
+fn compile(test: &str, case: &str, extra: &[&str]) -> std::path::PathBuf {
+    common::compile_case(case, &format!("runtime-{test}"), extra)
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -22,7 +23,7 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
 #[test]
 fn batch_is_dynamic_and_samples_are_independent() {
     let bundle = Bundle::load(
-        compile("base", &["--outputs", "hidden_states,attentions"]),
+        compile("batch", "base", &["--outputs", "hidden_states,attentions"]),
         Device::Cpu,
     )
     .unwrap();
@@ -51,7 +52,7 @@ fn batch_is_dynamic_and_samples_are_independent() {
 /// A (heads,) head mask is the same as that row repeated for every layer.
 #[test]
 fn head_mask_of_either_shape() {
-    let bundle = Bundle::load(compile("sdpa", &[]), Device::Cpu).unwrap();
+    let bundle = Bundle::load(compile("head-mask", "sdpa", &[]), Device::Cpu).unwrap();
     let px = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
     let row = Tensor::from_slice(&[1.0f32, 0.0, 0.5, 0.25]);
     let a = bundle
@@ -75,8 +76,11 @@ fn head_mask_of_either_shape() {
 
 #[test]
 fn bad_inputs_are_typed_errors() {
-    let bundle =
-        Bundle::load(compile("base", &["--resolutions", "32,48x40"]), Device::Cpu).unwrap();
+    let bundle = Bundle::load(
+        compile("bad-inputs", "base", &["--resolutions", "32,48x40"]),
+        Device::Cpu,
+    )
+    .unwrap();
     let f = (Kind::Float, Device::Cpu);
     let px = Tensor::randn([2, 3, 32, 32], f);
     let input_err = |r: Result<vit_msn::Output, Error>| match r {
@@ -113,7 +117,7 @@ fn bad_inputs_are_typed_errors() {
 
 #[test]
 fn tampered_artifact_is_refused() {
-    let bundle = compile("no_qkv_bias", &[]);
+    let bundle = compile("tampered", "no_qkv_bias", &[]);
     let pt = bundle.join("model_32x32.pt");
     let mut bytes = std::fs::read(&pt).unwrap();
     let n = bytes.len();
@@ -152,7 +156,7 @@ fn cuda_where_none_exists_is_an_error() {
 /// The bundle is `Send + Sync`: one loaded bundle serves many threads.
 #[test]
 fn shared_across_threads() {
-    let bundle = Arc::new(Bundle::load(compile("sdpa", &[]), Device::Cpu).unwrap());
+    let bundle = Arc::new(Bundle::load(compile("threads", "sdpa", &[]), Device::Cpu).unwrap());
     let px = Tensor::randn([1, 3, 32, 32], (Kind::Float, Device::Cpu));
     let alone = bundle
         .forward(&px, None, None)

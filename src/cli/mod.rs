@@ -2,6 +2,7 @@
 
 mod attention;
 mod bench;
+mod bundle;
 mod compile;
 mod demo;
 mod run;
@@ -34,6 +35,7 @@ enum Command {
     Attention(attention::AttentionArgs),
     Demo(demo::DemoArgs),
     Bench(bench::BenchArgs),
+    Bundle(bundle::BundleArgs),
 }
 
 pub fn dispatch(cli: Cli) -> CliResult {
@@ -51,5 +53,6 @@ pub fn dispatch(cli: Cli) -> CliResult {
         Command::Attention(a) => attention::attention(a),
         Command::Demo(a) => demo::demo(a),
         Command::Bench(a) => bench::bench(a),
+        Command::Bundle(a) => bundle::bundle(a),
     }
 }

@@ -4,7 +4,8 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use serde_json::json;
 use tch::{Kind, Tensor};
-use vit_msn::image::preprocess_path;
+use vit_msn::bare::{read_labels, BareArtifact, Primary};
+use vit_msn::image::{preprocess_path, Preprocessing};
 use vit_msn::inputs::{collect_images, parse_head_mask, random_mask, write_npy};
 use vit_msn::tensors::{read_safetensors, write_safetensors};
 use vit_msn::{loss::loss, parse_device, Bundle, Error};
@@ -35,8 +36,22 @@ Examples:
 )]
 pub struct RunArgs {
     /// Bundle folder.
-    #[arg(long)]
-    bundle: PathBuf,
+    #[arg(
+        long,
+        required_unless_present = "artifact",
+        conflicts_with = "artifact"
+    )]
+    bundle: Option<PathBuf>,
+    /// A bare TorchScript file instead of a bundle: forward(pixel_values) or
+    /// vit-msn's three inputs, returning a tensor, tuple or dict (see README).
+    #[arg(long, conflicts_with = "inputs")]
+    artifact: Option<PathBuf>,
+    /// Class names for --artifact: a JSON list, an {"0": name} map, or a config with id2label.
+    #[arg(long, requires = "artifact")]
+    labels: Option<PathBuf>,
+    /// A Hugging Face folder giving --artifact its labels and preprocessing.
+    #[arg(long, requires = "artifact")]
+    model: Option<PathBuf>,
     /// Image files or folders.
     #[arg(long, num_args = 1.., conflicts_with = "inputs")]
     image: Vec<PathBuf>,
@@ -85,7 +100,8 @@ pub fn run(a: RunArgs) -> CliResult {
     let device = parse_device(&a.device)?;
     if let Some(inputs) = &a.inputs {
         let output = a.output.as_ref().ok_or("--inputs needs --output")?;
-        let bundle = Bundle::load(&a.bundle, device)?;
+        let dir = a.bundle.as_ref().ok_or("--inputs needs --bundle")?;
+        let bundle = Bundle::load(dir, device)?;
         return run_tensors(&bundle, inputs, output);
     }
     if a.image.is_empty() {
@@ -98,8 +114,118 @@ pub fn run(a: RunArgs) -> CliResult {
         return Err("--batch-size must be at least 1".into());
     }
     let images = collect_images(&a.image)?;
-    let bundle = Bundle::load(&a.bundle, device)?;
-    run_images(&bundle, &images, &a)
+    match (&a.bundle, &a.artifact) {
+        (Some(dir), _) => {
+            let bundle = Bundle::load(dir, device)?;
+            let target = Target::bundle(&bundle)?;
+            run_images(&target, &images, &a)
+        }
+        (None, Some(file)) => {
+            if !matches!(device, tch::Device::Cpu) {
+                return Err("--artifact runs on the CPU; compile a bundle for CUDA".into());
+            }
+            let bare = BareArtifact::load(file)?;
+            let target = Target::bare(&bare, &a)?;
+            run_images(&target, &images, &a)
+        }
+        (None, None) => Err("give --bundle DIR or --artifact FILE.pt".into()),
+    }
+}
+
+type Forward<'a> = Box<
+    dyn Fn(
+            &Tensor,
+            Option<&Tensor>,
+            Option<&Tensor>,
+        ) -> Result<(Option<Tensor>, Option<Tensor>), Box<dyn std::error::Error>>
+        + 'a,
+>;
+
+/// What `run --image` needs of a bundle or a bare artifact.
+struct Target<'a> {
+    labels: Vec<String>,
+    preprocessing: Preprocessing,
+    channels: i64,
+    patch_size: Option<i64>,
+    /// (layers, heads), where known.
+    heads: Option<(i64, i64)>,
+    classifier: Option<bool>,
+    /// (logits, last_hidden_state) of a batch.
+    forward: Forward<'a>,
+}
+
+impl<'a> Target<'a> {
+    fn bundle(bundle: &'a Bundle) -> Result<Self, Box<dyn std::error::Error>> {
+        let m = bundle.manifest();
+        Ok(Target {
+            labels: m.model.labels.clone(),
+            preprocessing: m.preprocessing()?,
+            channels: m.model.num_channels,
+            patch_size: Some(m.model.patch_size),
+            heads: Some((m.model.num_hidden_layers, m.model.num_attention_heads)),
+            classifier: Some(m.is_classifier()),
+            forward: Box::new(move |px, mask, hm| {
+                let out = bundle.forward(px, mask, hm)?;
+                Ok((out.logits, out.last_hidden_state))
+            }),
+        })
+    }
+
+    fn bare(bare: &'a BareArtifact, a: &RunArgs) -> Result<Self, Box<dyn std::error::Error>> {
+        let config = match &a.model {
+            Some(dir) => Some(read_json(&dir.join("config.json"))?),
+            None => None,
+        };
+        let labels = match (&a.labels, &a.model) {
+            (Some(file), _) => read_labels(file)?,
+            (None, Some(dir)) => read_labels(&dir.join("config.json"))?,
+            (None, None) => Vec::new(),
+        };
+        let int = |key: &str| {
+            config
+                .as_ref()
+                .and_then(|c| c.get(key))
+                .and_then(|v| v.as_i64())
+        };
+        let image_size = int("image_size").unwrap_or(224);
+        let preprocessing = match a
+            .model
+            .as_ref()
+            .map(|d| d.join("preprocessor_config.json"))
+            .filter(|p| p.is_file())
+        {
+            Some(p) => Preprocessing::from_json(&read_json(&p)?)?,
+            None => Preprocessing {
+                height: image_size as u32,
+                width: image_size as u32,
+                ..Preprocessing::vit_msn_default()
+            },
+        };
+        let heads = match (int("num_hidden_layers"), int("num_attention_heads")) {
+            (Some(l), Some(h)) => Some((l, h)),
+            _ => None,
+        };
+        Ok(Target {
+            labels,
+            preprocessing,
+            channels: int("num_channels").unwrap_or(3),
+            patch_size: int("patch_size"),
+            heads,
+            classifier: None,
+            forward: Box::new(move |px, mask, hm| {
+                Ok(match bare.forward(px, mask, hm)? {
+                    Primary::Logits(t) => (Some(t), None),
+                    Primary::LastHiddenState(t) => (None, Some(t)),
+                })
+            }),
+        })
+    }
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    Ok(serde_json::from_str(&text)
+        .map_err(|e| Error::file(path, format!("not valid JSON: {e}")))?)
 }
 
 fn run_tensors(bundle: &Bundle, inputs: &Path, output: &Path) -> CliResult {
@@ -123,16 +249,14 @@ fn run_tensors(bundle: &Bundle, inputs: &Path, output: &Path) -> CliResult {
 }
 
 fn head_mask_of(
-    bundle: &Bundle,
+    target: &Target,
     a: &RunArgs,
 ) -> Result<Option<Tensor>, Box<dyn std::error::Error>> {
-    let m = &bundle.manifest().model;
     if let Some(spec) = &a.head_mask {
-        return Ok(Some(parse_head_mask(
-            spec,
-            m.num_hidden_layers,
-            m.num_attention_heads,
-        )?));
+        let (layers, heads) = target
+            .heads
+            .ok_or("--head-mask needs the layer and head counts: give --model with the artifact")?;
+        return Ok(Some(parse_head_mask(spec, layers, heads)?));
     }
     if let Some(file) = &a.head_mask_file {
         return Ok(Some(single_tensor(file, "head_mask")?));
@@ -152,22 +276,23 @@ fn single_tensor(file: &Path, name: &str) -> Result<Tensor, Box<dyn std::error::
     }
 }
 
-fn run_images(bundle: &Bundle, images: &[PathBuf], a: &RunArgs) -> CliResult {
-    let manifest = bundle.manifest();
-    let mut pp = manifest.preprocessing()?;
+fn run_images(target: &Target, images: &[PathBuf], a: &RunArgs) -> CliResult {
+    let mut pp = target.preprocessing.clone();
     if let Some(r) = &a.resolution {
         let (h, w) = vit_msn::manifest::parse_resolution(r)?;
         pp.height = h as u32;
         pp.width = w as u32;
     }
     let (h, w) = (pp.height as i64, pp.width as i64);
-    let patches = (h / manifest.model.patch_size) * (w / manifest.model.patch_size);
-    let head_mask = head_mask_of(bundle, a)?;
+    let patches = target.patch_size.map(|p| (h / p) * (w / p));
+    let need_patches =
+        || patches.ok_or("masking needs the patch size: give --model with the artifact");
+    let head_mask = head_mask_of(target, a)?;
     let file_mask = match &a.mask_file {
         Some(f) => Some(single_tensor(f, "bool_masked_pos")?),
         None => None,
     };
-    if a.embeddings.is_some() && manifest.is_classifier() {
+    if a.embeddings.is_some() && target.classifier == Some(true) {
         return Err("--embeddings needs a backbone bundle (this one is a classifier)".into());
     }
     let progress = progress_bar(images.len() as u64, a.json);
@@ -178,7 +303,7 @@ fn run_images(bundle: &Bundle, images: &[PathBuf], a: &RunArgs) -> CliResult {
         let pixel_values = Tensor::stack(
             &chunk
                 .iter()
-                .map(|p| preprocess_path(p, &pp, manifest.model.num_channels))
+                .map(|p| preprocess_path(p, &pp, target.channels))
                 .collect::<Result<Vec<_>, _>>()?,
             0,
         );
@@ -192,7 +317,7 @@ fn run_images(bundle: &Bundle, images: &[PathBuf], a: &RunArgs) -> CliResult {
                 return Err(Error::input(
                     "bool_masked_pos",
                     format!(
-                        "--mask-file holds shape {:?}; expected [{patches}] or [{}, {patches}]",
+                        "--mask-file holds shape {:?}; expected [patches] or [{}, patches]",
                         m.size(),
                         images.len()
                     ),
@@ -201,7 +326,7 @@ fn run_images(bundle: &Bundle, images: &[PathBuf], a: &RunArgs) -> CliResult {
             }
             // One draw over all images, so results do not depend on --batch-size.
             (None, Some(ratio)) => Some(
-                random_mask(images.len() as i64, patches, ratio, a.seed)?.narrow(
+                random_mask(images.len() as i64, need_patches()?, ratio, a.seed)?.narrow(
                     0,
                     start as i64,
                     n,
@@ -209,13 +334,15 @@ fn run_images(bundle: &Bundle, images: &[PathBuf], a: &RunArgs) -> CliResult {
             ),
             (None, None) => None,
         };
-        let out = bundle.forward(&pixel_values, mask.as_ref(), head_mask.as_ref())?;
+        let (logits, last_hidden_state) =
+            (target.forward)(&pixel_values, mask.as_ref(), head_mask.as_ref())?;
+        if a.embeddings.is_some() && logits.is_some() {
+            return Err("--embeddings needs a backbone (this model returns logits)".into());
+        }
         for (i, path) in chunk.iter().enumerate() {
             let i = i as i64;
-            results.push(match (&out.logits, &out.last_hidden_state) {
-                (Some(logits), _) => {
-                    classify(path, &logits.get(i), &manifest.model.labels, a.top_k)
-                }
+            results.push(match (&logits, &last_hidden_state) {
+                (Some(logits), _) => classify(path, &logits.get(i), &target.labels, a.top_k),
                 (None, Some(lhs)) => {
                     let cls = lhs.get(i).get(0);
                     embeddings.push(cls.shallow_clone());
@@ -236,7 +363,9 @@ fn run_images(bundle: &Bundle, images: &[PathBuf], a: &RunArgs) -> CliResult {
     if a.json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&json!({ "bundle": a.bundle, "results": results }))?
+            serde_json::to_string_pretty(
+                &json!({ "bundle": a.bundle, "artifact": a.artifact, "results": results })
+            )?
         );
     } else {
         for r in &results {

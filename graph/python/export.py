@@ -1,0 +1,193 @@
+"""Exports a transformers ViT-MSN folder (fine-tuned or not, backbone or
+classifier) to a vit-msn bundle with torch.jit.trace: the same inputs,
+outputs, manifest and layout as `vit-msn compile` writes, so the Rust runtime,
+`vit-msn run` and C++ programs use either interchangeably.
+
+    python graph/python/export.py --model HF_DIR --out BUNDLE_DIR
+        [--resolutions 224,384,160x192] [--outputs hidden_states,attentions]
+        [--dtype f32|f16|bf16] [--task backbone|classification]
+
+Each artifact: forward(pixel_values, bool_masked_pos, head_mask) -> Dict[str, Tensor]
+with `last_hidden_state` or `logits`, then any requested outputs.
+"""
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+import torch
+from transformers import ViTMSNConfig, ViTMSNForImageClassification, ViTMSNModel
+
+FORMAT_VERSION = 1
+DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_PREPROCESSING = {
+    "do_resize": True, "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+    "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
+    "image_processor_type": "ViTImageProcessor",
+}
+
+
+class Artifact(torch.nn.Module):
+    """The model behind the bundle's fixed signature."""
+
+    def __init__(self, model, classifier, interpolate, hidden, attentions):
+        super().__init__()
+        self.model = model
+        self.classifier = classifier
+        self.interpolate = interpolate
+        self.hidden = hidden
+        self.attentions = attentions
+
+    def forward(self, pixel_values, bool_masked_pos, head_mask):
+        vit = self.model.vit if self.classifier else self.model
+        out = vit(pixel_values, bool_masked_pos=bool_masked_pos, head_mask=head_mask,
+                  interpolate_pos_encoding=self.interpolate, output_hidden_states=self.hidden,
+                  output_attentions=self.attentions, return_dict=True)
+        result = {}
+        if self.classifier:
+            result["logits"] = self.model.classifier(out.last_hidden_state[:, 0, :])
+        else:
+            result["last_hidden_state"] = out.last_hidden_state
+        if self.hidden:
+            result["hidden_states"] = torch.stack(out.hidden_states)
+        if self.attentions:
+            result["attentions"] = torch.stack(out.attentions)
+        return result
+
+
+def parse_resolution(s):
+    h, _, w = s.strip().lower().partition("x")
+    h, w = int(h), int(w or h)
+    if h <= 0 or w <= 0:
+        raise ValueError(f"resolution `{s}` is not N or HxW")
+    return h, w
+
+
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def export(model_dir, out, resolutions, outputs, dtype_name, task):
+    with open(os.path.join(model_dir, "config.json")) as f:
+        raw_config = json.load(f)
+    config = ViTMSNConfig.from_pretrained(model_dir)
+    if task is None:
+        archs = raw_config.get("architectures") or []
+        task = "classification" if "ViTMSNForImageClassification" in archs else "backbone"
+    classifier = task == "classification"
+    cls = ViTMSNForImageClassification if classifier else ViTMSNModel
+    kwargs = {} if classifier else {"use_mask_token": True}
+    model = cls.from_pretrained(model_dir, attn_implementation="eager", **kwargs).eval()
+    vit = model.vit if classifier else model
+    if vit.embeddings.mask_token is None:
+        # As `vit-msn compile` does for a checkpoint without one.
+        vit.embeddings.mask_token = torch.nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+    dtype = DTYPES[dtype_name]
+    model = model.to(dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    hidden, attentions = "hidden_states" in outputs, "attentions" in outputs
+    resolutions = resolutions or [(config.image_size, config.image_size)]
+    layers, heads, d = config.num_hidden_layers, config.num_attention_heads, config.hidden_size
+    labels = [config.id2label[i] for i in range(config.num_labels)] if classifier else []
+    pre_path = os.path.join(model_dir, "preprocessor_config.json")
+    if os.path.exists(pre_path):
+        with open(pre_path) as f:
+            preprocessing = json.load(f)
+    else:
+        preprocessing = dict(DEFAULT_PREPROCESSING, size={"height": config.image_size, "width": config.image_size})
+
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    staged = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    try:
+        artifacts = []
+        for h, w in resolutions:
+            patches = (h // config.patch_size) * (w // config.patch_size)
+            tokens = patches + 1
+            interpolate = (h, w) != (config.image_size, config.image_size)
+            name = dtype_name
+            inputs = [
+                {"name": "pixel_values", "dtype": name, "shape": [-1, config.num_channels, h, w]},
+                {"name": "bool_masked_pos", "dtype": "bool", "shape": [-1, patches]},
+                {"name": "head_mask", "dtype": name, "shape": [layers, heads]},
+            ]
+            outs = [{"name": "logits", "dtype": name, "shape": [-1, config.num_labels]} if classifier else
+                    {"name": "last_hidden_state", "dtype": name, "shape": [-1, tokens, d]}]
+            if hidden:
+                outs.append({"name": "hidden_states", "dtype": name, "shape": [layers + 1, -1, tokens, d]})
+            if attentions:
+                outs.append({"name": "attentions", "dtype": name, "shape": [layers, -1, heads, tokens, tokens]})
+            example = (torch.randn(2, config.num_channels, h, w, dtype=dtype),
+                       torch.zeros(2, patches, dtype=torch.bool),
+                       torch.ones(layers, heads, dtype=dtype))
+            wrapper = Artifact(model, classifier, interpolate, hidden, attentions).eval()
+            with torch.no_grad():
+                traced = torch.jit.trace(wrapper, example, strict=False, check_trace=False)
+            file = f"model_{h}x{w}.pt"
+            description = {"producer": "vit-msn export.py", "task": task, "dtype": name, "device": "cpu",
+                           "height": h, "width": w, "inputs": inputs, "outputs": outs}
+            torch.jit.save(traced, os.path.join(staged, file), _extra_files={"vit_msn.json": json.dumps(description)})
+            artifacts.append({"height": h, "width": w, "file": file, "sha256": sha256(os.path.join(staged, file)),
+                              "inputs": inputs, "outputs": outs})
+        weights = [n for n in sorted(os.listdir(model_dir))
+                   if n.endswith((".safetensors", ".bin")) or n.endswith(".index.json")]
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "compiler": f"vit-msn export.py (torch {torch.__version__})",
+            "task": task,
+            "model": {"hidden_size": d, "num_hidden_layers": layers, "num_attention_heads": heads,
+                      "num_channels": config.num_channels, "patch_size": config.patch_size,
+                      "image_size": config.image_size, "labels": labels,
+                      "problem_type": raw_config.get("problem_type")},
+            "dtype": dtype_name,
+            "device": "cpu",
+            "preprocessing": preprocessing,
+            "artifacts": artifacts,
+            "source": {"weights": [{"file": n, "sha256": sha256(os.path.join(model_dir, n))} for n in weights],
+                       "unused_tensors": []},
+            "config": raw_config,
+        }
+        with open(os.path.join(staged, "manifest.json"), "w") as f:
+            json.dump(manifest, f, indent=2)
+        old = None
+        if os.path.exists(out):
+            old = staged + ".old"
+            os.rename(out, old)
+        os.rename(staged, out)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--resolutions", default="")
+    ap.add_argument("--outputs", default="")
+    ap.add_argument("--dtype", default="f32", choices=sorted(DTYPES))
+    ap.add_argument("--task", choices=["backbone", "classification"])
+    a = ap.parse_args()
+    try:
+        resolutions = [parse_resolution(r) for r in a.resolutions.split(",") if r.strip()]
+        outputs = {o.strip() for o in a.outputs.split(",") if o.strip()}
+        unknown = outputs - {"hidden_states", "attentions"}
+        if unknown:
+            raise ValueError(f"unknown output(s) {sorted(unknown)}")
+        export(a.model, a.out, resolutions, outputs, a.dtype, a.task)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {a.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
