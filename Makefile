@@ -13,7 +13,7 @@ IMAGE_PIP_PACKAGES := pillow==13.0.0 scikit-image==0.26.0
 PIP_PACKAGES := torch==2.13.0 transformers==4.46.3 safetensors==0.8.0 numpy $(IMAGE_PIP_PACKAGES)
 IMAGE_FIXTURES := tests/fixtures/generated-images
 
-.PHONY: libtorch demo test fixtures bench side-by-side soak fuzz gpu-check clean
+.PHONY: libtorch demo test fixtures bench side-by-side soak fuzz interop gpu-check clean
 
 libtorch: $(BOOTSTRAP)
 
@@ -47,6 +47,7 @@ fixtures: $(FIXTURES)/COMPLETE $(IMAGE_FIXTURES)/COMPLETE
 # The last line sums up every test binary's results: "test: N passed, N failed".
 test: libtorch fixtures
 	mkdir -p target; set -o pipefail; cargo test --workspace 2>&1 | tee target/test.log
+	$(MAKE) interop
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "test: %d passed, %d failed\n", p, f }' target/test.log
 
 bench: libtorch
@@ -68,6 +69,13 @@ fuzz: libtorch
 	  LD_LIBRARY_PATH=$(CURDIR)/.libtorch/lib RUSTC_BOOTSTRAP=1 cargo fuzz run -s none --fuzz-dir . $$t -- \
 	    -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096 || exit 1; \
 	done
+
+# The C++ consumer (examples/cpp) built with CMake against the wheel's libtorch,
+# compared with the Rust runtime and transformers. Installs cmake if missing.
+interop: libtorch fixtures
+	command -v cmake >/dev/null || (apt-get update && apt-get install -y cmake)
+	cargo build
+	bash examples/cpp/check.sh
 
 # Every stack on the same weights in one run (needs onnxruntime and onnx, installed here on demand).
 side-by-side: libtorch
