@@ -189,16 +189,8 @@ impl Bundle {
                 format!("expected {c} channel(s), found {}", size[1]),
             ));
         }
-        let all_finite = pixel_values
-            .isfinite()
-            .all()
-            .f_int64_value(&[])
-            .unwrap_or(0)
-            == 1;
-        if !all_finite {
-            return Err(Error::input(name, "contains NaN or infinite values"));
-        }
-        self.artifacts
+        let found = self
+            .artifacts
             .iter()
             .find(|(e, _)| e.height == size[2] && e.width == size[3])
             .ok_or_else(|| {
@@ -211,7 +203,67 @@ impl Bundle {
                         self.manifest.resolutions().join(", ")
                     ),
                 )
-            })
+            })?;
+        // Before touching the values: a batch that cannot fit fails here, cleanly.
+        self.check_memory(&found.0, size[0])?;
+        let all_finite = pixel_values
+            .isfinite()
+            .all()
+            .f_int64_value(&[])
+            .unwrap_or(0)
+            == 1;
+        if !all_finite {
+            return Err(Error::input(name, "contains NaN or infinite values"));
+        }
+        Ok(found)
+    }
+
+    /// A rough peak working set of one sample through `entry`, in bytes: the
+    /// input and its cast, one layer's activations (q/k/v, MLP, residuals,
+    /// attention scores) and every output with its f32 copy.
+    fn bytes_per_sample(&self, entry: &ArtifactEntry) -> u128 {
+        let m = &self.manifest.model;
+        let tokens = (entry.height / m.patch_size) * (entry.width / m.patch_size) + 1;
+        let d = m.hidden_size;
+        let inter = self
+            .manifest
+            .config
+            .get("intermediate_size")
+            .and_then(|v| v.as_i64())
+            .unwrap_or(4 * d);
+        let elem = if self.kind == Kind::Float { 4 } else { 2 };
+        let pixels = m.num_channels * entry.height * entry.width * (4 + elem);
+        let layer = tokens * (3 * d + inter + 4 * d) + m.num_attention_heads * tokens * tokens;
+        let outputs: i64 = entry
+            .outputs
+            .iter()
+            .map(|o| o.shape.iter().map(|&x| x.max(1)).product::<i64>())
+            .sum();
+        (pixels + layer * elem + outputs * (elem + 4)).max(1) as u128
+    }
+
+    /// Refuses a batch whose estimated working set exceeds the memory the
+    /// system says is available (CPU only).
+    fn check_memory(&self, entry: &ArtifactEntry, batch: i64) -> Result<()> {
+        if self.device != Device::Cpu {
+            return Ok(());
+        }
+        let Some(available) = available_memory() else {
+            return Ok(());
+        };
+        let need = self.bytes_per_sample(entry) * batch.max(0) as u128;
+        if need > available as u128 {
+            let gib = |b: u128| b as f64 / (1u64 << 30) as f64;
+            return Err(Error::input(
+                "pixel_values",
+                format!(
+                    "a batch of {batch} needs about {:.1} GiB and {:.1} GiB is available; use smaller batches",
+                    gib(need),
+                    gib(available as u128)
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn check_mask(&self, mask: Option<&Tensor>, batch: i64, patches: i64) -> Result<Tensor> {
@@ -315,6 +367,17 @@ impl Bundle {
     pub fn device_name(&self) -> String {
         device_name(self.device)
     }
+}
+
+/// `MemAvailable` from /proc/meminfo, in bytes.
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    line.split_whitespace()
+        .nth(1)?
+        .parse::<u64>()
+        .ok()
+        .map(|kb| kb * 1024)
 }
 
 /// A forward's result as named tensors: a dict by its keys; a tuple, list or

@@ -105,6 +105,14 @@ fn bad_inputs_are_typed_errors() {
     let nan = px.copy();
     let _ = nan.get(0).get(0).get(0).get(0).fill_(f64::NAN);
     assert!(input_err(bundle.forward(&nan, None, None)).starts_with("pixel_values: contains NaN"));
+    // A batch larger than memory allows is refused before anything is
+    // allocated (the input is an expanded view: no memory behind it).
+    let huge = Tensor::zeros([1, 3, 32, 32], f).expand([50_000_000, 3, 32, 32], false);
+    let m = input_err(bundle.forward(&huge, None, None));
+    assert!(
+        m.contains("a batch of 50000000 needs about") && m.contains("use smaller batches"),
+        "{m}"
+    );
     let mask = Tensor::zeros([2, 15], (Kind::Bool, Device::Cpu));
     assert!(input_err(bundle.forward(&px, Some(&mask), None)).starts_with("bool_masked_pos"));
     let hm = Tensor::ones([3], f);
