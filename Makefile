@@ -10,7 +10,7 @@ FIXTURES := tests/fixtures/generated
 # pillow and scikit-image: the image fixtures (Pillow decodes and resizes for ViTImageProcessor;
 # scikit-image ships the public-domain / CC0 photographs).
 IMAGE_PIP_PACKAGES := pillow==13.0.0 scikit-image==0.26.0
-PIP_PACKAGES := torch==2.13.0 transformers==4.46.3 safetensors==0.8.0 numpy $(IMAGE_PIP_PACKAGES)
+PIP_PACKAGES := torch==2.13.0 transformers==4.46.3 safetensors==0.8.0 numpy scikit-learn $(IMAGE_PIP_PACKAGES)
 IMAGE_FIXTURES := tests/fixtures/generated-images
 
 .PHONY: libtorch demo test fixtures bench side-by-side soak fuzz interop gpu-check clean
@@ -30,12 +30,13 @@ demo: libtorch
 	cargo build --release
 	./target/release/vit-msn demo
 
+# A venv bootstrapped before these were on the list gets them here.
 $(FIXTURES)/COMPLETE: tests/fixtures/make_fixtures.py | $(BOOTSTRAP)
+	$(PY) -c 'import PIL, sklearn' 2>/dev/null || $(VENV)/bin/pip install $(IMAGE_PIP_PACKAGES) scikit-learn
 	rm -rf $(FIXTURES)
 	$(PY) tests/fixtures/make_fixtures.py $(FIXTURES)
 	touch $@
 
-# A venv bootstrapped before pillow/scikit-image were on the list gets them here.
 $(IMAGE_FIXTURES)/COMPLETE: tests/fixtures/make_image_fixtures.py $(wildcard tests/data/photos/*) | $(BOOTSTRAP)
 	$(PY) -c 'import PIL, skimage' 2>/dev/null || $(VENV)/bin/pip install $(IMAGE_PIP_PACKAGES)
 	rm -rf $(IMAGE_FIXTURES)

@@ -114,6 +114,7 @@ fn build_bundle(model_dir: &Path, staged: &Path, opts: &CompileOptions) -> Resul
             unused_tensors: model.unused_tensors.clone(),
         },
         config: cfg.raw.clone(),
+        fewshot: None,
     };
     let text =
         serde_json::to_string_pretty(&manifest).map_err(|e| Error::file(staged, e.to_string()))?;

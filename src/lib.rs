@@ -22,6 +22,7 @@ pub mod compiler;
 pub mod describe;
 pub mod device;
 pub mod error;
+pub mod fewshot;
 pub mod fsutil;
 pub mod image;
 pub mod inputs;

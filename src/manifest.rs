@@ -30,6 +30,9 @@ pub struct Manifest {
     pub source: Source,
     /// The model's `config.json` as it was read.
     pub config: Value,
+    /// How a few-shot head was fitted, for bundles `vit-msn fewshot fit` wrote.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fewshot: Option<Value>,
 }
 
 /// The model facts the runtime needs, taken from `config.json`.

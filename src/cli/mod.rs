@@ -5,6 +5,7 @@ mod bench;
 mod bundle;
 mod compile;
 mod demo;
+mod fewshot;
 mod run;
 mod tools;
 
@@ -36,6 +37,7 @@ enum Command {
     Demo(demo::DemoArgs),
     Bench(bench::BenchArgs),
     Bundle(bundle::BundleArgs),
+    Fewshot(fewshot::FewshotArgs),
 }
 
 pub fn dispatch(cli: Cli) -> CliResult {
@@ -54,5 +56,6 @@ pub fn dispatch(cli: Cli) -> CliResult {
         Command::Demo(a) => demo::demo(a),
         Command::Bench(a) => bench::bench(a),
         Command::Bundle(a) => bundle::bundle(a),
+        Command::Fewshot(a) => fewshot::fewshot(a),
     }
 }

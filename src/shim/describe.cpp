@@ -41,4 +41,38 @@ int vmsn_rt_describe(const char *path, const char *extra_name, char **schema,
   }
   return 1;
 }
+
+// A classifier made of a backbone artifact and a linear head on its CLS token
+// (L2-normalised), as one TorchScript module: forward(pixel_values,
+// bool_masked_pos, head_mask) -> Dict[str, Tensor] with "logits" =
+// scale * normalize(cls) @ weight.T + bias. The backbone is kept as a
+// submodule, so the file loads in C++ and Python like any artifact.
+int vmsn_rt_compose_classifier(const char *backbone_path, torch::Tensor *weight,
+                               torch::Tensor *bias, double scale,
+                               const char *out_path, const char *extra_name,
+                               const char *extra_contents, char **err) {
+  try {
+    auto backbone = torch::jit::load(backbone_path, c10::Device(c10::kCPU));
+    torch::jit::Module m("VitMsnFewShot");
+    m.register_module("backbone", backbone);
+    m.register_buffer("weight", *weight);
+    m.register_buffer("bias", *bias);
+    m.register_attribute("scale", c10::FloatType::get(), scale);
+    m.define(R"JIT(
+def forward(self, pixel_values: Tensor, bool_masked_pos: Tensor, head_mask: Tensor) -> Dict[str, Tensor]:
+    out = self.backbone.forward(pixel_values, bool_masked_pos, head_mask)
+    cls = out["last_hidden_state"].select(1, 0).to(self.weight.dtype)
+    cls = cls / cls.norm(2, -1, True).clamp_min(1e-12)
+    logits = torch.matmul(cls, self.weight.t()) * self.scale + self.bias
+    return {"logits": logits}
+)JIT");
+    torch::jit::ExtraFilesMap extra{{extra_name, extra_contents}};
+    m.save(out_path, extra);
+    return 0;
+  } catch (const std::exception &e) {
+    std::string message = e.what();
+    *err = copy_string(message.substr(0, message.find('\n')));
+  }
+  return 1;
+}
 }

@@ -1,0 +1,342 @@
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use serde_json::json;
+use tch::{Kind, Tensor};
+use vit_msn::fewshot::{
+    accuracy, embed, fit_linear, fit_prototype, write_classifier, FitReport, LabelledImages,
+};
+use vit_msn::image::preprocess_path;
+use vit_msn::{Bundle, Device, Error};
+
+use super::CliResult;
+
+/// Low-shot classification: fit a head on a few labelled images, ship it as a classifier bundle.
+#[derive(Args)]
+pub struct FewshotArgs {
+    #[command(subcommand)]
+    command: FewshotCommand,
+}
+
+#[derive(Subcommand)]
+enum FewshotCommand {
+    Fit(FitArgs),
+    Eval(EvalArgs),
+}
+
+/// Fit a linear probe or class prototypes on a backbone's CLS embeddings and
+/// compile backbone + head into a classification bundle (every resolution the
+/// backbone bundle has).
+#[derive(Args)]
+#[command(
+    after_help = "TRAIN holds one sub-folder of images per class; the folder names are the labels.
+Embeddings are cached in the backbone bundle's cache/ folder by image content.
+
+Examples:
+  vit-msn fewshot fit --bundle artifacts/small --train photos/train --out artifacts/pets
+  vit-msn fewshot fit --bundle artifacts/small --train photos/train --method prototype
+  vit-msn fewshot fit --bundle artifacts/small --train train --val val --weight-decay 1e-3"
+)]
+struct FitArgs {
+    /// A backbone bundle.
+    #[arg(long)]
+    bundle: PathBuf,
+    #[arg(long)]
+    train: PathBuf,
+    /// linear (logistic regression on L2-normalised embeddings) or prototype (cosine to class means).
+    #[arg(long, default_value = "linear")]
+    method: String,
+    /// Where the classification bundle goes (default: BUNDLE-fewshot).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Validation images (ImageFolder), for choosing the weight decay.
+    #[arg(long, conflicts_with = "val_split")]
+    val: Option<PathBuf>,
+    /// Fraction of each class held out for choosing the weight decay.
+    #[arg(long, default_value_t = 0.2)]
+    val_split: f64,
+    /// Full-batch optimisation steps (linear).
+    #[arg(long, default_value_t = 300)]
+    epochs: usize,
+    /// L2 penalty (linear); chosen on the validation images when not given.
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Softmax temperature of the cosine similarities (prototype).
+    #[arg(long, default_value_t = 10.0)]
+    temperature: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: i64,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+}
+
+/// Accuracy, per-class precision and recall, and the confusion matrix of a
+/// classification bundle on labelled images.
+#[derive(Args)]
+#[command(after_help = "Examples:
+  vit-msn fewshot eval --bundle artifacts/pets --test photos/test
+  vit-msn fewshot eval --bundle artifacts/pets --test photos/test --json")]
+struct EvalArgs {
+    #[arg(long)]
+    bundle: PathBuf,
+    #[arg(long)]
+    test: PathBuf,
+    #[arg(long)]
+    json: bool,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+}
+
+pub fn fewshot(a: FewshotArgs) -> CliResult {
+    match a.command {
+        FewshotCommand::Fit(f) => fit(f),
+        FewshotCommand::Eval(e) => eval(e),
+    }
+}
+
+fn bar(len: usize, what: &str) -> indicatif::ProgressBar {
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return indicatif::ProgressBar::hidden();
+    }
+    let b = indicatif::ProgressBar::new(len as u64);
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template(&format!("{{bar:40}} {{pos}}/{{len}} {what}"))
+    {
+        b.set_style(style);
+    }
+    b
+}
+
+const WEIGHT_DECAYS: [f64; 5] = [1e-4, 1e-3, 1e-2, 1e-1, 1.0];
+
+fn fit(a: FitArgs) -> CliResult {
+    if !matches!(a.method.as_str(), "linear" | "prototype") {
+        return Err(format!(
+            "--method: unknown method `{}` (expected linear or prototype)",
+            a.method
+        )
+        .into());
+    }
+    if !(0.0..1.0).contains(&a.val_split) {
+        return Err("--val-split must be in [0, 1)".into());
+    }
+    let backbone = Bundle::load(&a.bundle, Device::Cpu)?;
+    let train = LabelledImages::read(&a.train)?;
+    let classes = train.classes.len() as i64;
+    let paths: Vec<PathBuf> = train.items.iter().map(|(p, _)| p.clone()).collect();
+    let progress = bar(paths.len(), "train images embedded");
+    let x = embed(&backbone, &paths, a.batch_size, |n| {
+        progress.set_position(n as u64)
+    })?;
+    progress.finish_and_clear();
+    let y = train.labels();
+
+    let mut report = FitReport {
+        method: a.method.clone(),
+        classes: train.classes.clone(),
+        train_images: paths.len(),
+        weight_decay: None,
+        weight_decay_chosen_on_validation: false,
+        validation_accuracy: None,
+        temperature: None,
+        epochs: a.epochs,
+        seed: a.seed,
+    };
+    let head = if a.method == "prototype" {
+        report.temperature = Some(a.temperature);
+        fit_prototype(&x, &y, classes, a.temperature)
+    } else {
+        let wd = match a.weight_decay {
+            Some(w) if w >= 0.0 && w.is_finite() => w,
+            Some(w) => {
+                return Err(
+                    format!("--weight-decay must be finite and non-negative, found {w}").into(),
+                )
+            }
+            None => {
+                let (xf, yf, xv, yv) = match &a.val {
+                    Some(dir) => {
+                        let val = LabelledImages::read(dir)?;
+                        if val.classes != train.classes {
+                            return Err(Error::file(
+                                dir,
+                                "its class folders differ from --train's",
+                            )
+                            .into());
+                        }
+                        let vp: Vec<PathBuf> = val.items.iter().map(|(p, _)| p.clone()).collect();
+                        let xv = embed(&backbone, &vp, a.batch_size, |_| {})?;
+                        (x.shallow_clone(), y.shallow_clone(), xv, val.labels())
+                    }
+                    None => split(&x, &y, classes, a.val_split, a.seed)?,
+                };
+                let mut best = (f64::MIN, WEIGHT_DECAYS[0]);
+                for wd in WEIGHT_DECAYS {
+                    let acc = accuracy(
+                        &fit_linear(&xf, &yf, classes, wd, a.epochs, a.seed).predict(&xv),
+                        &yv,
+                    );
+                    // Ties go to the stronger penalty.
+                    if acc >= best.0 {
+                        best = (acc, wd);
+                    }
+                }
+                report.weight_decay_chosen_on_validation = true;
+                report.validation_accuracy = Some(best.0);
+                best.1
+            }
+        };
+        report.weight_decay = Some(wd);
+        fit_linear(&x, &y, classes, wd, a.epochs, a.seed)
+    };
+    let train_acc = accuracy(&head.predict(&x), &y);
+    let out = a.out.clone().unwrap_or_else(|| {
+        let name = a
+            .bundle
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "bundle".into());
+        a.bundle.with_file_name(format!("{name}-fewshot"))
+    });
+    write_classifier(&backbone, &head, &train.classes, &report, &out)?;
+    println!(
+        "{} classes, {} training images, method {}",
+        classes,
+        paths.len(),
+        a.method
+    );
+    if let Some(wd) = report.weight_decay {
+        match report.validation_accuracy {
+            Some(v) => println!("weight decay {wd} (chosen on validation, accuracy {v:.3})"),
+            None => println!("weight decay {wd}"),
+        }
+    }
+    println!("training accuracy {train_acc:.3}");
+    println!("wrote the classifier bundle {}", out.display());
+    Ok(())
+}
+
+/// A stratified split: `fraction` of each class (at least one image, and at
+/// least one left to train on) held out, chosen from `seed`.
+fn split(
+    x: &Tensor,
+    y: &Tensor,
+    classes: i64,
+    fraction: f64,
+    seed: i64,
+) -> Result<(Tensor, Tensor, Tensor, Tensor), Box<dyn std::error::Error>> {
+    tch::manual_seed(seed);
+    let (mut fit_idx, mut val_idx) = (Vec::new(), Vec::new());
+    for c in 0..classes {
+        let idx = y.eq(c).nonzero().squeeze_dim(1);
+        let n = idx.size()[0];
+        if n < 2 {
+            return Err(format!("class {c} has {n} image(s); choosing the weight decay needs 2 or more per class (or give --weight-decay)").into());
+        }
+        let perm = idx.index_select(0, &Tensor::randperm(n, (Kind::Int64, tch::Device::Cpu)));
+        let k = ((n as f64 * fraction).round() as i64).clamp(1, n - 1);
+        val_idx.push(perm.narrow(0, 0, k));
+        fit_idx.push(perm.narrow(0, k, n - k));
+    }
+    let (fi, vi) = (Tensor::cat(&fit_idx, 0), Tensor::cat(&val_idx, 0));
+    Ok((
+        x.index_select(0, &fi),
+        y.index_select(0, &fi),
+        x.index_select(0, &vi),
+        y.index_select(0, &vi),
+    ))
+}
+
+fn eval(a: EvalArgs) -> CliResult {
+    let bundle = Bundle::load(&a.bundle, Device::Cpu)?;
+    let m = bundle.manifest();
+    if !m.is_classifier() {
+        return Err(Error::file(&a.bundle, "is a backbone bundle; eval needs a classifier").into());
+    }
+    let test = LabelledImages::read(&a.test)?;
+    let labels = &m.model.labels;
+    let truth: Vec<i64> = test
+        .items
+        .iter()
+        .map(|(_, c)| {
+            let name = &test.classes[*c as usize];
+            labels
+                .iter()
+                .position(|l| l == name)
+                .map(|i| i as i64)
+                .ok_or_else(|| {
+                    Error::file(
+                        &a.test.join(name),
+                        format!(
+                            "class `{name}` is not one of the bundle's labels ({})",
+                            labels.join(", ")
+                        ),
+                    )
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    let pp = m.preprocessing()?;
+    let progress = bar(test.items.len(), "test images");
+    let mut pred = Vec::new();
+    for chunk in test.items.chunks(a.batch_size.max(1)) {
+        let px = chunk
+            .iter()
+            .map(|(p, _)| preprocess_path(p, &pp, m.model.num_channels))
+            .collect::<Result<Vec<_>, _>>()?;
+        let logits = bundle
+            .forward(&Tensor::stack(&px, 0), None, None)?
+            .logits
+            .ok_or("no logits")?;
+        pred.extend(Vec::<i64>::try_from(logits.argmax(-1, false))?);
+        progress.inc(chunk.len() as u64);
+    }
+    progress.finish_and_clear();
+    let k = labels.len();
+    let mut confusion = vec![vec![0usize; k]; k];
+    for (t, p) in truth.iter().zip(&pred) {
+        confusion[*t as usize][*p as usize] += 1;
+    }
+    let correct: usize = (0..k).map(|i| confusion[i][i]).sum();
+    let acc = correct as f64 / truth.len() as f64;
+    let per_class: Vec<_> = (0..k)
+        .map(|i| {
+            let predicted: usize = (0..k).map(|r| confusion[r][i]).sum();
+            let actual: usize = confusion[i].iter().sum();
+            let ratio = |a: usize, b: usize| if b == 0 { None } else { Some(a as f64 / b as f64) };
+            json!({ "label": labels[i], "precision": ratio(confusion[i][i], predicted), "recall": ratio(confusion[i][i], actual), "support": actual })
+        })
+        .collect();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "bundle": a.bundle, "test": a.test, "images": truth.len(), "accuracy": acc,
+                "per_class": per_class, "labels": labels, "confusion_matrix": confusion,
+            }))?
+        );
+        return Ok(());
+    }
+    println!("accuracy {acc:.3} ({correct}/{} images)", truth.len());
+    println!(
+        "{:<20} {:>9} {:>9} {:>8}",
+        "class", "precision", "recall", "support"
+    );
+    for c in &per_class {
+        let f = |v: &serde_json::Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.3}"));
+        println!(
+            "{:<20} {:>9} {:>9} {:>8}",
+            c["label"].as_str().unwrap_or(""),
+            f(&c["precision"]),
+            f(&c["recall"]),
+            c["support"]
+        );
+    }
+    println!("confusion matrix (rows: true class, columns: predicted, in label order):");
+    for row in &confusion {
+        println!(
+            "  {}",
+            row.iter().map(|n| format!("{n:>4}")).collect::<String>()
+        );
+    }
+    Ok(())
+}
