@@ -282,3 +282,50 @@ fn interrupted_compile_leaves_the_old_bundle() {
         .collect();
     assert_eq!(names, ["bundle"], "leftovers: {names:?}");
 }
+
+/// A full disk: the run fails with the OS's reason, the previous output stays
+/// as it was, and nothing half-written is left (a 16 KiB tmpfs, mounted as
+/// root, stands in for the disk).
+#[test]
+fn full_disk_leaves_nothing_half_written() {
+    let bundle = compile_case(
+        "base",
+        "bundle-errors-full-disk",
+        &["--outputs", "hidden_states,attentions"],
+    );
+    let dir = scratch("bundle-errors-full-disk-mnt");
+    let mnt = dir.join("disk");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16k", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(mounted, "this test mounts a small tmpfs and needs root");
+    let target = mnt.join("out.safetensors");
+    std::fs::write(&target, "previous").unwrap();
+    let out = vit_msn(&[
+        &"run",
+        &"--bundle",
+        &bundle,
+        &"--inputs",
+        &common::case_dir("base").join("plain_32x32.in.safetensors"),
+        &"--output",
+        &target,
+    ]);
+    let listing: Vec<String> = std::fs::read_dir(&mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let previous = std::fs::read_to_string(&target).unwrap();
+    let _ = std::process::Command::new("umount").arg(&mnt).status();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("No space left on device") && err.contains("out.safetensors"),
+        "{err}"
+    );
+    assert_eq!(previous, "previous");
+    assert_eq!(listing, ["out.safetensors"], "left behind: {listing:?}");
+}

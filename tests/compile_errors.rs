@@ -184,6 +184,18 @@ fn weight_errors() {
     });
     assert!(err.contains("invalid safetensors"), "{err}");
 
+    let err = compile_fails("overlapping-offsets", "no_qkv_bias", |m| {
+        let header = br#"{"layernorm.weight":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"layernorm.bias":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#;
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header);
+        bytes.extend_from_slice(&[0u8; 12]);
+        std::fs::write(m.join("model.safetensors"), bytes).unwrap();
+    });
+    assert!(
+        err.contains("model.safetensors: invalid safetensors"),
+        "{err}"
+    );
+
     let err = compile_fails("int-dtype", "no_qkv_bias", |m| {
         rewrite_weights(m, |t| {
             let i = t.iter().position(|(n, _)| n == "layernorm.bias").unwrap();
