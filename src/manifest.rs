@@ -88,6 +88,17 @@ pub struct FileDigest {
 impl Manifest {
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST_FILE);
+        // A manifest is kilobytes (the config inside it included); bound the read.
+        const MAX_BYTES: u64 = 64 << 20;
+        let len = std::fs::metadata(&path)
+            .map_err(|e| Error::io(&path, e))?
+            .len();
+        if len > MAX_BYTES {
+            return Err(Error::Manifest {
+                path: path.display().to_string(),
+                message: format!("{len} bytes is too large for a manifest"),
+            });
+        }
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
         Self::parse(&text, &path)
     }

@@ -104,6 +104,14 @@ fn broken_bundles_are_refused_with_the_reason() {
         );
     }
 
+    let d = bundle_copy("huge-manifest");
+    let f = std::fs::File::options()
+        .append(true)
+        .open(d.join("manifest.json"))
+        .unwrap();
+    f.set_len(65 << 20).unwrap();
+    assert!(load_err(&d).contains("too large for a manifest"));
+
     let d = bundle_copy("dtype");
     edit_manifest(&d, |v| v["dtype"] = "f8".into());
     assert!(load_err(&d).contains("unknown dtype `f8`"));

@@ -168,6 +168,83 @@ print(json.dumps({"linear": float((lr.predict(te) == yte).mean()),
         "prototypes {proto_acc} vs numpy {sk_proto}"
     );
 
+    // --val: the weight decay chosen on given validation images (here the
+    // training images, already cached), recorded in the manifest.
+    let with_val = work.join("with-val");
+    assert_ok(
+        &vit_msn(&[
+            &"fewshot",
+            &"fit",
+            &"--bundle",
+            &backbone,
+            &"--train",
+            &train,
+            &"--val",
+            &train,
+            &"--out",
+            &with_val,
+        ]),
+        "fit --val",
+    );
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(with_val.join("manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(m["fewshot"]["weight_decay_chosen_on_validation"], true);
+
+    // The classifier is one TorchScript file per resolution: Python loads it
+    // and gets the Rust runtime's logits.
+    let px = work.join("px.safetensors");
+    let one = test.join("digit_3").join("10.png");
+    assert_ok(
+        &vit_msn(&[
+            &"preprocess",
+            &"--image",
+            &one,
+            &"--bundle",
+            &linear,
+            &"--output",
+            &px,
+        ]),
+        "preprocess",
+    );
+    let rust_out = work.join("rust.safetensors");
+    assert_ok(
+        &vit_msn(&[
+            &"run",
+            &"--bundle",
+            &linear,
+            &"--inputs",
+            &px,
+            &"--output",
+            &rust_out,
+        ]),
+        "run --inputs",
+    );
+    let py_out = work.join("py.safetensors");
+    let load = r#"
+import sys, torch
+from safetensors.torch import load_file, save_file
+m = torch.jit.load(sys.argv[1])
+px = load_file(sys.argv[2])["pixel_values"]
+out = m(px, torch.zeros(1, 196, dtype=torch.bool), torch.ones(12, 6))
+save_file({"logits": out["logits"].contiguous()}, sys.argv[3])
+"#;
+    let py = std::process::Command::new(root().join(".venv/bin/python"))
+        .args(["-c", load])
+        .arg(linear.join("model_224x224.pt"))
+        .arg(&px)
+        .arg(&py_out)
+        .output()
+        .unwrap();
+    assert_ok(&py, "python loads the few-shot classifier");
+    let a = common::read(&py_out).remove(0).1;
+    let b = common::read(&rust_out)
+        .into_iter()
+        .find(|(n, _)| n == "logits")
+        .unwrap()
+        .1;
+    assert!(a.equal(&b), "Python and Rust logits differ");
+
     // The classifier is an ordinary bundle: `vit-msn run` names the digits.
     let one = test.join("digit_3").join("10.png");
     let out = vit_msn(&[

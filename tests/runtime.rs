@@ -105,6 +105,11 @@ fn bad_inputs_are_typed_errors() {
     let nan = px.copy();
     let _ = nan.get(0).get(0).get(0).get(0).fill_(f64::NAN);
     assert!(input_err(bundle.forward(&nan, None, None)).starts_with("pixel_values: contains NaN"));
+    let inf = px.copy();
+    let _ = inf.get(1).get(2).get(3).get(4).fill_(f64::INFINITY);
+    assert!(input_err(bundle.forward(&inf, None, None)).contains("NaN or infinite"));
+    let ints = Tensor::zeros([2, 3, 32, 32], (Kind::Int64, Device::Cpu));
+    assert!(input_err(bundle.forward(&ints, None, None)).contains("expected a float tensor"));
     // A batch larger than memory allows is refused before anything is
     // allocated (the input is an expanded view: no memory behind it).
     let huge = Tensor::zeros([1, 3, 32, 32], f).expand([50_000_000, 3, 32, 32], false);

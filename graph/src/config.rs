@@ -60,6 +60,17 @@ pub struct Config {
 
 impl Config {
     pub fn from_file(path: &Path) -> Result<Self, Error> {
+        // A config is a few kilobytes; refuse to read a huge file into memory.
+        const MAX_BYTES: u64 = 16 << 20;
+        let len = std::fs::metadata(path)
+            .map_err(|e| Error::io(path, e))?
+            .len();
+        if len > MAX_BYTES {
+            return Err(Error::Config(format!(
+                "{}: {len} bytes is too large for a config",
+                path.display()
+            )));
+        }
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let value: Value = serde_json::from_str(&text)
             .map_err(|e| Error::Config(format!("{}: not valid JSON: {e}", path.display())))?;
