@@ -23,7 +23,7 @@ torch_dir=$("$venv/bin/python" -c 'import os, torch; print(os.path.dirname(torch
 
 # A copy of the tracked and untracked-not-ignored files, with tch pinned to 0.24.
 rm -rf "$src" && mkdir -p "$src"
-(cd "$root" && git ls-files -co --exclude-standard -z | xargs -0 tar -cf -) | tar -xf - -C "$src"
+(cd "$root" && git ls-files -co --exclude-standard -z | tar --null -T - -cf -) | tar -xf - -C "$src"
 sed -i 's/^tch = "0.26"/tch = "0.24"/; s/^torch-sys = "0.26"/torch-sys = "0.24"/' "$src/Cargo.toml" "$src/graph/Cargo.toml"
 rm -f "$src/Cargo.lock" "$src/.cargo/config.toml"
 
