@@ -30,6 +30,7 @@ parity!(
     classifier_regression,
     classifier_multilabel,
     classifier_sharded,
+    classifier_sharded_bin,
     weights_f16,
     weights_bf16,
     artifact_f16,
