@@ -195,33 +195,26 @@ pub fn fit_linear(
     weight_decay: f64,
     epochs: usize,
     seed: i64,
-) -> Head {
+) -> Result<Head> {
     tch::manual_seed(seed);
     let vs = nn::VarStore::new(Device::Cpu);
     let d = x.size()[1];
     let w = vs.root().zeros("weight", &[classes, d]);
     let b = vs.root().zeros("bias", &[classes]);
-    let mut opt = match nn::Adam::default().build(&vs, 0.05) {
-        Ok(o) => o,
-        Err(_) => {
-            return Head {
-                weight: w.detach(),
-                bias: b.detach(),
-                scale: 1.0,
-            }
-        }
-    };
+    let mut opt = nn::Adam::default()
+        .build(&vs, 0.05)
+        .map_err(|e| Error::Forward(format!("cannot build the optimizer: {e}")))?;
     for _ in 0..epochs {
         let logits = x.matmul(&w.tr()) + &b;
         let loss =
             logits.cross_entropy_for_logits(y) + (&w * &w).sum(Kind::Float) * (weight_decay / 2.0);
         opt.backward_step(&loss);
     }
-    Head {
+    Ok(Head {
         weight: w.detach().copy(),
         bias: b.detach().copy(),
         scale: 1.0,
-    }
+    })
 }
 
 /// Class means of the normalised embeddings, normalised: cosine similarity

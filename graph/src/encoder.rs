@@ -170,7 +170,7 @@ impl Layer {
         x: &Tensor,
         head_mask: &Tensor,
         want_probs: bool,
-    ) -> Result<AttentionOutput, Error> {
+    ) -> Result<LayerOutput, Error> {
         let attn =
             self.attention
                 .forward(&x.apply(&self.layernorm_before), head_mask, want_probs)?;
@@ -189,8 +189,8 @@ impl Layer {
                 .forward(&self.dense(&normed, &self.intermediate, PostOp::None)?),
         };
         let y = &h + self.dense(&mlp, &self.output, PostOp::None)?;
-        Ok(AttentionOutput {
-            context: y,
+        Ok(LayerOutput {
+            hidden: y,
             probs: attn.probs,
         })
     }
@@ -199,6 +199,13 @@ impl Layer {
 /// `encoder`.
 pub struct Encoder {
     layers: Vec<Layer>,
+}
+
+/// What one layer computed.
+pub struct LayerOutput {
+    pub hidden: Tensor,
+    /// Its attention probabilities after the head mask, when asked for.
+    pub probs: Option<Tensor>,
 }
 
 pub struct EncoderOutput {
@@ -238,7 +245,7 @@ impl Encoder {
             }
             let out = layer.forward(&x, &head_mask.get(i as i64), want_probs)?;
             attentions.extend(out.probs);
-            x = out.context;
+            x = out.hidden;
         }
         if want_hidden {
             hidden_states.push(x.shallow_clone());

@@ -173,7 +173,7 @@ fn fit(a: FitArgs) -> CliResult {
                 let mut best = (f64::MIN, WEIGHT_DECAYS[0]);
                 for wd in WEIGHT_DECAYS {
                     let acc = accuracy(
-                        &fit_linear(&xf, &yf, classes, wd, a.epochs, a.seed).predict(&xv),
+                        &fit_linear(&xf, &yf, classes, wd, a.epochs, a.seed)?.predict(&xv),
                         &yv,
                     );
                     // Ties go to the stronger penalty.
@@ -187,7 +187,7 @@ fn fit(a: FitArgs) -> CliResult {
             }
         };
         report.weight_decay = Some(wd);
-        fit_linear(&x, &y, classes, wd, a.epochs, a.seed)
+        fit_linear(&x, &y, classes, wd, a.epochs, a.seed)?
     };
     let train_acc = accuracy(&head.predict(&x), &y);
     let out = a.out.clone().unwrap_or_else(|| {
