@@ -2,7 +2,7 @@
 prints a table: median ms at batch 1, median ms per image at batch 8, and the
 ratio to transformers f32.
 
-    .venv/bin/python benches/side_by_side.py [--threads 2] [--iters 15] [--shape small|tiny|base]
+    .venv/bin/python benches/side_by_side.py [--threads 2] [--iters 15] [--rounds 3] [--shape small|tiny|base]
     (make side-by-side installs onnxruntime and onnx first)
 
 Stacks, all on the venv's torch 2.13.0 except ONNX Runtime:
@@ -30,6 +30,7 @@ SHAPES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
 
 
 def time_fn(fn, iters, warmup=3):
+    """Median ms of `iters` calls after `warmup` untimed ones."""
     for _ in range(warmup):
         fn()
     ts = []
@@ -37,96 +38,106 @@ def time_fn(fn, iters, warmup=3):
         t = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1000, min(ts) * 1000
+    return statistics.median(ts) * 1000
 
 
-def torch_rows(model, batches, iters):
-    rows = {}
-    with torch.inference_mode():
-        for b in batches:
-            px = torch.randn(b, 3, 224, 224)
-            rows[("transformers SDPA f32", b)] = time_fn(lambda: model(px), iters)
-        traced = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model, torch.randn(1, 3, 224, 224), strict=False)))
-        for b in batches:
-            px = torch.randn(b, 3, 224, 224)
-            rows[("TorchScript trace + freeze + optimize_for_inference", b)] = time_fn(lambda: traced(px), iters)
-        bf16 = ViTMSNModel(model.config).eval()
-        bf16.load_state_dict(model.state_dict())
-        bf16 = bf16.to(torch.bfloat16)
-        for b in batches:
-            px = torch.randn(b, 3, 224, 224, dtype=torch.bfloat16)
-            rows[("transformers SDPA bf16", b)] = time_fn(lambda: bf16(px), iters)
-    return rows
-
-
-def ort_rows(model, batches, iters, threads, tmp):
-    try:
+def python_stack(name, model_dir, onnx_path, batches, iters, threads):
+    """Times one Python-side stack; runs in a worker process of its own."""
+    torch.set_num_threads(threads)
+    model = ViTMSNModel.from_pretrained(model_dir, attn_implementation="sdpa").eval()
+    dtype = torch.float32
+    if name == "transformers SDPA f32":
+        fn = model
+    elif name == "transformers SDPA bf16":
+        fn, dtype = model.to(torch.bfloat16), torch.bfloat16
+    elif name == "TorchScript trace + freeze + optimize_for_inference":
+        with torch.inference_mode():
+            fn = torch.jit.optimize_for_inference(
+                torch.jit.freeze(torch.jit.trace(model, torch.randn(1, 3, 224, 224), strict=False)))
+    elif name.startswith("ONNX Runtime"):
         import onnxruntime as ort
-    except ImportError:
-        print("onnxruntime is not installed: skipping (make side-by-side installs it)", file=sys.stderr)
-        return {}
-    path = os.path.join(tmp, "model.onnx")
-    torch.onnx.export(model, (torch.randn(1, 3, 224, 224),), path, input_names=["pixel_values"],
-                      output_names=["last_hidden_state"], dynamic_axes={"pixel_values": {0: "b"}},
-                      opset_version=17, dynamo=False)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    rows = {}
-    for b in batches:
-        px = torch.randn(b, 3, 224, 224).numpy()
-        rows[(f"ONNX Runtime {ort.__version__} f32", b)] = time_fn(lambda: sess.run(None, {"pixel_values": px}), iters)
-    return rows
-
-
-def runtime_rows(model_dir, batches, iters, threads, tmp):
-    rows = {}
-    for dtype in ("f32", "bf16"):
-        bundle = os.path.join(tmp, f"bundle-{dtype}")
-        subprocess.run([BIN, "compile", "--model", model_dir, "--out", bundle, "--dtype", dtype], check=True,
-                       stderr=subprocess.DEVNULL)
-        out = subprocess.run([BIN, "bench", "--bundle", bundle, "--batch", ",".join(map(str, batches)),
-                              "--iters", str(iters), "--warmup", "3", "--threads", str(threads), "--json"],
-                             check=True, capture_output=True, text=True).stdout
-        for r in json.loads(out)["results"]:
-            rows[(f"vit-msn (this runtime) {dtype}", r["batch"])] = (r["median_ms"], float("nan"))
-    return rows
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        sess = ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
+        inputs = {b: torch.randn(b, 3, 224, 224).numpy() for b in batches}
+        return {b: time_fn(lambda: sess.run(None, {"pixel_values": inputs[b]}), iters) for b in batches}
+    else:
+        raise SystemExit(f"unknown stack {name}")
+    inputs = {b: torch.randn(b, 3, 224, 224, dtype=dtype) for b in batches}
+    with torch.inference_mode():
+        return {b: time_fn(lambda: fn(inputs[b]), iters) for b in batches}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--iters", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--onnx", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    batches = [1, 8]
+    if args.worker:
+        print(json.dumps(python_stack(args.worker, args.model_dir, args.onnx, batches, args.iters,
+                                      args.threads)))
+        return
     torch.manual_seed(0)
     hidden, heads = SHAPES[args.shape]
     cfg = ViTMSNConfig(hidden_size=hidden, num_attention_heads=heads, intermediate_size=4 * hidden,
                        num_hidden_layers=12, image_size=224, patch_size=16, attn_implementation="sdpa")
     model = ViTMSNModel(cfg).eval()
-    batches = [1, 8]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = os.path.join(tmp, "model")
         model.save_pretrained(model_dir)
-        rows = {}
-        rows.update(runtime_rows(model_dir, batches, args.iters, args.threads, tmp))
-        rows.update(torch_rows(model, batches, args.iters))
-        rows.update(ort_rows(model, batches, args.iters, args.threads, tmp))
-    names = []
-    for name, _ in rows:
-        if name not in names:
-            names.append(name)
-    base1 = rows[("transformers SDPA f32", 1)][0]
-    base8 = rows[("transformers SDPA f32", 8)][0] / 8
-    print(f"\nViT-MSN {args.shape} shape, 224, random weights; torch {torch.__version__}, {args.threads} threads, "
-          f"median of {args.iters} after 3 warm-up passes")
-    print(f"| stack | batch 1 (ms) | batch 8 (ms per image) | ratio to transformers f32 (b1 / b8) |")
+        stacks = {}
+        for dtype in ("f32", "bf16"):
+            bundle = os.path.join(tmp, f"bundle-{dtype}")
+            subprocess.run([BIN, "compile", "--model", model_dir, "--out", bundle, "--dtype", dtype],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stacks[f"vit-msn (this runtime) {dtype}"] = [
+                BIN, "bench", "--bundle", bundle, "--batch", ",".join(map(str, batches)), "--iters",
+                str(args.iters), "--warmup", "3", "--threads", str(args.threads), "--json"]
+        python_names = ["transformers SDPA f32", "TorchScript trace + freeze + optimize_for_inference",
+                        "transformers SDPA bf16"]
+        onnx_path = os.path.join(tmp, "model.onnx")
+        try:
+            import onnxruntime
+            torch.onnx.export(model, (torch.randn(1, 3, 224, 224),), onnx_path, input_names=["pixel_values"],
+                              output_names=["last_hidden_state"], dynamic_axes={"pixel_values": {0: "b"}},
+                              opset_version=17, dynamo=False)
+            python_names.append(f"ONNX Runtime {onnxruntime.__version__} f32")
+        except ImportError:
+            print("onnxruntime is not installed: skipping (make side-by-side installs it)", file=sys.stderr)
+        for name in python_names:
+            stacks[name] = [sys.executable, os.path.abspath(__file__), "--worker", name, "--model-dir",
+                            model_dir, "--onnx", onnx_path, "--iters", str(args.iters), "--threads",
+                            str(args.threads)]
+        # Each measurement is a fresh process, so no stack's idle thread pool
+        # competes with another's; the stacks take turns, round after round,
+        # so a slow spell on this shared machine falls on all of them.
+        rounds = {name: {b: [] for b in batches} for name in stacks}
+        for _ in range(args.rounds):
+            for name, cmd in stacks.items():
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                if name.startswith("vit-msn"):
+                    result = {r["batch"]: r["median_ms"] for r in json.loads(out)["results"]}
+                else:  # the worker's last line
+                    result = {int(b): ms for b, ms in json.loads(out.strip().splitlines()[-1]).items()}
+                for b in batches:
+                    rounds[name][b].append(result[b])
+    med = {name: {b: statistics.median(v) for b, v in per.items()} for name, per in rounds.items()}
+    base1 = med["transformers SDPA f32"][1]
+    base8 = med["transformers SDPA f32"][8] / 8
+    print(f"\nViT-MSN {args.shape} shape, 224, random weights; torch {torch.__version__}, {args.threads} threads; "
+          f"{args.rounds} rounds, each stack in a fresh process in turn, median of {args.iters} after 3 warm-up "
+          f"passes; the table gives the median over rounds")
+    print("| stack | batch 1 (ms) | batch 8 (ms per image) | ratio to transformers f32 (b1 / b8) |")
     print("|---|---|---|---|")
-    for name in names:
-        m1 = rows[(name, 1)][0]
-        m8 = rows[(name, 8)][0] / 8
+    for name, per in med.items():
+        m1, m8 = per[1], per[8] / 8
         print(f"| {name} | {m1:.1f} | {m8:.1f} | {m1 / base1:.2f} / {m8 / base8:.2f} |")
 
 
