@@ -13,7 +13,7 @@ IMAGE_PIP_PACKAGES := pillow==13.0.0 scikit-image==0.26.0
 PIP_PACKAGES := torch==2.13.0 transformers==4.46.3 safetensors==0.8.0 numpy scikit-learn $(IMAGE_PIP_PACKAGES)
 IMAGE_FIXTURES := tests/fixtures/generated-images
 
-.PHONY: libtorch demo test fixtures bench side-by-side soak fuzz interop gpu-check clean
+.PHONY: libtorch demo test fixtures bench side-by-side startup soak fuzz interop gpu-check clean
 
 libtorch: $(BOOTSTRAP)
 
@@ -83,6 +83,10 @@ side-by-side: libtorch
 	cargo build --release
 	$(PY) -c 'import onnxruntime, onnx' 2>/dev/null || $(VENV)/bin/pip install onnxruntime onnx
 	$(PY) benches/side_by_side.py
+
+# Cold start and peak RSS of one-photo classification vs Python + transformers.
+startup: demo
+	$(PY) benches/startup.py
 
 # Builds a binary against PyTorch 2.11.0 / tch 0.24 for the GPU machines (see scripts/gpu-check.sh).
 gpu-check:

@@ -22,6 +22,8 @@ pub fn compile_bundle(model_dir: &Path, out: &Path, opts: &CompileOptions) -> Re
     if !model_dir.is_dir() {
         return Err(Error::file(model_dir, "not a model folder"));
     }
+    // Loads libtorch's CUDA support first when compiling for CUDA.
+    device::check_available(opts.device)?;
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     }

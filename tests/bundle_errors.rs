@@ -96,7 +96,7 @@ fn broken_bundles_are_refused_with_the_reason() {
 
     let d = bundle_copy("cuda");
     edit_manifest(&d, |v| v["device"] = "cuda:0".into());
-    if !tch::Cuda::is_available() {
+    if vit_msn::device::cuda_device_count() == 0 {
         let e = load_err(&d);
         assert!(
             e.contains("compiled for cuda:0") && e.contains("no CUDA device"),

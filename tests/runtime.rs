@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use common::{case_dir, scratch, vit_msn};
 use tch::{Device, Kind, Tensor};
+use vit_msn::artifact::Artifact;
+use vit_msn::bundle::LoadOptions;
 use vit_msn::{Bundle, Error};
 
 /// Compiles into a scratch folder of the calling test's own (`test`), so
@@ -145,7 +147,7 @@ fn tampered_artifact_is_refused() {
 
 #[test]
 fn cuda_where_none_exists_is_an_error() {
-    if tch::Cuda::is_available() {
+    if vit_msn::device::cuda_device_count() > 0 {
         return;
     }
     let err = vit_msn::parse_device("cuda").unwrap_err().to_string();
@@ -194,7 +196,8 @@ fn shared_across_threads() {
     }
 }
 
-/// The binary starts without LD_LIBRARY_PATH and keeps libtorch_cuda.
+/// The binary starts without LD_LIBRARY_PATH, and without libtorch_cuda:
+/// that is loaded on demand (next test).
 #[test]
 fn binary_dynamic_section() {
     let out = std::process::Command::new("readelf")
@@ -213,7 +216,13 @@ fn binary_dynamic_section() {
     );
     assert!(
         text.lines()
-            .any(|l| l.contains("(NEEDED)") && l.contains("libtorch_cuda.so")),
+            .any(|l| l.contains("(NEEDED)") && l.contains("libtorch_cpu.so")),
+        "{text}"
+    );
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.contains("(NEEDED)") && l.contains("libtorch_cuda")),
         "{text}"
     );
     let status = std::process::Command::new(common::bin())
@@ -222,6 +231,27 @@ fn binary_dynamic_section() {
         .status()
         .unwrap();
     assert!(status.success());
+}
+
+/// Asking for CUDA loads libtorch's CUDA support, and what loads is real:
+/// libtorch then has CUDA kernels (here it fails for want of a driver, not
+/// for want of a CUDA backend).
+#[test]
+fn cuda_support_loads_on_demand() {
+    let lib = vit_msn::device::load_cuda_support().expect("libtorch_cuda.so loads");
+    assert!(lib.ends_with("libtorch_cuda.so"), "{}", lib.display());
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    assert!(maps.contains("/libtorch_cuda.so"));
+    if vit_msn::device::cuda_device_count() > 0 {
+        let t = Tensor::ones([2], (Kind::Float, Device::Cuda(0)));
+        assert_eq!(t.sum(Kind::Float).double_value(&[]), 2.0);
+        return;
+    }
+    let err = match Tensor::f_ones([2], (Kind::Float, Device::Cuda(0))) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("no CUDA device, yet a CUDA tensor was made"),
+    };
+    assert!(!err.contains("CUDA' backend"), "{err}");
 }
 
 /// An application that links only the runtime does not pull in the compiler.
@@ -248,4 +278,40 @@ fn runtime_does_not_depend_on_the_graph() {
     let tree = String::from_utf8_lossy(&out.stdout);
     assert!(tree.contains("tch v0.26"), "{tree}");
     assert!(!tree.contains("vit-msn-graph"), "{tree}");
+}
+
+/// Prepacking the oneDNN linear weights at load packs every linear (fused
+/// QKV, attention output, intermediate, output: 4 per layer) and leaves the
+/// results as they were.
+#[test]
+fn prepacked_linears_give_the_same_results() {
+    let dir = compile("prepack", "base", &[]);
+    let packed = Bundle::load(&dir, Device::Cpu).unwrap();
+    let plain = Bundle::load_with(
+        &dir,
+        Device::Cpu,
+        &LoadOptions {
+            prepack_linears: false,
+        },
+    )
+    .unwrap();
+    tch::manual_seed(5);
+    let px = Tensor::randn([3, 3, 32, 32], (Kind::Float, Device::Cpu));
+    let mask = Tensor::rand([3, 16], (Kind::Float, Device::Cpu)).lt(0.3);
+    let hm = Tensor::rand([2, 4], (Kind::Float, Device::Cpu));
+    let a = packed.forward(&px, Some(&mask), Some(&hm)).unwrap();
+    let b = plain.forward(&px, Some(&mask), Some(&hm)).unwrap();
+    let (a, b) = (a.last_hidden_state.unwrap(), b.last_hidden_state.unwrap());
+    let scale = b.abs().max().double_value(&[]).max(1.0);
+    assert!(max_diff(&a, &b) <= 1e-5 * scale, "{}", max_diff(&a, &b));
+
+    let m = packed.manifest();
+    let file = dir.join(&m.artifacts[0].file);
+    let mut artifact = Artifact::load(&file, Device::Cpu).unwrap();
+    let tokens = (m.artifacts[0].height / m.model.patch_size).pow(2) + 1;
+    let layers = m.model.num_hidden_layers as usize;
+    if common::test_device() == "cpu" {
+        assert_eq!(artifact.prepack_linears(tokens).unwrap(), 4 * layers);
+    }
+    assert_eq!(artifact.prepack_linears(tokens).unwrap(), 0, "packed twice");
 }

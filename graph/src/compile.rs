@@ -61,6 +61,8 @@ pub fn dtype_name(kind: Kind) -> &'static str {
 }
 
 /// Loads `model_dir` and writes one artifact per resolution into `out_dir`.
+/// For CUDA, libtorch's CUDA support must already be loaded (the `vit-msn`
+/// crate's `device::check_available` does it).
 pub fn compile(model_dir: &Path, out_dir: &Path, opts: &CompileOptions) -> Result<Compiled, Error> {
     if let Device::Cuda(i) = opts.device {
         if !tch::Cuda::is_available() || i >= tch::Cuda::device_count() as usize {

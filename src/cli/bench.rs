@@ -2,6 +2,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use vit_msn::bench::{parse_fraction, read_report, regressions, time_batch, Report};
+use vit_msn::bundle::LoadOptions;
 use vit_msn::fsutil::write_atomic;
 use vit_msn::manifest::parse_resolution;
 use vit_msn::{parse_device, Bundle};
@@ -49,12 +50,18 @@ pub struct BenchArgs {
     max_regression: String,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Leave the oneDNN linear weights unpacked (to measure what prepacking gives).
+    #[arg(long)]
+    no_prepack: bool,
 }
 
 pub fn bench(a: BenchArgs) -> CliResult {
     let max_regression = parse_fraction(&a.max_regression)?;
     let baseline = a.baseline.as_deref().map(read_report).transpose()?;
-    let bundle = Bundle::load(&a.bundle, parse_device(&a.device)?)?;
+    let options = LoadOptions {
+        prepack_linears: !a.no_prepack,
+    };
+    let bundle = Bundle::load_with(&a.bundle, parse_device(&a.device)?, &options)?;
     let m = bundle.manifest();
     let (height, width) = match &a.resolution {
         Some(r) => parse_resolution(r)?,

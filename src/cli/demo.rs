@@ -6,7 +6,7 @@ use tch::{Kind, Tensor};
 use vit_msn::attention::{HeadChoice, LayerChoice};
 use vit_msn::compiler::compile_bundle;
 use vit_msn::fsutil::write_atomic;
-use vit_msn::image::preprocess_path;
+use vit_msn::image::{preprocess_path, Preprocessing};
 use vit_msn::manifest::parse_resolution;
 use vit_msn::{Bundle, Device, Error};
 use vit_msn_graph::untrained::write_untrained_checkpoint;
@@ -91,6 +91,13 @@ pub fn demo(a: DemoArgs) -> CliResult {
             "id2label": LABELS.iter().enumerate().map(|(i, l)| (i.to_string(), serde_json::json!(l))).collect::<serde_json::Map<_, _>>(),
         });
         write_untrained_checkpoint(&model_dir, &config, 0)?;
+        // The facebook/vit-msn-* processor settings, so that transformers'
+        // ViTImageProcessor.from_pretrained reads the same folder the same way.
+        let processor = Preprocessing::vit_msn_default().to_json().to_string();
+        write_atomic(
+            &model_dir.join("preprocessor_config.json"),
+            processor.as_bytes(),
+        )?;
         let opts = CompileOptions {
             resolutions: vec![parse_resolution("224")?, parse_resolution("160")?],
             wanted: Wanted {

@@ -1,0 +1,145 @@
+//! One loaded TorchScript artifact, through the runtime's C++ shim
+//! (src/shim/artifact.cpp): tch's `CModule` loads and runs modules, but
+//! cannot reach the graph, which the load-time weight prepacking rewrites.
+
+use std::ffi::{c_char, c_int, CStr, CString};
+use std::path::Path;
+
+use tch::{Device, Tensor};
+
+#[repr(C)]
+struct VmsnArtifact {
+    _opaque: [u8; 0],
+}
+
+extern "C" {
+    fn vmsn_rt_artifact_load(
+        path: *const c_char,
+        device: c_int,
+        err: *mut *mut c_char,
+    ) -> *mut VmsnArtifact;
+    fn vmsn_rt_artifact_free(a: *mut VmsnArtifact);
+    fn vmsn_rt_artifact_prepack_linears(
+        a: *mut VmsnArtifact,
+        rows: i64,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    fn vmsn_rt_artifact_forward(
+        a: *mut VmsnArtifact,
+        inputs: *const *mut torch_sys::C_tensor,
+        n_inputs: c_int,
+        tensors: *mut *mut *mut torch_sys::C_tensor,
+        names: *mut *mut *mut c_char,
+        err: *mut *mut c_char,
+    ) -> c_int;
+    fn vmsn_rt_free_ptr_array(array: *mut *mut std::ffi::c_void);
+    fn vmsn_rt_free_str(s: *mut c_char);
+}
+
+/// Takes ownership of a string the shim malloc'ed.
+fn take_string(s: *mut c_char) -> Option<String> {
+    if s.is_null() {
+        return None;
+    }
+    // SAFETY: the shim returns NUL-terminated malloc'ed strings, freed here once.
+    let out = unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned();
+    unsafe { vmsn_rt_free_str(s) };
+    Some(out)
+}
+
+fn take_error(err: *mut c_char) -> String {
+    take_string(err).unwrap_or_else(|| "unknown libtorch error".into())
+}
+
+/// A TorchScript module loaded on one device. `Send + Sync`: libtorch runs
+/// one module's forward from many threads at once (its graph is only
+/// rewritten by [`Artifact::prepack_linears`], which takes `&mut self`).
+pub struct Artifact {
+    raw: *mut VmsnArtifact,
+}
+
+// SAFETY: see the type's documentation; torch::jit::Module::forward is
+// thread-safe, and the pointer is owned and freed once.
+unsafe impl Send for Artifact {}
+unsafe impl Sync for Artifact {}
+
+impl Drop for Artifact {
+    fn drop(&mut self) {
+        // SAFETY: `raw` came from vmsn_rt_artifact_load and is freed only here.
+        unsafe { vmsn_rt_artifact_free(self.raw) };
+    }
+}
+
+/// One output of a forward pass: named for a `Dict[str, Tensor]`, unnamed
+/// (in order) for a tuple, list or single tensor.
+pub type RawOutput = (Option<String>, Tensor);
+
+impl Artifact {
+    /// Loads a TorchScript file on the CPU or a CUDA device (others are taken
+    /// as the CPU); the error is libtorch's first line.
+    pub fn load(path: &Path, device: Device) -> std::result::Result<Self, String> {
+        let c_path = CString::new(path.to_string_lossy().as_bytes())
+            .map_err(|_| "path contains NUL".to_string())?;
+        let device = match device {
+            Device::Cuda(i) => c_int::try_from(i).map_err(|_| format!("no CUDA device {i}"))?,
+            _ => -1,
+        };
+        let mut err = std::ptr::null_mut();
+        // SAFETY: a valid NUL-terminated path and out-pointer for the call.
+        let raw = unsafe { vmsn_rt_artifact_load(c_path.as_ptr(), device, &mut err) };
+        if raw.is_null() {
+            return Err(take_error(err));
+        }
+        Ok(Self { raw })
+    }
+
+    /// Reorders the weights of the graph's oneDNN linears once, for inputs
+    /// of `rows` rows (batch × tokens); any row count still runs, and the
+    /// results are unchanged. CPU artifacts only. Returns how many weights
+    /// were packed.
+    pub fn prepack_linears(&mut self, rows: i64) -> std::result::Result<usize, String> {
+        let mut err = std::ptr::null_mut();
+        // SAFETY: `raw` is live, and `&mut self` keeps other threads out.
+        let n = unsafe { vmsn_rt_artifact_prepack_linears(self.raw, rows, &mut err) };
+        usize::try_from(n).map_err(|_| take_error(err))
+    }
+
+    /// Runs forward under no_grad.
+    pub fn forward(&self, inputs: &[&Tensor]) -> std::result::Result<Vec<RawOutput>, String> {
+        let ptrs: Vec<*mut torch_sys::C_tensor> = inputs
+            .iter()
+            .map(|t| t.as_ptr() as *mut torch_sys::C_tensor)
+            .collect();
+        let (mut tensors, mut names, mut err) = (
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        );
+        // SAFETY: the inputs outlive the call (the shim copies the handles);
+        // on success the shim hands over `n` new tensors and names.
+        let n = unsafe {
+            vmsn_rt_artifact_forward(
+                self.raw,
+                ptrs.as_ptr(),
+                ptrs.len() as c_int,
+                &mut tensors,
+                &mut names,
+                &mut err,
+            )
+        };
+        let n = usize::try_from(n).map_err(|_| take_error(err))?;
+        let mut outputs = Vec::with_capacity(n);
+        for i in 0..n {
+            // SAFETY: both arrays have `n` entries; each tensor is a new
+            // torch::Tensor* owned from here on, each name malloc'ed or null.
+            let (tensor, name) = unsafe { (Tensor::from_ptr(*tensors.add(i)), *names.add(i)) };
+            outputs.push((take_string(name), tensor));
+        }
+        // SAFETY: the arrays themselves, malloc'ed by the shim, freed once.
+        unsafe {
+            vmsn_rt_free_ptr_array(tensors.cast());
+            vmsn_rt_free_ptr_array(names.cast());
+        }
+        Ok(outputs)
+    }
+}

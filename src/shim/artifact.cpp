@@ -1,0 +1,141 @@
+// A loaded artifact for the runtime: load, an optional load-time rewrite that
+// prepacks the oneDNN linear weights, and forward. tch's CModule can do load
+// and forward, but gives no access to the graph, which the rewrite needs.
+// Errors come back as a malloc'ed first line, never as an exception across
+// the C boundary.
+#include <torch/script.h>
+#include <torch/csrc/jit/ir/ir.h>
+#include <torch/csrc/jit/passes/dead_code_elimination.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace {
+char *copy_string(const std::string &s) {
+  char *out = static_cast<char *>(std::malloc(s.size() + 1));
+  if (out != nullptr) std::memcpy(out, s.c_str(), s.size() + 1);
+  return out;
+}
+
+void set_error(char **err, const std::exception &e) {
+  std::string message = e.what();
+  *err = copy_string(message.substr(0, message.find('\n')));
+}
+}  // namespace
+
+struct VmsnArtifact {
+  torch::jit::Module module;
+};
+
+extern "C" {
+
+// `device`: -1 for the CPU, N for cuda:N (tch's encoding).
+VmsnArtifact *vmsn_rt_artifact_load(const char *path, int device, char **err) {
+  try {
+    c10::Device d = device < 0 ? c10::Device(c10::kCPU)
+                               : c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(device));
+    auto artifact = new VmsnArtifact{torch::jit::load(path, d)};
+    artifact->module.eval();
+    return artifact;
+  } catch (const std::exception &e) {
+    set_error(err, e);
+  }
+  return nullptr;
+}
+
+void vmsn_rt_artifact_free(VmsnArtifact *a) { delete a; }
+
+// Replaces the weight of every `mkldnn::_linear_pointwise` whose weight is a
+// dense CPU constant with that weight reordered once into oneDNN's blocked
+// layout for `rows` input rows (what `mkldnn::_reorder_linear_weight` does
+// when inductor freezes a model). Without it oneDNN reorders the weight on
+// every call. The packed tensors cannot be saved, which is why this runs at
+// load time and not in the compiler. Returns how many weights were packed,
+// or -1 with *err set.
+int vmsn_rt_artifact_prepack_linears(VmsnArtifact *a, int64_t rows, char **err) {
+  try {
+    auto graph = a->module.get_method("forward").graph();
+    static const auto linear = c10::Symbol::fromQualString("mkldnn::_linear_pointwise");
+    auto reorder = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mkldnn::_reorder_linear_weight", "")
+                       .typed<at::Tensor(const at::Tensor &, std::optional<int64_t>)>();
+    torch::jit::Node *first = *graph->nodes().begin();
+    int packed = 0;
+    for (torch::jit::Node *node : graph->nodes()) {
+      if (node->kind() != linear || node->inputs().size() < 2) continue;
+      torch::jit::Value *w = node->input(1);
+      if (w->node()->kind() != c10::prim::Constant) continue;
+      auto value = torch::jit::toIValue(w);
+      if (!value || !value->isTensor()) continue;
+      const at::Tensor &weight = value->toTensor();
+      if (!weight.device().is_cpu() || weight.is_mkldnn() || weight.dim() != 2) continue;
+      // Graph::insertConstant refuses tensors without storage, as oneDNN's
+      // are; a constant node takes them.
+      torch::jit::Node *constant = graph->create(c10::prim::Constant);
+      constant->t_(c10::attr::value, reorder.call(weight, rows));
+      constant->output()->setType(c10::TensorType::get());
+      constant->insertBefore(first);
+      node->replaceInput(1, constant->output());
+      ++packed;
+    }
+    // Drops the dense constants, so the weights are not held twice.
+    torch::jit::EliminateDeadCode(graph);
+    return packed;
+  } catch (const std::exception &e) {
+    set_error(err, e);
+  }
+  return -1;
+}
+
+// Runs forward without autograd. On success returns the number of outputs and
+// sets *tensors (malloc'ed array of new torch::Tensor*) and *names (malloc'ed
+// array of malloc'ed strings; NULL entries for positional outputs): a
+// Dict[str, Tensor] gives its items, a tuple or list of tensors its elements,
+// a tensor itself. On failure returns -1 with *err set.
+int vmsn_rt_artifact_forward(VmsnArtifact *a, torch::Tensor **inputs, int n_inputs,
+                             torch::Tensor ***tensors, char ***names, char **err) {
+  try {
+    torch::NoGradGuard no_grad;
+    std::vector<c10::IValue> args;
+    for (int i = 0; i < n_inputs; ++i) args.emplace_back(*inputs[i]);
+    c10::IValue out = a->module.forward(std::move(args));
+    std::vector<std::pair<std::string, at::Tensor>> named;
+    std::vector<at::Tensor> positional;
+    if (out.isGenericDict()) {
+      for (const auto &item : out.toGenericDict()) {
+        if (!item.key().isString() || !item.value().isTensor())
+          throw std::runtime_error("forward returned a dict that is not Dict[str, Tensor]");
+        named.emplace_back(item.key().toStringRef(), item.value().toTensor());
+      }
+    } else if (out.isTuple() || out.isList()) {
+      auto elements = out.isTuple() ? out.toTupleRef().elements().vec() : out.toList().vec();
+      for (const auto &e : elements) {
+        if (!e.isTensor()) throw std::runtime_error("forward returned a non-tensor element");
+        positional.push_back(e.toTensor());
+      }
+    } else if (out.isTensor()) {
+      positional.push_back(out.toTensor());
+    } else {
+      throw std::runtime_error("forward returned " + out.tagKind() +
+                               ", not a tensor, tuple or Dict[str, Tensor]");
+    }
+    size_t n = named.size() + positional.size();
+    *tensors = static_cast<torch::Tensor **>(std::calloc(n == 0 ? 1 : n, sizeof(torch::Tensor *)));
+    *names = static_cast<char **>(std::calloc(n == 0 ? 1 : n, sizeof(char *)));
+    size_t i = 0;
+    for (auto &[name, t] : named) {
+      (*names)[i] = copy_string(name);
+      (*tensors)[i++] = new torch::Tensor(t);
+    }
+    for (auto &t : positional) (*tensors)[i++] = new torch::Tensor(t);
+    return static_cast<int>(n);
+  } catch (const std::exception &e) {
+    set_error(err, e);
+  }
+  return -1;
+}
+
+void vmsn_rt_free_ptr_array(void **array) { std::free(array); }
+}
