@@ -139,6 +139,10 @@ def main():
     for name, per in med.items():
         m1, m8 = per[1], per[8] / 8
         print(f"| {name} | {m1:.1f} | {m8:.1f} | {m1 / base1:.2f} / {m8 / base8:.2f} |")
+    print("\nEach round (batch 1 ms / batch 8 ms per image), to show the spread:")
+    for name, per in rounds.items():
+        each = ", ".join(f"{a:.1f} / {b / 8:.1f}" for a, b in zip(per[1], per[8]))
+        print(f"  {name}: {each}")
 
 
 if __name__ == "__main__":

@@ -75,7 +75,10 @@ pub fn time_batch(
     }
     tch::manual_seed(0);
     let c = bundle.manifest().model.num_channels;
-    let px = Tensor::randn([batch, c, height, width], (Kind::Float, tch::Device::Cpu));
+    // On the bundle's device already, so a CUDA figure is the forward pass,
+    // not the upload of the batch.
+    let px = Tensor::randn([batch, c, height, width], (Kind::Float, tch::Device::Cpu))
+        .to_device(bundle.device());
     for _ in 0..warmup {
         bundle.forward(&px, None, None)?;
     }

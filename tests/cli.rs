@@ -449,6 +449,7 @@ fn help_has_examples() {
         "inspect",
         "attention",
         "demo",
+        "init",
     ] {
         let out = vit_msn(&[&cmd, &"--help"]);
         assert_ok(&out, cmd);
@@ -487,7 +488,7 @@ from PIL import Image
 from transformers import ViTImageProcessor, ViTMSNForImageClassification
 model_dir, photo_dir = sys.argv[1], sys.argv[2]
 m = ViTMSNForImageClassification.from_pretrained(model_dir, attn_implementation="eager").eval()
-p = ViTImageProcessor(size={"height": 224, "width": 224}, resample=2, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+p = ViTImageProcessor.from_pretrained(model_dir)
 names = sorted(os.listdir(photo_dir))
 with torch.no_grad():
     logits = m(**p([Image.open(os.path.join(photo_dir, n)).convert("RGB") for n in names], return_tensors="pt")).logits
@@ -530,4 +531,92 @@ print(json.dumps({"names": names, "logits": logits.tolist()}))
     let again = vit_msn(&[&"demo", &"--out", &out_dir]);
     assert_ok(&again, "demo again");
     assert!(stdout(&again).contains("using the bundle"));
+}
+
+/// `init` writes a Hugging Face folder for any config: transformers loads it,
+/// and the compiled bundle gives transformers' logits.
+#[test]
+fn init_writes_a_checkpoint_for_a_config() {
+    let dir = scratch("cli-init");
+    let config = dir.join("config.json");
+    std::fs::write(
+        &config,
+        r#"{"model_type": "vit_msn", "architectures": ["ViTMSNForImageClassification"],
+            "hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 3,
+            "intermediate_size": 96, "hidden_act": "gelu_new", "image_size": 40,
+            "patch_size": 8, "qkv_bias": false, "num_labels": 4}"#,
+    )
+    .unwrap();
+    let model = dir.join("model");
+    assert_ok(
+        &vit_msn(&[
+            &"init",
+            &"--config",
+            &config,
+            &"--out",
+            &model,
+            &"--seed",
+            &"3",
+        ]),
+        "init",
+    );
+    let bundle = dir.join("bundle");
+    assert_ok(
+        &vit_msn(&[&"compile", &"--model", &model, &"--out", &bundle]),
+        "compile",
+    );
+    let photo = photos().join("chelsea.jpg");
+    let ours = vit_msn(&[&"run", &"--bundle", &bundle, &"--image", &photo, &"--json"]);
+    assert_ok(&ours, "run");
+    let ours: serde_json::Value = serde_json::from_str(&stdout(&ours)).unwrap();
+    let script = r#"
+import json, sys, torch
+from PIL import Image
+from transformers import ViTImageProcessor, ViTMSNForImageClassification
+m = ViTMSNForImageClassification.from_pretrained(sys.argv[1], attn_implementation="eager").eval()
+p = ViTImageProcessor(size={"height": 40, "width": 40}, resample=2, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+with torch.no_grad():
+    print(json.dumps(m(**p(Image.open(sys.argv[2]).convert("RGB"), return_tensors="pt")).logits[0].tolist()))
+"#;
+    let py = std::process::Command::new(root().join(".venv/bin/python"))
+        .args([
+            std::ffi::OsStr::new("-c"),
+            script.as_ref(),
+            model.as_os_str(),
+            photo.as_os_str(),
+        ])
+        .output()
+        .unwrap();
+    assert_ok(&py, "transformers on the init model");
+    let want: Vec<f64> = serde_json::from_str(&stdout(&py)).unwrap();
+    let got: Vec<f64> = ours["results"][0]["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(got.len(), 4);
+    let scale = want.iter().fold(1.0f64, |m, x| m.max(x.abs()));
+    for (g, w) in got.iter().zip(&want) {
+        assert!((g - w).abs() <= 1e-4 * scale, "{got:?} vs {want:?}");
+    }
+    // No staging folder is left beside it.
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".model") || n.contains("tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    fails(
+        &vit_msn(&[
+            &"init",
+            &"--config",
+            &model.join("model.safetensors"),
+            &"--out",
+            &dir.join("x"),
+        ]),
+        "not JSON",
+    );
 }

@@ -6,6 +6,7 @@ mod bundle;
 mod compile;
 mod demo;
 mod fewshot;
+mod init;
 mod run;
 mod tools;
 
@@ -38,6 +39,7 @@ enum Command {
     Bench(bench::BenchArgs),
     Bundle(bundle::BundleArgs),
     Fewshot(fewshot::FewshotArgs),
+    Init(init::InitArgs),
 }
 
 pub fn dispatch(cli: Cli) -> CliResult {
@@ -57,5 +59,6 @@ pub fn dispatch(cli: Cli) -> CliResult {
         Command::Bench(a) => bench::bench(a),
         Command::Bundle(a) => bundle::bundle(a),
         Command::Fewshot(a) => fewshot::fewshot(a),
+        Command::Init(a) => init::init(a),
     }
 }

@@ -3,6 +3,7 @@
 // and forward, but gives no access to the graph, which the rewrite needs.
 // Errors come back as a malloc'ed first line, never as an exception across
 // the C boundary.
+#include <ATen/Context.h>
 #include <torch/script.h>
 #include <torch/csrc/jit/ir/ir.h>
 #include <torch/csrc/jit/passes/dead_code_elimination.h>
@@ -36,6 +37,12 @@ VmsnArtifact *vmsn_rt_artifact_load(const char *path, int device, char **err) {
   try {
     c10::Device d = device < 0 ? c10::Device(c10::kCPU)
                                : c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(device));
+    if (d.is_cuda()) {
+      // f32 artifacts promise f32 results: no TF32 in cuDNN convolutions
+      // (libtorch allows it by default) nor in cuBLAS matmuls.
+      at::globalContext().setAllowTF32CuDNN(false);
+      at::globalContext().setFloat32MatmulPrecision("highest");
+    }
     auto artifact = new VmsnArtifact{torch::jit::load(path, d)};
     artifact->module.eval();
     return artifact;

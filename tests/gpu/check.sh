@@ -1,11 +1,30 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine, from the repository root, with its own libtorch:
-# the parity cases compiled for and run on CUDA, and the runtime tests.
+# the parity cases compiled for and run on CUDA, the runtime tests, and the
+# issue's GPU figures: ViT-B/16 (untrained, classifier with 1000 labels) in
+# bf16, throughput at batch 256 and latency at batch 1. Results land in $OUT.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
+out=${OUT:-/tmp}
 torch_lib=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
 export LD_LIBRARY_PATH="$torch_lib" VIT_MSN_BIN="$here/vit-msn" VIT_MSN_FIXTURES="$here/fixtures" VIT_MSN_TEST_DEVICE=cuda VIT_MSN_SCRATCH=/tmp/vit-msn-scratch
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 "$here/vit-msn" --version
-"$here/parity" --test-threads 1 --nocapture base sdpa classifier_bin artifact_f16 artifact_bf16 2>&1 | tee "${OUT:-/tmp}/parity.log"
-"$here/runtime" --test-threads 1 --skip runtime_does_not_depend_on_the_graph --skip binary_dynamic_section 2>&1 | tee "${OUT:-/tmp}/runtime.log"
+"$here/parity" --test-threads 1 --nocapture base sdpa classifier_bin artifact_f16 artifact_bf16 2>&1 | tee "$out/parity.log"
+"$here/runtime" --test-threads 1 --skip runtime_does_not_depend_on_the_graph --skip binary_dynamic_section 2>&1 | tee "$out/runtime.log"
+
+vitb=/tmp/vit-msn-vitb16
+mkdir -p "$vitb"
+cat > "$vitb/config.json" <<'JSON'
+{"model_type": "vit_msn", "architectures": ["ViTMSNForImageClassification"],
+ "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+ "intermediate_size": 3072, "hidden_act": "gelu", "layer_norm_eps": 1e-6,
+ "image_size": 224, "patch_size": 16, "num_channels": 3, "qkv_bias": true,
+ "num_labels": 1000}
+JSON
+"$here/vit-msn" init --config "$vitb/config.json" --out "$vitb/model"
+for dtype in bf16 f32; do
+  "$here/vit-msn" compile --model "$vitb/model" --out "$vitb/bundle-$dtype" --dtype "$dtype" --device cuda
+done
+"$here/vit-msn" bench --bundle "$vitb/bundle-bf16" --device cuda --batch 1,256 --warmup 10 --iters 50 --json | tee "$out/vitb16-bf16.json"
+"$here/vit-msn" bench --bundle "$vitb/bundle-f32" --device cuda --batch 1,256 --warmup 10 --iters 20 --json | tee "$out/vitb16-f32.json"
