@@ -15,6 +15,7 @@ use tch::{CModule, Device, IValue, Kind, Tensor};
 use crate::bundle::first_line;
 use crate::describe::describe;
 use crate::error::{Error, Result};
+use crate::fsutil::{read_regular, read_regular_text};
 
 pub struct BareArtifact {
     path: PathBuf,
@@ -56,7 +57,7 @@ impl BareArtifact {
                 ),
             });
         }
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = read_regular(path)?;
         let module =
             CModule::load_data_on_device(&mut Cursor::new(bytes), Device::Cpu).map_err(|e| {
                 Error::Artifact {
@@ -182,7 +183,7 @@ impl BareArtifact {
 /// Class names from a JSON file: a list, an `{"0": "cat"}` map, or a
 /// transformers config with `id2label`.
 pub fn read_labels(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = read_regular_text(path)?;
     let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::file(path, format!("not valid JSON: {e}")))?;
     let v = v.get("id2label").cloned().unwrap_or(v);

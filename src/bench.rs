@@ -123,7 +123,7 @@ pub fn regressions(current: &Report, baseline: &Report, max_regression: f64) -> 
 }
 
 pub fn read_report(path: &Path) -> Result<Report> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::fsutil::read_regular_text(path)?;
     serde_json::from_str(&text)
         .map_err(|e| Error::file(path, format!("not a vit-msn bench report: {e}")))
 }

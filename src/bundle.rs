@@ -11,7 +11,7 @@ use tch::{Device, Kind, Tensor};
 use crate::artifact::{Artifact, RawOutput};
 use crate::device::{check_available, device_name, parse_dtype};
 use crate::error::{Error, Result};
-use crate::fsutil::{remove_stale_siblings, replace_dir, sibling_tmp};
+use crate::fsutil::{check_regular_file, remove_stale_siblings, replace_dir, sibling_tmp};
 use crate::manifest::{ArtifactEntry, Manifest, TensorSpec, MANIFEST_FILE};
 
 /// A bundle loaded on one device: one TorchScript module per resolution.
@@ -127,6 +127,7 @@ impl Bundle {
         let mut artifacts = Vec::new();
         for entry in &manifest.artifacts {
             let path = dir.join(&entry.file);
+            check_regular_file(&path)?;
             let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
             let found = sha256_of(&file).map_err(|e| Error::io(&path, e))?;
             if found != entry.sha256 {
@@ -469,6 +470,7 @@ pub fn replace_artifact(dir: &Path, height: i64, width: i64, new_artifact: &Path
             )
         })?;
     // The bytes copied into the bundle are those of the file that was probed.
+    check_regular_file(new_artifact)?;
     let mut file = File::open(new_artifact).map_err(|e| Error::io(new_artifact, e))?;
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes)

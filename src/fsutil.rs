@@ -1,4 +1,5 @@
-//! Never a half-written file: everything is written beside its target, then renamed.
+//! Files on disk: written beside their target and renamed into place (never
+//! half-written), and read only when they are regular files (never blocked).
 
 use std::path::{Path, PathBuf};
 
@@ -72,4 +73,28 @@ pub fn remove_stale_siblings(target: &Path) {
             };
         }
     }
+}
+
+/// Errors unless `path` is a regular file (symlinks followed). A FIFO or a
+/// device in its place would block a read, or never end one.
+pub fn check_regular_file(path: &Path) -> Result<()> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if meta.is_file() {
+        Ok(())
+    } else if meta.is_dir() {
+        Err(Error::file(path, "is a directory, not a file"))
+    } else {
+        Err(Error::file(path, "not a regular file"))
+    }
+}
+
+/// Reads a whole regular file (see [`check_regular_file`]).
+pub fn read_regular(path: &Path) -> Result<Vec<u8>> {
+    check_regular_file(path)?;
+    std::fs::read(path).map_err(|e| Error::io(path, e))
+}
+
+/// Reads a whole regular file as UTF-8 text (see [`check_regular_file`]).
+pub fn read_regular_text(path: &Path) -> Result<String> {
+    String::from_utf8(read_regular(path)?).map_err(|_| Error::file(path, "not UTF-8 text"))
 }

@@ -409,6 +409,10 @@ pub fn load_image(path: &Path, num_channels: i64) -> Result<DecodedImage> {
     if meta.is_dir() {
         return Err(image_error(path, "is a directory, not an image"));
     }
+    if !meta.is_file() {
+        // A FIFO or a device would block the read, or never end it.
+        return Err(image_error(path, "not a regular file"));
+    }
     if meta.len() > MAX_FILE_BYTES {
         return Err(image_error(
             path,

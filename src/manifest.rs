@@ -99,7 +99,7 @@ impl Manifest {
                 message: format!("{len} bytes is too large for a manifest"),
             });
         }
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let text = crate::fsutil::read_regular_text(&path)?;
         Self::parse(&text, &path)
     }
 

@@ -6,11 +6,11 @@ use safetensors::{Dtype, SafeTensors};
 use tch::{Kind, Tensor};
 
 use crate::error::{Error, Result};
-use crate::fsutil::write_atomic_with;
+use crate::fsutil::{read_regular, write_atomic_with};
 
 /// Every tensor of a safetensors file, on the CPU, in file order.
 pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = read_regular(path)?;
     parse_safetensors(&bytes, path)
 }
 

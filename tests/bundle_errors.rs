@@ -89,6 +89,22 @@ fn broken_bundles_are_refused_with_the_reason() {
     let e = load_err(&d);
     assert!(e.contains("model_32x32.pt: cannot load TorchScript"), "{e}");
 
+    // A FIFO in the artifact's place is refused, not opened (which would block).
+    let d = bundle_copy("fifo");
+    let fifo = d.join("model_32x32.pt");
+    std::fs::remove_file(&fifo).unwrap();
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let e = load_err(&d);
+    assert!(
+        e.contains("model_32x32.pt") && e.contains("not a regular file"),
+        "{e}"
+    );
+    let e = vit_msn::bundle::replace_artifact(&d, 32, 32, &fifo)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a regular file"), "{e}");
+
     let d = bundle_copy("truncated");
     let bytes = std::fs::read(d.join("model_32x32.pt")).unwrap();
     swap_artifact(&d, &bytes[..bytes.len() / 3]);

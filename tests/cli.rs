@@ -620,3 +620,100 @@ with torch.no_grad():
         "not JSON",
     );
 }
+
+/// A FIFO where a file is expected (config, weights, manifest, image,
+/// tensors, labels) is refused by name, never opened: opening it would block.
+#[test]
+fn fifos_are_refused_not_read() {
+    let dir = scratch("cli-fifo");
+    let mkfifo = |p: &Path| {
+        let _ = std::fs::remove_file(p);
+        let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    };
+    // Runs the binary with a deadline, so a regression fails instead of hanging.
+    let run = |args: &[&dyn AsRef<std::ffi::OsStr>]| {
+        let mut child = std::process::Command::new(common::bin())
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let start = std::time::Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if start.elapsed().as_secs() > 60 {
+                let _ = child.kill();
+                panic!(
+                    "vit-msn {:?} blocked on a FIFO",
+                    args.iter()
+                        .map(|a| a.as_ref().to_owned())
+                        .collect::<Vec<_>>()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        child.wait_with_output().unwrap()
+    };
+
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(case_dir("base").join("model").join(f), model.join(f)).unwrap();
+    }
+    mkfifo(&model.join("model.safetensors"));
+    fails(
+        &run(&[&"compile", &"--model", &model, &"--out", &dir.join("b1")]),
+        "no weights file",
+    );
+    mkfifo(&model.join("config.json"));
+    fails(
+        &run(&[&"compile", &"--model", &model, &"--out", &dir.join("b2")]),
+        "config.json: not a regular file",
+    );
+
+    let bundle = compile("base", "fifo", &[]);
+    let fifo = dir.join("fifo.jpg");
+    mkfifo(&fifo);
+    fails(
+        &run(&[&"run", &"--bundle", &bundle, &"--image", &fifo]),
+        "not a regular file",
+    );
+    fails(
+        &run(&[
+            &"run",
+            &"--bundle",
+            &bundle,
+            &"--inputs",
+            &fifo,
+            &"--output",
+            &dir.join("o.safetensors"),
+        ]),
+        "fifo.jpg: not a regular file",
+    );
+    fails(
+        &run(&[
+            &"bench",
+            &"--bundle",
+            &bundle,
+            &"--baseline",
+            &fifo,
+            &"--iters",
+            &"1",
+        ]),
+        "fifo.jpg: not a regular file",
+    );
+    let broken = dir.join("bundle");
+    std::fs::create_dir_all(&broken).unwrap();
+    mkfifo(&broken.join("manifest.json"));
+    fails(
+        &run(&[
+            &"run",
+            &"--bundle",
+            &broken,
+            &"--image",
+            &photos().join("chelsea.jpg"),
+        ]),
+        "manifest.json: not a regular file",
+    );
+}

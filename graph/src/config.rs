@@ -71,8 +71,8 @@ impl Config {
                 path.display()
             )));
         }
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let value: Value = serde_json::from_str(&text)
+        let text = crate::read_regular(path)?;
+        let value: Value = serde_json::from_slice(&text)
             .map_err(|e| Error::Config(format!("{}: not valid JSON: {e}", path.display())))?;
         Self::from_value(value)
             .map_err(|e| Error::Config(format!("{}: {}", path.display(), e.message())))

@@ -64,3 +64,16 @@ impl Error {
         }
     }
 }
+
+/// Reads a whole file, refusing anything but a regular file before opening
+/// it: a FIFO or a device in its place would block the read.
+pub(crate) fn read_regular(path: &Path) -> Result<Vec<u8>, Error> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::Invalid(format!(
+            "{}: not a regular file",
+            path.display()
+        )));
+    }
+    std::fs::read(path).map_err(|e| Error::io(path, e))
+}

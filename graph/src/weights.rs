@@ -49,7 +49,7 @@ impl Checkpoint {
             files: Vec::new(),
         };
         for shard in &shards {
-            let bytes = std::fs::read(shard).map_err(|e| Error::io(shard, e))?;
+            let bytes = crate::read_regular(shard)?;
             let tensors = if shard.extension().is_some_and(|e| e == "safetensors") {
                 read_safetensors(shard, &bytes)?
             } else {
@@ -112,8 +112,8 @@ impl Checkpoint {
 }
 
 fn shard_files(index: &Path) -> Result<Vec<PathBuf>, Error> {
-    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-    let value: serde_json::Value = serde_json::from_str(&text)
+    let text = crate::read_regular(index)?;
+    let value: serde_json::Value = serde_json::from_slice(&text)
         .map_err(|e| Error::Weights(format!("{}: not valid JSON: {e}", index.display())))?;
     let map = value
         .get("weight_map")

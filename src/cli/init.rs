@@ -40,7 +40,7 @@ pub fn init(a: InitArgs) -> CliResult {
             Error::file(&a.config, format!("{len} bytes is too large for a config")).into(),
         );
     }
-    let bytes = std::fs::read(&a.config).map_err(|e| Error::io(&a.config, e))?;
+    let bytes = vit_msn::fsutil::read_regular(&a.config)?;
     let config: serde_json::Value = serde_json::from_slice(&bytes)
         .map_err(|e| Error::file(&a.config, format!("not JSON: {e}")))?;
     if let Some(parent) = a.out.parent().filter(|p| !p.as_os_str().is_empty()) {

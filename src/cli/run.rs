@@ -223,7 +223,7 @@ impl<'a> Target<'a> {
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = vit_msn::fsutil::read_regular_text(path)?;
     Ok(serde_json::from_str(&text)
         .map_err(|e| Error::file(path, format!("not valid JSON: {e}")))?)
 }
