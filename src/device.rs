@@ -96,8 +96,9 @@ pub fn load_cuda_support() -> std::result::Result<&'static Path, String> {
 /// The folder of the libtorch_cpu.so this process has loaded.
 fn libtorch_dir() -> Option<PathBuf> {
     let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    // The path is the rest of the line from its first `/` (it may hold spaces).
     maps.lines()
-        .filter_map(|l| l.split_whitespace().nth(5))
+        .filter_map(|l| l.find('/').map(|i| &l[i..]))
         .find(|f| f.ends_with("/libtorch_cpu.so"))
         .and_then(|f| Path::new(f).parent().map(Path::to_path_buf))
 }

@@ -78,10 +78,11 @@ int vmsn_rt_artifact_prepack_linears(VmsnArtifact *a, int64_t rows, char **err) 
       if (!value || !value->isTensor()) continue;
       const at::Tensor &weight = value->toTensor();
       if (!weight.device().is_cpu() || weight.is_mkldnn() || weight.dim() != 2) continue;
+      at::Tensor blocked = reorder.call(weight, rows);
       // Graph::insertConstant refuses tensors without storage, as oneDNN's
       // are; a constant node takes them.
       torch::jit::Node *constant = graph->create(c10::prim::Constant);
-      constant->t_(c10::attr::value, reorder.call(weight, rows));
+      constant->t_(c10::attr::value, blocked);
       constant->output()->setType(c10::TensorType::get());
       constant->insertBefore(first);
       node->replaceInput(1, constant->output());
