@@ -6,7 +6,6 @@
 #include <ATen/Context.h>
 #include <torch/script.h>
 #include <torch/csrc/jit/ir/ir.h>
-#include <torch/csrc/jit/passes/dead_code_elimination.h>
 
 #include <cstdlib>
 #include <cstring>
@@ -68,7 +67,6 @@ int vmsn_rt_artifact_prepack_linears(VmsnArtifact *a, int64_t rows, char **err) 
     auto reorder = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("mkldnn::_reorder_linear_weight", "")
                        .typed<at::Tensor(const at::Tensor &, std::optional<int64_t>)>();
-    torch::jit::Node *first = *graph->nodes().begin();
     int packed = 0;
     for (torch::jit::Node *node : graph->nodes()) {
       if (node->kind() != linear || node->inputs().size() < 2) continue;
@@ -84,12 +82,13 @@ int vmsn_rt_artifact_prepack_linears(VmsnArtifact *a, int64_t rows, char **err) 
       torch::jit::Node *constant = graph->create(c10::prim::Constant);
       constant->t_(c10::attr::value, blocked);
       constant->output()->setType(c10::TensorType::get());
-      constant->insertBefore(first);
+      torch::jit::Node *dense = w->node();
+      constant->insertBefore(dense);
       node->replaceInput(1, constant->output());
+      // Free each dense weight at once, so the weights are never all held twice.
+      if (!w->hasUses()) dense->destroy();
       ++packed;
     }
-    // Drops the dense constants, so the weights are not held twice.
-    torch::jit::EliminateDeadCode(graph);
     return packed;
   } catch (const std::exception &e) {
     set_error(err, e);
