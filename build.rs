@@ -10,6 +10,7 @@ use std::path::PathBuf;
 fn main() {
     println!("cargo:rerun-if-changed=src/shim/describe.cpp");
     println!("cargo:rerun-if-changed=src/shim/artifact.cpp");
+    println!("cargo:rerun-if-changed=src/shim/c_strings.h");
     let lib = PathBuf::from(
         env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys did not report DEP_TCH_LIBTORCH_LIB"),
     );

@@ -12,18 +12,10 @@
 #include <string>
 #include <vector>
 
-namespace {
-char *copy_string(const std::string &s) {
-  char *out = static_cast<char *>(std::malloc(s.size() + 1));
-  if (out != nullptr) std::memcpy(out, s.c_str(), s.size() + 1);
-  return out;
-}
+#include "c_strings.h"
 
-void set_error(char **err, const std::exception &e) {
-  std::string message = e.what();
-  *err = copy_string(message.substr(0, message.find('\n')));
-}
-}  // namespace
+using vmsn::copy_string;
+using vmsn::set_error;
 
 struct VmsnArtifact {
   torch::jit::Module module;

@@ -4,17 +4,12 @@
 // exception across the C boundary.
 #include <torch/script.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <string>
 
-namespace {
-char *copy_string(const std::string &s) {
-  char *out = static_cast<char *>(std::malloc(s.size() + 1));
-  if (out != nullptr) std::memcpy(out, s.c_str(), s.size() + 1);
-  return out;
-}
-}  // namespace
+#include "c_strings.h"
+
+using vmsn::copy_string;
+using vmsn::set_error;
 
 extern "C" {
 
@@ -36,8 +31,7 @@ int vmsn_rt_describe(const char *path, const char *extra_name, char **schema,
     *extra = copy_string(files[extra_name]);
     return 0;
   } catch (const std::exception &e) {
-    std::string message = e.what();
-    *err = copy_string(message.substr(0, message.find('\n')));
+    set_error(err, e);
   }
   return 1;
 }
@@ -70,8 +64,7 @@ def forward(self, pixel_values: Tensor, bool_masked_pos: Tensor, head_mask: Tens
     m.save(out_path, extra);
     return 0;
   } catch (const std::exception &e) {
-    std::string message = e.what();
-    *err = copy_string(message.substr(0, message.find('\n')));
+    set_error(err, e);
   }
   return 1;
 }

@@ -1,0 +1,24 @@
+// Strings handed across the C boundary of the runtime's shims: malloc'ed
+// copies, freed by the Rust side with vmsn_rt_free_str.
+#pragma once
+
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <string>
+
+namespace vmsn {
+
+inline char *copy_string(const std::string &s) {
+  char *out = static_cast<char *>(std::malloc(s.size() + 1));
+  if (out != nullptr) std::memcpy(out, s.c_str(), s.size() + 1);
+  return out;
+}
+
+// libtorch messages carry a C++ backtrace after the first line.
+inline void set_error(char **err, const std::exception &e) {
+  std::string message = e.what();
+  *err = copy_string(message.substr(0, message.find('\n')));
+}
+
+}  // namespace vmsn
