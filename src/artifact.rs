@@ -36,8 +36,8 @@ extern "C" {
     fn vmsn_rt_free_str(s: *mut c_char);
 }
 
-/// Takes ownership of a string the shim malloc'ed.
-fn take_string(s: *mut c_char) -> Option<String> {
+/// Takes ownership of a string a runtime shim malloc'ed (None for null).
+pub(crate) fn take_string(s: *mut c_char) -> Option<String> {
     if s.is_null() {
         return None;
     }

@@ -7,7 +7,6 @@
 //! list whose first element is the primary output, or a dict with `logits` or
 //! `last_hidden_state`. 2-D primary outputs are logits, 3-D ones hidden states.
 
-use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
 use tch::{CModule, Device, IValue, Kind, Tensor};
@@ -15,7 +14,7 @@ use tch::{CModule, Device, IValue, Kind, Tensor};
 use crate::bundle::first_line;
 use crate::describe::describe;
 use crate::error::{Error, Result};
-use crate::fsutil::{read_regular, read_regular_text};
+use crate::fsutil::{check_regular_file, read_regular_text};
 
 pub struct BareArtifact {
     path: PathBuf,
@@ -57,14 +56,13 @@ impl BareArtifact {
                 ),
             });
         }
-        let bytes = read_regular(path)?;
-        let module =
-            CModule::load_data_on_device(&mut Cursor::new(bytes), Device::Cpu).map_err(|e| {
-                Error::Artifact {
-                    path: path.display().to_string(),
-                    message: first_line(&e.to_string()),
-                }
-            })?;
+        check_regular_file(path)?;
+        // From the path: libtorch reads the archive record by record, where
+        // tch's load-from-buffer would hold extra copies of the file.
+        let module = CModule::load_on_device(path, Device::Cpu).map_err(|e| Error::Artifact {
+            path: path.display().to_string(),
+            message: first_line(&e.to_string()),
+        })?;
         Ok(Self {
             path: path.to_path_buf(),
             module,

@@ -1,9 +1,10 @@
 //! What a TorchScript file says about itself (forward schema, and the
 //! description vit-msn stores inside its artifacts).
 
-use std::ffi::{c_char, c_int, CStr, CString};
+use std::ffi::{c_char, c_int, CString};
 use std::path::Path;
 
+use crate::artifact::take_string;
 use crate::error::{Error, Result};
 
 /// Name of the JSON file stored inside each vit-msn artifact.
@@ -17,7 +18,6 @@ extern "C" {
         extra: *mut *mut c_char,
         err: *mut *mut c_char,
     ) -> c_int;
-    fn vmsn_rt_free_str(s: *mut c_char);
 }
 
 pub struct ModuleDescription {
@@ -27,14 +27,9 @@ pub struct ModuleDescription {
     pub vit_msn: Option<serde_json::Value>,
 }
 
+/// A shim string, or "" for none.
 fn take(s: *mut c_char) -> String {
-    if s.is_null() {
-        return String::new();
-    }
-    // SAFETY: the shim returns NUL-terminated malloc'ed strings, freed here once.
-    let out = unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned();
-    unsafe { vmsn_rt_free_str(s) };
-    out
+    take_string(s).unwrap_or_default()
 }
 
 /// Loads the file on the CPU and reads its forward schema.

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
 
+use crate::artifact::take_string;
 use crate::bundle::sha256_hex;
 use crate::error::{Error, Result};
 use crate::fsutil::{remove_stale_siblings, replace_dir, sibling_tmp, write_atomic};
@@ -28,7 +29,6 @@ extern "C" {
         extra_contents: *const c_char,
         err: *mut *mut c_char,
     ) -> c_int;
-    fn vmsn_rt_free_str(s: *mut c_char);
 }
 
 /// An ImageFolder: one sub-folder per class, named for it.
@@ -322,15 +322,7 @@ pub fn write_classifier(
                 )
             };
             if rc != 0 {
-                // SAFETY: the shim set `err` to a malloc'ed string, freed once here.
-                let message = if err.is_null() {
-                    String::new()
-                } else {
-                    unsafe { std::ffi::CStr::from_ptr(err) }
-                        .to_string_lossy()
-                        .into_owned()
-                };
-                unsafe { vmsn_rt_free_str(err) };
+                let message = take_string(err).unwrap_or_default();
                 return Err(Error::Artifact {
                     path: entry.file.clone(),
                     message,
