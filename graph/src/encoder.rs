@@ -37,13 +37,19 @@ fn project(
     }
 }
 
+/// A weight and its bias, concatenated from several checkpoint linears.
+type FusedLinear = (Tensor, Option<Tensor>);
+
 /// `attention.attention`: separate query/key/value linears in the checkpoint,
 /// fused into one projection before tracing.
 pub struct SelfAttention {
     query: nn::Linear,
     key: nn::Linear,
     value: nn::Linear,
-    qkv: Option<(Tensor, Option<Tensor>)>,
+    /// query|key|value, for every token.
+    qkv: Option<FusedLinear>,
+    /// key|value, for the layer that computes the query of the CLS token only.
+    kv: Option<FusedLinear>,
     backend: LinearBackend,
     heads: i64,
     head_dim: i64,
@@ -68,24 +74,23 @@ impl SelfAttention {
             key: nn::linear(p / "key", d, d, lin),
             value: nn::linear(p / "value", d, d, lin),
             qkv: None,
+            kv: None,
             backend: LinearBackend::Aten,
             heads: cfg.num_attention_heads,
             head_dim: cfg.head_dim(),
         }
     }
 
-    /// Concatenates the three projections, once the weights are loaded.
+    /// Concatenates the projections, once the weights are loaded. Only the
+    /// tensors a trace uses become constants of the artifact.
     pub fn fuse(&mut self, backend: LinearBackend) {
         self.backend = backend;
-        let weight = Tensor::cat(&[&self.query.ws, &self.key.ws, &self.value.ws], 0);
-        let bias = match (&self.query.bs, &self.key.bs, &self.value.bs) {
-            (Some(q), Some(k), Some(v)) => Some(Tensor::cat(&[q, k, v], 0)),
-            _ => None,
-        };
-        self.qkv = Some((weight, bias));
+        self.qkv = Some(concat(&[&self.query, &self.key, &self.value]));
+        self.kv = Some(concat(&[&self.key, &self.value]));
     }
 
-    /// `x` (B, T, D), `head_mask` (heads,) → context (B, T, D).
+    /// `x` (B, T, D), `head_mask` (heads,) → context (B, Q, D), where the
+    /// queries Q are all T tokens, or only the CLS token when `cls_only`.
     ///
     /// The head mask scales each head's probabilities in the reference; since
     /// it is one scalar per head, scaling each head's context is the same and
@@ -95,16 +100,43 @@ impl SelfAttention {
         x: &Tensor,
         head_mask: &Tensor,
         want_probs: bool,
+        cls_only: bool,
     ) -> Result<AttentionOutput, Error> {
-        let (weight, bias) = self
-            .qkv
-            .as_ref()
-            .ok_or_else(|| Error::Trace("SelfAttention::fuse must run before forward".into()))?;
+        let (Some(qkv), Some(kv)) = (&self.qkv, &self.kv) else {
+            return Err(Error::Trace(
+                "SelfAttention::fuse must run before forward".into(),
+            ));
+        };
         let tokens = x.size()[1];
-        let qkv = project(x, weight, bias.as_ref(), self.backend, PostOp::None)?
-            .view([-1, tokens, 3, self.heads, self.head_dim])
-            .permute([2, 0, 3, 1, 4]);
-        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
+        // (B, rows, n·D) → n tensors of (B, heads, rows, head_dim).
+        let split = |y: Tensor, rows: i64, n: i64| {
+            y.view([-1, rows, n, self.heads, self.head_dim])
+                .permute([2, 0, 3, 1, 4])
+        };
+        let (q, k, v) = if cls_only {
+            let cls = x.narrow(1, 0, 1);
+            let q = project(
+                &cls,
+                &self.query.ws,
+                self.query.bs.as_ref(),
+                self.backend,
+                PostOp::None,
+            )?;
+            let kv = split(
+                project(x, &kv.0, kv.1.as_ref(), self.backend, PostOp::None)?,
+                tokens,
+                2,
+            );
+            (split(q, 1, 1).get(0), kv.get(0), kv.get(1))
+        } else {
+            let qkv = split(
+                project(x, &qkv.0, qkv.1.as_ref(), self.backend, PostOp::None)?,
+                tokens,
+                3,
+            );
+            (qkv.get(0), qkv.get(1), qkv.get(2))
+        };
+        let queries = q.size()[2];
         let per_head = head_mask.view([1, self.heads, 1, 1]);
         let (context, probs) = if want_probs {
             let scores = q.matmul(&k.transpose(-1, -2)) / (self.head_dim as f64).sqrt();
@@ -119,9 +151,16 @@ impl SelfAttention {
         let context =
             context
                 .permute([0, 2, 1, 3])
-                .reshape([-1, tokens, self.heads * self.head_dim]);
+                .reshape([-1, queries, self.heads * self.head_dim]);
         Ok(AttentionOutput { context, probs })
     }
+}
+
+/// The linears' weights (and biases, if all have one) stacked along the output.
+fn concat(linears: &[&nn::Linear]) -> FusedLinear {
+    let weights: Vec<&Tensor> = linears.iter().map(|l| &l.ws).collect();
+    let biases: Option<Vec<&Tensor>> = linears.iter().map(|l| l.bs.as_ref()).collect();
+    (Tensor::cat(&weights, 0), biases.map(|b| Tensor::cat(&b, 0)))
 }
 
 /// `encoder.layer.N`.
@@ -165,16 +204,28 @@ impl Layer {
         project(x, &lin.ws, lin.bs.as_ref(), self.backend, post)
     }
 
+    /// `x` (B, T, D) → (B, T, D), or (B, 1, D) for the CLS token only when
+    /// `cls_only`: every token still feeds the keys and values, but only the
+    /// CLS row goes on through the attention output and the MLP.
     pub fn forward(
         &self,
         x: &Tensor,
         head_mask: &Tensor,
         want_probs: bool,
+        cls_only: bool,
     ) -> Result<LayerOutput, Error> {
-        let attn =
-            self.attention
-                .forward(&x.apply(&self.layernorm_before), head_mask, want_probs)?;
-        let h = x + self.dense(&attn.context, &self.attention_output, PostOp::None)?;
+        let attn = self.attention.forward(
+            &x.apply(&self.layernorm_before),
+            head_mask,
+            want_probs,
+            cls_only,
+        )?;
+        let residual = if cls_only {
+            x.narrow(1, 0, 1)
+        } else {
+            x.shallow_clone()
+        };
+        let h = residual + self.dense(&attn.context, &self.attention_output, PostOp::None)?;
         let normed = h.apply(&self.layernorm_after);
         // GELU rides along with oneDNN's GEMM as a post-op; others run after.
         let mlp = match (self.backend, self.act) {
@@ -228,13 +279,15 @@ impl Encoder {
         self.layers.iter_mut().for_each(|l| l.fuse(backend));
     }
 
-    /// `head_mask` is (layers, heads).
+    /// `head_mask` is (layers, heads). With `cls_only_last`, the last layer
+    /// computes the CLS token's output only (see [`Layer::forward`]).
     pub fn forward(
         &self,
         x: Tensor,
         head_mask: &Tensor,
         want_hidden: bool,
         want_probs: bool,
+        cls_only_last: bool,
     ) -> Result<EncoderOutput, Error> {
         let mut hidden_states = Vec::new();
         let mut attentions = Vec::new();
@@ -243,7 +296,13 @@ impl Encoder {
             if want_hidden {
                 hidden_states.push(x.shallow_clone());
             }
-            let out = layer.forward(&x, &head_mask.get(i as i64), want_probs)?;
+            let last = i + 1 == self.layers.len();
+            let out = layer.forward(
+                &x,
+                &head_mask.get(i as i64),
+                want_probs,
+                cls_only_last && last,
+            )?;
             attentions.extend(out.probs);
             x = out.hidden;
         }

@@ -19,6 +19,7 @@ pub struct VitMsnModel {
 
 /// What the graph returns, by the reference's output names.
 pub struct ModelOutput {
+    /// (B, T, D), or (B, 1, D) when only the CLS token was asked for.
     pub last_hidden_state: Tensor,
     pub hidden_states: Vec<Tensor>,
     pub attentions: Vec<Tensor>,
@@ -50,6 +51,9 @@ impl VitMsnModel {
         self.encoder.fuse(backend);
     }
 
+    /// With `cls_only`, `last_hidden_state` holds the CLS token only, and the
+    /// last layer skips the work that only the other tokens' outputs need.
+    /// It cannot be combined with optional outputs, which need every token.
     pub fn forward(
         &self,
         pixel_values: &Tensor,
@@ -57,13 +61,23 @@ impl VitMsnModel {
         head_mask: &Tensor,
         position_table: &Tensor,
         wanted: Wanted,
+        cls_only: bool,
     ) -> Result<ModelOutput, Error> {
+        if cls_only && (wanted.hidden_states || wanted.attentions) {
+            return Err(Error::Trace(
+                "the CLS-only graph has no hidden_states or attentions to return".into(),
+            ));
+        }
         let x = self
             .embeddings
             .forward(pixel_values, bool_masked_pos, position_table);
-        let enc = self
-            .encoder
-            .forward(x, head_mask, wanted.hidden_states, wanted.attentions)?;
+        let enc = self.encoder.forward(
+            x,
+            head_mask,
+            wanted.hidden_states,
+            wanted.attentions,
+            cls_only,
+        )?;
         Ok(ModelOutput {
             last_hidden_state: enc.last.apply(&self.layernorm),
             hidden_states: enc.hidden_states,
@@ -134,12 +148,16 @@ impl Model {
         position_table: &Tensor,
         wanted: Wanted,
     ) -> Result<Vec<(&'static str, Tensor)>, Error> {
+        // The classifier reads the CLS token alone; unless every token's
+        // states or attentions are returned, the last layer computes only it.
+        let cls_only = self.classifier.is_some() && !wanted.hidden_states && !wanted.attentions;
         let out = self.vit.forward(
             pixel_values,
             bool_masked_pos,
             head_mask,
             position_table,
             wanted,
+            cls_only,
         )?;
         let mut named = Vec::new();
         match &self.classifier {
