@@ -254,6 +254,132 @@ fn cuda_support_loads_on_demand() {
     assert!(!err.contains("CUDA' backend"), "{err}");
 }
 
+/// A libtorch without CUDA support (no libtorch_cuda.so beside libtorch_cpu.so,
+/// none on the search path): asking for CUDA is a one-line error, and the CPU
+/// still works. The binary is copied with its RUNPATH blanked and run against a
+/// folder of hard links to libtorch's libraries, minus libtorch_cuda.so.
+#[test]
+fn cuda_support_missing_is_a_clear_error() {
+    let dir = common::scratch("no-libtorch-cuda");
+    let libs = dir.join("lib");
+    std::fs::create_dir(&libs).unwrap();
+    let torch_lib = common::root()
+        .join(".libtorch")
+        .join("lib")
+        .canonicalize()
+        .unwrap();
+    for entry in std::fs::read_dir(&torch_lib).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name();
+        if name == "libtorch_cuda.so" || !entry.file_type().unwrap().is_file() {
+            continue;
+        }
+        // Hard links (same file system as the venv): /proc/self/maps then
+        // names this folder, as it would for a real CPU-only libtorch.
+        std::fs::hard_link(entry.path(), libs.join(&name))
+            .unwrap_or_else(|e| panic!("hard link {}: {e}", entry.path().display()));
+    }
+
+    let readelf = std::process::Command::new("readelf")
+        .arg("-d")
+        .arg(common::bin())
+        .output()
+        .expect("readelf");
+    let text = String::from_utf8_lossy(&readelf.stdout);
+    let runpath = text
+        .lines()
+        .find(|l| l.contains("(RUNPATH)"))
+        .and_then(|l| Some(l.split_once('[')?.1.split_once(']')?.0.to_string()))
+        .expect("no RUNPATH");
+    let mut image = std::fs::read(common::bin()).unwrap();
+    let needle: Vec<u8> = runpath.bytes().chain([0]).collect();
+    let blank = b"/nonexistent";
+    assert!(blank.len() < needle.len());
+    let mut replaced = 0;
+    let mut i = 0;
+    while let Some(at) = image[i..]
+        .windows(needle.len())
+        .position(|w| w == needle.as_slice())
+    {
+        let start = i + at;
+        // Only whole strings (a NUL before), as the dynamic string table holds it.
+        if start > 0 && image[start - 1] == 0 {
+            image[start..start + needle.len()].fill(0);
+            image[start..start + blank.len()].copy_from_slice(blank);
+            replaced += 1;
+        }
+        i = start + needle.len();
+    }
+    assert!(replaced > 0, "RUNPATH `{runpath}` not found in the binary");
+    let bin = dir.join("vit-msn");
+    std::fs::write(&bin, &image).unwrap();
+    std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+
+    // libtorch_cpu.so of the CUDA wheel needs CUDA's profiler library
+    // (libcupti), which its RPATH finds relative to its own folder.
+    let mut search = vec![libs.clone()];
+    if let Ok(nvidia) = std::fs::read_dir(torch_lib.join("../../nvidia")) {
+        search.extend(nvidia.flatten().map(|e| e.path().join("lib")));
+    }
+    let search = std::env::join_paths(search).unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(&bin)
+            .args(args)
+            .env("LD_LIBRARY_PATH", &search)
+            .output()
+            .unwrap()
+    };
+    let model = dir.join("m");
+    let cfg = dir.join("config.json");
+    std::fs::write(
+        &cfg,
+        r#"{"architectures": ["ViTMSNModel"], "hidden_size": 8, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "intermediate_size": 16, "image_size": 8, "patch_size": 4}"#,
+    )
+    .unwrap();
+    let out = run(&[
+        "init",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        model.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&[
+        "compile",
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        dir.join("b").to_str().unwrap(),
+        "--device",
+        "cuda",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("CUDA support could not be loaded") && stderr.contains("libtorch_cuda.so"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(!dir.join("b").exists());
+    let out = run(&[
+        "compile",
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        dir.join("b").to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// An application that links only the runtime does not pull in the compiler.
 #[test]
 fn runtime_does_not_depend_on_the_graph() {
