@@ -37,7 +37,7 @@ for t in parity runtime; do
   cp "$exe" "$out/$t"
 done
 # Small cases only: what travels to the GPU machine is limited to 64 MiB.
-for case in base sdpa no_qkv_bias classifier_bin artifact_f16 artifact_bf16; do
+for case in base sdpa no_qkv_bias classifier_bin classifier_regression artifact_f16 artifact_bf16; do
   cp -r "$root/tests/fixtures/generated/$case" "$out/fixtures/"
 done
 touch "$out/fixtures/COMPLETE"
