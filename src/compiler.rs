@@ -7,7 +7,9 @@ use std::path::Path;
 use crate::bundle::sha256_hex;
 use crate::device;
 use crate::error::{Error, Result};
-use crate::fsutil::{remove_stale_siblings, replace_dir, sibling_tmp, write_atomic};
+use crate::fsutil::{
+    check_output_dir, remove_stale_siblings, replace_dir, sibling_tmp, write_atomic, OutputDir,
+};
 use crate::image::Preprocessing;
 use crate::manifest::{
     ArtifactEntry, FileDigest, Manifest, ModelInfo, Source, TensorSpec, FORMAT_VERSION,
@@ -22,6 +24,7 @@ pub fn compile_bundle(model_dir: &Path, out: &Path, opts: &CompileOptions) -> Re
     if !model_dir.is_dir() {
         return Err(Error::file(model_dir, "not a model folder"));
     }
+    check_output_dir(out, OutputDir::Bundle, &[model_dir])?;
     // Loads libtorch's CUDA support first when compiling for CUDA.
     device::check_available(opts.device)?;
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {

@@ -12,7 +12,9 @@ use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
 use crate::artifact::take_string;
 use crate::bundle::sha256_hex;
 use crate::error::{Error, Result};
-use crate::fsutil::{remove_stale_siblings, replace_dir, sibling_tmp, write_atomic};
+use crate::fsutil::{
+    check_output_dir, remove_stale_siblings, replace_dir, sibling_tmp, write_atomic, OutputDir,
+};
 use crate::image::{is_image_path, preprocess_path};
 use crate::manifest::{ArtifactEntry, Manifest, TensorSpec, MANIFEST_FILE};
 use crate::tensors::{parse_safetensors, write_safetensors};
@@ -268,6 +270,7 @@ pub fn write_classifier(
     report: &FitReport,
     out: &Path,
 ) -> Result<()> {
+    check_output_dir(out, OutputDir::Bundle, &[backbone.dir()])?;
     let m = backbone.manifest();
     let kind = crate::device::parse_dtype(&m.dtype)?;
     let weight = head.weight.to_kind(kind).contiguous();

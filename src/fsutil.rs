@@ -19,7 +19,17 @@ pub fn sibling_tmp(target: &Path) -> PathBuf {
 }
 
 /// Calls `write` on a temporary path beside `target`, then renames it into place.
+/// A folder, FIFO or device at `target` is refused, never renamed over (a
+/// symlink is replaced, not what it points to).
 pub fn write_atomic_with(target: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    if let Ok(meta) = std::fs::symlink_metadata(target) {
+        if !meta.is_file() && !meta.file_type().is_symlink() {
+            return Err(Error::file(
+                target,
+                "exists and is not a regular file; refusing to replace it",
+            ));
+        }
+    }
     let tmp = sibling_tmp(target);
     let result =
         write(&tmp).and_then(|()| std::fs::rename(&tmp, target).map_err(|e| Error::io(target, e)));
@@ -33,6 +43,61 @@ pub fn write_atomic(target: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic_with(target, |tmp| {
         std::fs::write(tmp, bytes).map_err(|e| Error::io(target, e))
     })
+}
+
+/// What a command may replace when it writes a folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputDir {
+    /// A bundle: an older bundle (a folder with a manifest.json) may be replaced.
+    Bundle,
+    /// Anything else: only an absent or empty folder.
+    New,
+}
+
+/// Errors unless writing the folder `out` can lose nothing that is not ours:
+/// `out` must be absent, an empty folder, or (for [`OutputDir::Bundle`]) an
+/// older bundle, and none of `inputs` may be `out` or lie inside it.
+pub fn check_output_dir(out: &Path, kind: OutputDir, inputs: &[&Path]) -> Result<()> {
+    let meta = match std::fs::metadata(out) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(out, e)),
+    };
+    if !meta.is_dir() {
+        return Err(Error::file(
+            out,
+            "exists and is not a folder; refusing to replace it",
+        ));
+    }
+    let out_real = out.canonicalize().map_err(|e| Error::io(out, e))?;
+    for input in inputs {
+        if input.canonicalize().is_ok_and(|p| p.starts_with(&out_real)) {
+            return Err(Error::file(
+                out,
+                format!(
+                    "holds {}, an input of this command; refusing to replace it",
+                    input.display()
+                ),
+            ));
+        }
+    }
+    let empty = std::fs::read_dir(out)
+        .map_err(|e| Error::io(out, e))?
+        .next()
+        .is_none();
+    let is_bundle = out.join(crate::manifest::MANIFEST_FILE).is_file();
+    match kind {
+        _ if empty => Ok(()),
+        OutputDir::Bundle if is_bundle => Ok(()),
+        OutputDir::Bundle => Err(Error::file(
+            out,
+            "exists and is not a bundle (no manifest.json); refusing to replace it",
+        )),
+        OutputDir::New => Err(Error::file(
+            out,
+            "exists and is not empty; refusing to replace it (remove it first)",
+        )),
+    }
 }
 
 /// Moves a finished directory `staged` to `target`, replacing any old one: at

@@ -249,3 +249,113 @@ fn usage_errors_exit_2() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("`abc` is not N or HxW"));
 }
+
+/// Outputs never replace what is not ours: a folder holding other files, the
+/// model folder itself, a bundle that holds the model, a non-empty `init`
+/// target, or a FIFO where an output file goes. Each is refused, untouched.
+#[test]
+fn outputs_that_would_lose_data_are_refused() {
+    let dir = scratch("compile-error-outputs");
+    let model = dir.join("model");
+    copy_model("base", &model);
+    let refused = |args: &[&dyn AsRef<std::ffi::OsStr>], expected: &str| {
+        let out = vit_msn(args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains(expected) && stderr.trim_end().lines().count() == 1,
+            "expected `{expected}`: {stderr}"
+        );
+    };
+
+    // A folder with someone's file in it.
+    let notes = dir.join("notes");
+    std::fs::create_dir(&notes).unwrap();
+    std::fs::write(notes.join("notes.txt"), "keep me").unwrap();
+    refused(
+        &[&"compile", &"--model", &model, &"--out", &notes],
+        "is not a bundle (no manifest.json); refusing to replace it",
+    );
+    assert_eq!(
+        std::fs::read_to_string(notes.join("notes.txt")).unwrap(),
+        "keep me"
+    );
+
+    // The model folder itself.
+    refused(
+        &[&"compile", &"--model", &model, &"--out", &model],
+        "an input of this command; refusing to replace it",
+    );
+    assert!(model.join("config.json").is_file() && model.join("model.safetensors").is_file());
+
+    // A bundle may be replaced, but not when the model lies inside it.
+    let bundle = dir.join("bundle");
+    common::assert_ok(
+        &vit_msn(&[&"compile", &"--model", &model, &"--out", &bundle]),
+        "compile",
+    );
+    common::assert_ok(
+        &vit_msn(&[&"compile", &"--model", &model, &"--out", &bundle]),
+        "compile over an older bundle",
+    );
+    let inner = bundle.join("model");
+    copy_model("base", &inner);
+    refused(
+        &[&"compile", &"--model", &inner, &"--out", &bundle],
+        "an input of this command; refusing to replace it",
+    );
+    assert!(inner.join("model.safetensors").is_file());
+
+    // init writes only into an absent or empty folder.
+    let weights = std::fs::read(model.join("model.safetensors")).unwrap();
+    refused(
+        &[
+            &"init",
+            &"--config",
+            &model.join("config.json"),
+            &"--out",
+            &model,
+        ],
+        "refusing to replace it",
+    );
+    assert_eq!(
+        std::fs::read(model.join("model.safetensors")).unwrap(),
+        weights
+    );
+    let empty = dir.join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    common::assert_ok(
+        &vit_msn(&[
+            &"init",
+            &"--config",
+            &model.join("config.json"),
+            &"--out",
+            &empty,
+        ]),
+        "init into an empty folder",
+    );
+
+    // A FIFO (or device) where an output file goes is refused, not renamed over.
+    let fifo = dir.join("out.safetensors");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let inputs = case_dir("base").join("plain_32x32.in.safetensors");
+    refused(
+        &[
+            &"run",
+            &"--bundle",
+            &bundle,
+            &"--inputs",
+            &inputs,
+            &"--output",
+            &fifo,
+        ],
+        "exists and is not a regular file; refusing to replace it",
+    );
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::symlink_metadata(&fifo)
+        .unwrap()
+        .file_type()
+        .is_fifo());
+}

@@ -6,6 +6,7 @@ use tch::{Kind, Tensor};
 use vit_msn::fewshot::{
     accuracy, embed, fit_linear, fit_prototype, write_classifier, FitReport, LabelledImages,
 };
+use vit_msn::fsutil::{check_output_dir, OutputDir};
 use vit_msn::image::preprocess_path;
 use vit_msn::{Bundle, Device, Error};
 
@@ -120,6 +121,18 @@ fn fit(a: FitArgs) -> CliResult {
     if !(0.0..1.0).contains(&a.val_split) {
         return Err("--val-split must be in [0, 1)".into());
     }
+    let out = a.out.clone().unwrap_or_else(|| {
+        let name = a
+            .bundle
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "bundle".into());
+        a.bundle.with_file_name(format!("{name}-fewshot"))
+    });
+    // Before the slow part: the bundle written at the end may replace only an older bundle.
+    let mut inputs = vec![a.bundle.as_path(), a.train.as_path()];
+    inputs.extend(a.val.as_deref());
+    check_output_dir(&out, OutputDir::Bundle, &inputs)?;
     let backbone = Bundle::load(&a.bundle, Device::Cpu)?;
     let train = LabelledImages::read(&a.train)?;
     let classes = train.classes.len() as i64;
@@ -190,14 +203,6 @@ fn fit(a: FitArgs) -> CliResult {
         fit_linear(&x, &y, classes, wd, a.epochs, a.seed)?
     };
     let train_acc = accuracy(&head.predict(&x), &y);
-    let out = a.out.clone().unwrap_or_else(|| {
-        let name = a
-            .bundle
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "bundle".into());
-        a.bundle.with_file_name(format!("{name}-fewshot"))
-    });
     write_classifier(&backbone, &head, &train.classes, &report, &out)?;
     println!(
         "{} classes, {} training images, method {}",

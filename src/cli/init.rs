@@ -1,7 +1,9 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use vit_msn::fsutil::{remove_stale_siblings, replace_dir, sibling_tmp};
+use vit_msn::fsutil::{
+    check_output_dir, remove_stale_siblings, replace_dir, sibling_tmp, OutputDir,
+};
 use vit_msn::Error;
 use vit_msn_graph::untrained::write_untrained_checkpoint;
 
@@ -22,7 +24,7 @@ pub struct InitArgs {
     /// A transformers ViT-MSN config.json (its `architectures` picks backbone or classifier).
     #[arg(long)]
     config: PathBuf,
-    /// Folder to write config.json and model.safetensors into (replaced atomically if it exists).
+    /// Folder to write config.json and model.safetensors into; it must not exist, or be empty.
     #[arg(long)]
     out: PathBuf,
     /// Seed of the weights.
@@ -31,6 +33,8 @@ pub struct InitArgs {
 }
 
 pub fn init(a: InitArgs) -> CliResult {
+    // Never over a folder with anything in it: it may hold a trained model.
+    check_output_dir(&a.out, OutputDir::New, &[&a.config])?;
     // As the compiler reads config.json: 16 MiB at most.
     let len = std::fs::metadata(&a.config)
         .map_err(|e| Error::io(&a.config, e))?

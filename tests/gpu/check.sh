@@ -14,7 +14,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 "$here/runtime" --test-threads 1 --skip runtime_does_not_depend_on_the_graph --skip binary_dynamic_section --skip cuda_support_missing_is_a_clear_error 2>&1 | tee "$out/runtime.log"
 
 vitb=/tmp/vit-msn-vitb16
-mkdir -p "$vitb"
+rm -rf "$vitb" && mkdir -p "$vitb"
 cat > "$vitb/config.json" <<'JSON'
 {"model_type": "vit_msn", "architectures": ["ViTMSNForImageClassification"],
  "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
