@@ -1,6 +1,7 @@
 //! Building the model's optional inputs from what a person types, and finding
 //! the images a command line names.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use tch::{Device, Kind, Tensor};
@@ -78,7 +79,8 @@ pub fn collect_images(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     for path in paths {
         if path.is_dir() {
             let before = out.len();
-            walk(path, &mut out)?;
+            let root = path.canonicalize().map_err(|e| Error::io(path, e))?;
+            walk(path, &root, &mut HashSet::new(), &mut out)?;
             if out.len() == before {
                 return Err(Error::file(
                     path,
@@ -92,7 +94,18 @@ pub fn collect_images(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+/// Follows symlinked folders, but never into one already walked or into an
+/// ancestor of `root` (a `self -> .` or `up -> ..` link would never end).
+fn walk(
+    dir: &Path,
+    root: &Path,
+    seen: &mut HashSet<PathBuf>,
+    out: &mut Vec<PathBuf>,
+) -> Result<()> {
+    let real = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
+    if (real != root && root.starts_with(&real)) || !seen.insert(real) {
+        return Ok(());
+    }
     let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| Error::io(dir, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -100,7 +113,7 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     entries.sort();
     for p in entries {
         if p.is_dir() {
-            walk(&p, out)?;
+            walk(&p, root, seen, out)?;
         } else if crate::image::is_image_path(&p) {
             out.push(p);
         }

@@ -4,6 +4,9 @@ use tch::{Kind, Reduction, Tensor};
 
 use crate::error::{Error, Result};
 
+/// CrossEntropyLoss's `ignore_index`: a label the loss skips, as in transformers.
+const IGNORE_INDEX: i64 = -100;
+
 /// `problem_type` if set; else one label → regression, integer labels →
 /// single-label cross-entropy, anything else → multi-label BCE with logits.
 pub fn loss(logits: &Tensor, labels: &Tensor, problem_type: Option<&str>) -> Result<Tensor> {
@@ -40,16 +43,19 @@ pub fn loss(logits: &Tensor, labels: &Tensor, problem_type: Option<&str>) -> Res
             let in_range = labels
                 .ge(0)
                 .logical_and(&labels.lt(num_labels))
+                .logical_or(&labels.eq(IGNORE_INDEX))
                 .all()
                 .f_int64_value(&[])
                 .unwrap_or(0)
                 == 1;
             if !in_range {
-                return Err(bad(format!("class indices must be in 0..{num_labels}")));
+                return Err(bad(format!(
+                    "class indices must be in 0..{num_labels} (or {IGNORE_INDEX}, ignored)"
+                )));
             }
             logits
                 .view([-1, num_labels])
-                .f_cross_entropy_loss::<Tensor>(&labels, None, Reduction::Mean, -100, 0.0)
+                .f_cross_entropy_loss::<Tensor>(&labels, None, Reduction::Mean, IGNORE_INDEX, 0.0)
         }
         "multi_label_classification" => logits.f_binary_cross_entropy_with_logits::<Tensor>(
             &labels.to_kind(Kind::Float),

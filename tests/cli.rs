@@ -29,6 +29,31 @@ fn fails(out: &std::process::Output, needle: &str) {
     );
 }
 
+/// Runs the binary with a deadline, so a regression that blocks or loops
+/// fails instead of hanging the suite.
+fn run_within(seconds: u64, args: &[&dyn AsRef<std::ffi::OsStr>]) -> std::process::Output {
+    let mut child = std::process::Command::new(common::bin())
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed().as_secs() > seconds {
+            let _ = child.kill();
+            panic!(
+                "vit-msn {:?} did not finish within {seconds} s",
+                args.iter()
+                    .map(|a| a.as_ref().to_owned())
+                    .collect::<Vec<_>>()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
 /// Reference tensors of an end-to-end case, and the photo names in order.
 fn reference(case: &str) -> (Tensor, Tensor, Vec<String>) {
     let dir = case_dir(case);
@@ -632,29 +657,7 @@ fn fifos_are_refused_not_read() {
         // SAFETY: a valid NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
     };
-    // Runs the binary with a deadline, so a regression fails instead of hanging.
-    let run = |args: &[&dyn AsRef<std::ffi::OsStr>]| {
-        let mut child = std::process::Command::new(common::bin())
-            .args(args)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let start = std::time::Instant::now();
-        while child.try_wait().unwrap().is_none() {
-            if start.elapsed().as_secs() > 60 {
-                let _ = child.kill();
-                panic!(
-                    "vit-msn {:?} blocked on a FIFO",
-                    args.iter()
-                        .map(|a| a.as_ref().to_owned())
-                        .collect::<Vec<_>>()
-                );
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        child.wait_with_output().unwrap()
-    };
+    let run = |args: &[&dyn AsRef<std::ffi::OsStr>]| run_within(60, args);
 
     let model = dir.join("model");
     std::fs::create_dir_all(&model).unwrap();
@@ -716,4 +719,22 @@ fn fifos_are_refused_not_read() {
         ]),
         "manifest.json: not a regular file",
     );
+}
+
+/// A folder of images with symlinks back to itself and to its parent: each
+/// image is read once, and the walk ends.
+#[test]
+fn symlink_loops_in_image_folders_end() {
+    let dir = scratch("cli-symlink-loop");
+    let photos_dir = dir.join("photos");
+    std::fs::create_dir_all(photos_dir.join("sub")).unwrap();
+    std::fs::copy(photos().join("coffee.jpg"), photos_dir.join("coffee.jpg")).unwrap();
+    std::os::unix::fs::symlink(".", photos_dir.join("self")).unwrap();
+    std::os::unix::fs::symlink("..", photos_dir.join("sub").join("up")).unwrap();
+    std::os::unix::fs::symlink("..", photos_dir.join("up")).unwrap();
+    let bundle = compile("base", "cli-symlink-loop-bundle", &[]);
+    let out = run_within(60, &[&"run", &"--bundle", &bundle, &"--image", &photos_dir]);
+    assert_ok(&out, "run on a folder with symlink loops");
+    let text = stdout(&out);
+    assert_eq!(text.matches("coffee.jpg").count(), 1, "{text}");
 }
