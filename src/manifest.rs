@@ -211,5 +211,12 @@ pub fn parse_resolution(s: &str) -> Result<(i64, i64)> {
     if h <= 0 || w <= 0 {
         return Err(bad());
     }
+    let max = i64::from(crate::image::MAX_TARGET_SIDE);
+    if h > max || w > max {
+        return Err(Error::input(
+            "resolution",
+            format!("`{s}`: each side must be at most {max} pixels"),
+        ));
+    }
     Ok((h, w))
 }

@@ -359,3 +359,126 @@ fn outputs_that_would_lose_data_are_refused() {
         .file_type()
         .is_fifo());
 }
+
+/// Sizes far beyond the weights, or beyond any ViT, are refused by the config
+/// check before anything is allocated: an error, never an allocation abort.
+#[test]
+fn absurd_sizes_are_refused_before_allocating() {
+    let set = |key: &'static str, value: Value| {
+        move |m: &Path| {
+            edit_config(m, |c| {
+                c.insert(key.into(), value.clone());
+            })
+        }
+    };
+    let cases: Vec<(&str, Box<dyn Fn(&Path)>, &str)> = vec![
+        (
+            "hidden",
+            Box::new(set("hidden_size", (1i64 << 20).into())),
+            "more than 4294967296 parameters",
+        ),
+        (
+            "layers",
+            Box::new(set("num_hidden_layers", 1_000_000_000_000i64.into())),
+            "more than 4294967296 parameters",
+        ),
+        (
+            "intermediate",
+            Box::new(set("intermediate_size", 1_000_000_000_000_000i64.into())),
+            "more than 4294967296 parameters",
+        ),
+        (
+            "image",
+            Box::new(|m: &Path| {
+                edit_config(m, |c| {
+                    c.insert("image_size".into(), 8_000_000.into());
+                    c.insert("patch_size".into(), 1.into());
+                })
+            }),
+            "more than 4294967296 parameters",
+        ),
+        (
+            "labels",
+            Box::new(|m: &Path| {
+                edit_config(m, |c| {
+                    c.remove("id2label");
+                    c.remove("label2id");
+                    c.insert("num_labels".into(), 10_000_000_000_000i64.into());
+                })
+            }),
+            "`num_labels` must be in 1..=16777216",
+        ),
+        (
+            // Within the cap, but 100 times the weights the checkpoint holds.
+            "beyond_weights",
+            Box::new(set("intermediate_size", 64_000.into())),
+            "its sizes do not match the weights",
+        ),
+    ];
+    for (name, break_it, expect) in cases {
+        let err = compile_fails(&format!("absurd-{name}"), "classifier_regression", break_it);
+        assert!(err.contains(expect), "{name}: {err}");
+    }
+
+    // init has no weights to compare with: the cap alone.
+    let dir = scratch("absurd-init");
+    let config = dir.join("config.json");
+    std::fs::write(
+        &config,
+        r#"{"hidden_size": 1048576, "num_attention_heads": 1}"#,
+    )
+    .unwrap();
+    let out = vit_msn(&[&"init", &"--config", &config, &"--out", &dir.join("m")]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("more than 4294967296 parameters"),
+        "{stderr}"
+    );
+
+    // Resolutions and threads have upper bounds too.
+    let model = case_dir("base").join("model");
+    for (args, expect) in [
+        (
+            vec!["--resolutions", "100000"],
+            "each side must be at most 16384 pixels",
+        ),
+        (vec!["--resolutions", "8x100000000"], "at most 16384"),
+        (vec!["--resolutions", "16384"], "at most 262144 are supported"),
+        (
+            vec!["--threads", "100000"],
+            "--threads must be at most 1024",
+        ),
+    ] {
+        let out_dir = dir.join("bundle");
+        let mut full: Vec<&dyn AsRef<std::ffi::OsStr>> =
+            vec![&"compile", &"--model", &model, &"--out", &out_dir];
+        full.extend(args.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
+        let out = vit_msn(&full);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(expect), "{args:?}: {stderr}");
+        assert!(!out_dir.exists());
+    }
+}
+
+/// `num_labels` that disagrees with `id2label` is ignored, as transformers
+/// does: the labels are id2label's.
+#[test]
+fn id2label_wins_over_num_labels() {
+    let dir = scratch("compile-id2label");
+    let model = dir.join("model");
+    copy_model("classifier_regression", &model);
+    edit_config(&model, |c| {
+        c.insert("num_labels".into(), 7.into());
+    });
+    let bundle = dir.join("bundle");
+    common::assert_ok(
+        &vit_msn(&[&"compile", &"--model", &model, &"--out", &bundle]),
+        "compile",
+    );
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(bundle.join("manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(manifest["model"]["labels"].as_array().unwrap().len(), 1);
+}

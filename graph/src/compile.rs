@@ -60,6 +60,13 @@ pub fn dtype_name(kind: Kind) -> &'static str {
     }
 }
 
+/// Largest side of a resolution, as the runtime's image code resizes to.
+pub const MAX_SIDE: i64 = 16384;
+/// Most patches per image: 512×512 of them (8192² pixels at patch 16). The
+/// trace holds several (2, tokens, hidden) activations, so more would exhaust
+/// memory long before anyone could run the artifact.
+pub const MAX_PATCHES: i64 = 1 << 18;
+
 /// Loads `model_dir` and writes one artifact per resolution into `out_dir`.
 /// For CUDA, libtorch's CUDA support must already be loaded (the `vit-msn`
 /// crate's `device::check_available` does it).
@@ -86,6 +93,18 @@ pub fn compile(model_dir: &Path, out_dir: &Path, opts: &CompileOptions) -> Resul
         if h < cfg.patch_size || w < cfg.patch_size {
             return Err(Error::Invalid(format!(
                 "resolution {h}x{w} is smaller than one {p}x{p} patch",
+                p = cfg.patch_size
+            )));
+        }
+        if h > MAX_SIDE || w > MAX_SIDE {
+            return Err(Error::Invalid(format!(
+                "resolution {h}x{w}: each side must be at most {MAX_SIDE} pixels"
+            )));
+        }
+        let patches = (h / cfg.patch_size) * (w / cfg.patch_size);
+        if patches > MAX_PATCHES {
+            return Err(Error::Invalid(format!(
+                "resolution {h}x{w} makes {patches} patches of {p}x{p}; at most {MAX_PATCHES} are supported",
                 p = cfg.patch_size
             )));
         }

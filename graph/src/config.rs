@@ -9,6 +9,12 @@ use serde_json::{Map, Value};
 use crate::activation::Activation;
 use crate::Error;
 
+/// More than any ViT (ViT-G/14 has 1.8 billion); refused before anything is
+/// allocated, so an absurd config is an error rather than an out-of-memory abort.
+pub const MAX_PARAMETERS: i64 = 1 << 32;
+/// Generic label names are made for `num_labels` without `id2label`.
+const MAX_LABELS: i64 = 1 << 24;
+
 /// Whether the artifact ends at the backbone or goes on to the classifier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -142,6 +148,21 @@ impl Config {
                 self.image_size, self.patch_size
             )));
         }
+        let parameters = self.parameter_count().filter(|&n| n <= MAX_PARAMETERS);
+        if parameters.is_none() {
+            return Err(Error::Config(format!(
+                "the sizes describe a model of more than {MAX_PARAMETERS} parameters \
+                 (hidden_size {}, num_hidden_layers {}, intermediate_size {}, image_size {}, \
+                 patch_size {}, num_channels {}, {} labels)",
+                self.hidden_size,
+                self.num_hidden_layers,
+                self.intermediate_size,
+                self.image_size,
+                self.patch_size,
+                self.num_channels,
+                self.num_labels()
+            )));
+        }
         if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps >= 0.0) {
             return Err(Error::Config(format!(
                 "`layer_norm_eps` must be a finite non-negative number, found {}",
@@ -158,6 +179,35 @@ impl Config {
         }
         self.activation()?;
         Ok(())
+    }
+
+    /// How many values the classifier's weights hold (a backbone's are fewer
+    /// by the head); `None` on overflow. Used to refuse absurd sizes before
+    /// anything is allocated.
+    pub fn parameter_count(&self) -> Option<i64> {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let grid = self.image_size.checked_div(self.patch_size)?;
+        let tokens = grid.checked_mul(grid)?.checked_add(1)?;
+        let patch = self
+            .num_channels
+            .checked_mul(self.patch_size)?
+            .checked_mul(self.patch_size)?;
+        // projection + bias, CLS and mask tokens, position table.
+        let embeddings = h
+            .checked_mul(patch.checked_add(3)?)?
+            .checked_add(tokens.checked_mul(h)?)?;
+        // q, k, v, output (D×D + D each), fc1 and fc2, two layernorms.
+        let layer = h
+            .checked_mul(h)?
+            .checked_mul(4)?
+            .checked_add(h.checked_mul(i)?.checked_mul(2)?)?
+            .checked_add(i)?
+            .checked_add(h.checked_mul(9)?)?;
+        let head = self.num_labels().checked_add(1)?.checked_mul(h)?;
+        embeddings
+            .checked_add(layer.checked_mul(self.num_hidden_layers)?)?
+            .checked_add(h.checked_mul(2)?)?
+            .checked_add(head)
     }
 
     pub fn activation(&self) -> Result<Activation, Error> {
@@ -247,20 +297,13 @@ fn read_labels(obj: &Map<String, Value>) -> Result<Vec<String>, Error> {
                 "`id2label` keys must be 0..num_labels with none missing".into(),
             ));
         }
-        if let Some(n) = obj.get("num_labels").and_then(Value::as_i64) {
-            if n as usize != by_index.len() {
-                return Err(Error::Config(format!(
-                    "`num_labels` {n} disagrees with the {} entries of `id2label`",
-                    by_index.len()
-                )));
-            }
-        }
+        // A `num_labels` that disagrees is ignored, as transformers does.
         return Ok(by_index.into_values().collect());
     }
     let n = int(obj, "num_labels", 2)?;
-    if n <= 0 {
+    if n <= 0 || n > MAX_LABELS {
         return Err(Error::Config(format!(
-            "`num_labels` must be positive, found {n}"
+            "`num_labels` must be in 1..={MAX_LABELS}, found {n}"
         )));
     }
     Ok((0..n).map(|i| format!("LABEL_{i}")).collect())

@@ -113,6 +113,21 @@ impl Model {
                 Task::Backbone
             },
         );
+        // The model is allocated before its tensors are compared with the
+        // checkpoint's; a config far larger than the weights is refused first.
+        let held: i64 = ckpt
+            .tensors
+            .values()
+            .map(Tensor::numel)
+            .map(|n| n as i64)
+            .sum();
+        let described = config.parameter_count().unwrap_or(i64::MAX);
+        if described > held.saturating_mul(2).saturating_add(1 << 20) {
+            return Err(Error::Config(format!(
+                "config.json describes a model of {described} parameters, but the checkpoint \
+                 holds {held} values: its sizes do not match the weights"
+            )));
+        }
         let vs = nn::VarStore::new(device);
         let root = vs.root();
         let vit = VitMsnModel::new(&root, &config)?;

@@ -42,9 +42,15 @@ enum Command {
     Init(init::InitArgs),
 }
 
+const MAX_THREADS: i32 = 1024;
+
 pub fn dispatch(cli: Cli) -> CliResult {
     let threads = match cli.threads {
         Some(n) if n < 1 => return Err("--threads must be at least 1".into()),
+        // More would only oversubscribe; tens of thousands crash OpenMP itself.
+        Some(n) if n > MAX_THREADS => {
+            return Err(format!("--threads must be at most {MAX_THREADS}").into())
+        }
         Some(n) => n,
         None => vit_msn::bench::physical_cores() as i32,
     };
