@@ -409,6 +409,16 @@ fn absurd_sizes_are_refused_before_allocating() {
             "`num_labels` must be in 1..=16777216",
         ),
         (
+            "no_labels",
+            Box::new(|m: &Path| {
+                edit_config(m, |c| {
+                    c.insert("id2label".into(), serde_json::json!({}));
+                    c.insert("label2id".into(), serde_json::json!({}));
+                })
+            }),
+            "`id2label` is empty: a classifier without labels",
+        ),
+        (
             // Within the cap, but 100 times the weights the checkpoint holds.
             "beyond_weights",
             Box::new(set("intermediate_size", 64_000.into())),
@@ -444,7 +454,10 @@ fn absurd_sizes_are_refused_before_allocating() {
             "each side must be at most 16384 pixels",
         ),
         (vec!["--resolutions", "8x100000000"], "at most 16384"),
-        (vec!["--resolutions", "16384"], "at most 262144 are supported"),
+        (
+            vec!["--resolutions", "16384"],
+            "at most 262144 are supported",
+        ),
         (
             vec!["--threads", "100000"],
             "--threads must be at most 1024",

@@ -113,6 +113,13 @@ impl Model {
                 Task::Backbone
             },
         );
+        if task == Task::Classification && config.num_labels() == 0 {
+            return Err(Error::Config(
+                "`id2label` is empty: a classifier without labels (transformers' identity head) \
+                 is not supported; compile it with --task backbone"
+                    .into(),
+            ));
+        }
         // The model is allocated before its tensors are compared with the
         // checkpoint's; a config far larger than the weights is refused first.
         let held: i64 = ckpt
