@@ -110,15 +110,6 @@ fn config_errors() {
             "not divisible by `num_attention_heads` 5",
         ),
         (
-            "patch",
-            Box::new(|m: &Path| {
-                edit_config(m, |c| {
-                    c.insert("image_size".into(), 36.into());
-                })
-            }),
-            "`image_size` 36 is not divisible by `patch_size` 8",
-        ),
-        (
             "type",
             Box::new(|m: &Path| {
                 edit_config(m, |c| {

@@ -21,6 +21,7 @@ parity!(
     patch4,
     patch7,
     patch16,
+    patch_remainder,
     channels1,
     no_qkv_bias,
     layer_norm_eps,

@@ -142,12 +142,8 @@ impl Config {
                 self.hidden_size, self.num_attention_heads
             )));
         }
-        if self.image_size % self.patch_size != 0 {
-            return Err(Error::Config(format!(
-                "`image_size` {} is not divisible by `patch_size` {}",
-                self.image_size, self.patch_size
-            )));
-        }
+        // An image_size that patch_size does not divide is fine: as in
+        // transformers, the grid is image_size / patch_size rounded down.
         let parameters = self.parameter_count().filter(|&n| n <= MAX_PARAMETERS);
         if parameters.is_none() {
             return Err(Error::Config(format!(
