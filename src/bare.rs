@@ -167,14 +167,39 @@ impl BareArtifact {
         }
         .ok_or_else(|| Error::Forward(format!("{}: returned no tensor", self.path.display())))?;
         let primary = primary.to_kind(Kind::Float);
-        match primary.dim() {
-            2 => Ok(Primary::Logits(primary)),
-            3 => Ok(Primary::LastHiddenState(primary)),
-            d => Err(Error::Forward(format!(
-                "{}: primary output has {d} dimensions; expected 2 (logits) or 3",
+        let (name, dims): (&str, &[&str]) = match primary.dim() {
+            2 => ("logits", &["batch", "classes"]),
+            3 => ("last_hidden_state", &["batch", "tokens", "hidden size"]),
+            d => {
+                return Err(Error::Forward(format!(
+                    "{}: primary output has {d} dimensions; expected 2 (logits) or 3",
+                    self.path.display()
+                )))
+            }
+        };
+        // Callers index one row per image and the CLS token (or the top
+        // classes): a file that returns another batch or an empty dimension
+        // is refused here rather than indexed out of range.
+        let size = primary.size();
+        let batch = pixel_values.size().first().copied().unwrap_or(0);
+        if size[0] != batch {
+            return Err(Error::Forward(format!(
+                "{}: output `{name}` has shape {size:?} for a batch of {batch}",
                 self.path.display()
-            ))),
+            )));
         }
+        if let Some(empty) = size.iter().position(|&d| d == 0) {
+            return Err(Error::Forward(format!(
+                "{}: output `{name}` has no {} (shape {size:?})",
+                self.path.display(),
+                dims[empty]
+            )));
+        }
+        Ok(if name == "logits" {
+            Primary::Logits(primary)
+        } else {
+            Primary::LastHiddenState(primary)
+        })
     }
 }
 

@@ -9,6 +9,7 @@ use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 
 use crate::artifact::{Artifact, RawOutput};
+use crate::describe::{embedded_description, ARTIFACT_EXTRA_FILE};
 use crate::device::{check_available, device_name, parse_dtype};
 use crate::error::{Error, Result};
 use crate::fsutil::{check_regular_file, remove_stale_siblings, replace_dir, sibling_tmp};
@@ -141,6 +142,9 @@ impl Bundle {
                 path: path.display().to_string(),
                 message,
             };
+            if let Some(own) = embedded_description(&file) {
+                check_against_description(entry, &own).map_err(bad)?;
+            }
             let mut module = load_open_file(&file, &path, device).map_err(bad)?;
             if device == Device::Cpu && options.prepack_linears {
                 let patch = manifest.model.patch_size.max(1);
@@ -166,17 +170,21 @@ impl Bundle {
     /// make those calls now, so the first real request is not the slow one.
     fn warm_up(&self) -> Result<()> {
         for (entry, _) in &self.artifacts {
+            let failed = |e: Error| Error::Artifact {
+                path: self.dir.join(&entry.file).display().to_string(),
+                message: format!("warm-up run failed: {e}"),
+            };
+            // The manifest's sizes are bounded, but a large resolution may
+            // still not fit here: refuse it before allocating the input.
+            self.check_memory(entry, 1).map_err(failed)?;
             let c = self.manifest.model.num_channels;
-            let pixel_values = Tensor::zeros(
+            let pixel_values = Tensor::f_zeros(
                 [1, c, entry.height, entry.width],
                 (Kind::Float, Device::Cpu),
-            );
+            )
+            .map_err(|e| failed(Error::Forward(first_line(&e.to_string()))))?;
             for _ in 0..2 {
-                self.forward(&pixel_values, None, None)
-                    .map_err(|e| Error::Artifact {
-                        path: self.dir.join(&entry.file).display().to_string(),
-                        message: format!("warm-up run failed: {e}"),
-                    })?;
+                self.forward(&pixel_values, None, None).map_err(failed)?;
             }
         }
         Ok(())
@@ -215,7 +223,7 @@ impl Bundle {
         let result = module
             .forward(&[&pixel_values, &mask, &head_mask])
             .map_err(|e| Error::Forward(first_line(&e)))?;
-        self.collect_outputs(entry, result)
+        self.collect_outputs(entry, batch, result)
     }
 
     fn artifact_for(&self, pixel_values: &Tensor) -> Result<&(ArtifactEntry, Artifact)> {
@@ -274,26 +282,37 @@ impl Bundle {
 
     /// A rough peak working set of one sample through `entry`, in bytes: the
     /// input and its cast, one layer's activations (q/k/v, MLP, residuals,
-    /// attention scores) and every output with its f32 copy.
+    /// attention scores) and every output with its f32 copy. Saturating
+    /// u128 arithmetic: `intermediate_size` and the output shapes come from
+    /// the manifest unchecked, and an absurd estimate must refuse, not wrap.
     fn bytes_per_sample(&self, entry: &ArtifactEntry) -> u128 {
+        let n = |v: i64| u128::try_from(v.max(1)).unwrap_or(1);
         let m = &self.manifest.model;
-        let tokens = (entry.height / m.patch_size) * (entry.width / m.patch_size) + 1;
-        let d = m.hidden_size;
+        let tokens = n(entry.height / m.patch_size) * n(entry.width / m.patch_size) + 1;
+        let d = n(m.hidden_size);
         let inter = self
             .manifest
             .config
             .get("intermediate_size")
             .and_then(|v| v.as_i64())
-            .unwrap_or(4 * d);
+            .map_or(4 * d, n);
         let elem = if self.kind == Kind::Float { 4 } else { 2 };
-        let pixels = m.num_channels * entry.height * entry.width * (4 + elem);
-        let layer = tokens * (3 * d + inter + 4 * d) + m.num_attention_heads * tokens * tokens;
-        let outputs: i64 = entry
+        let pixels = n(m.num_channels) * n(entry.height) * n(entry.width) * (4 + elem);
+        let layer = tokens
+            .saturating_mul((7 * d).saturating_add(inter))
+            .saturating_add(n(m.num_attention_heads) * tokens * tokens);
+        let outputs = entry
             .outputs
             .iter()
-            .map(|o| o.shape.iter().map(|&x| x.max(1)).product::<i64>())
-            .sum();
-        (pixels + layer * elem + outputs * (elem + 4)).max(1) as u128
+            .map(|o| {
+                o.shape
+                    .iter()
+                    .fold(1u128, |acc, &x| acc.saturating_mul(n(x)))
+            })
+            .fold(0u128, u128::saturating_add);
+        pixels
+            .saturating_add(layer.saturating_mul(elem))
+            .saturating_add(outputs.saturating_mul(elem + 4))
     }
 
     /// Refuses a batch whose estimated working set exceeds the memory the
@@ -302,7 +321,9 @@ impl Bundle {
         if self.device != Device::Cpu {
             return Ok(());
         }
-        let need = self.bytes_per_sample(entry) * batch.max(0) as u128;
+        let need = self
+            .bytes_per_sample(entry)
+            .saturating_mul(u128::try_from(batch).unwrap_or(0));
         // Ordinary batches skip the /proc read on the forward path.
         if need < 1 << 29 {
             return Ok(());
@@ -392,7 +413,12 @@ impl Bundle {
         Ok(hm.to_kind(self.kind).to_device(self.device).contiguous())
     }
 
-    fn collect_outputs(&self, entry: &ArtifactEntry, result: Vec<RawOutput>) -> Result<Output> {
+    fn collect_outputs(
+        &self,
+        entry: &ArtifactEntry,
+        batch: i64,
+        result: Vec<RawOutput>,
+    ) -> Result<Output> {
         let mut named = outputs_by_name(&entry.outputs, result);
         let mut take = |name: &str| {
             named.iter().position(|(n, _)| n == name).map(|i| {
@@ -409,12 +435,27 @@ impl Bundle {
             hidden_states: take("hidden_states"),
             attentions: take("attentions"),
         };
+        // The manifest's shapes are what callers (and `labels`) rely on; an
+        // artifact that disagrees is refused, at the latest in the warm-up.
+        let named = out.named();
         for spec in &entry.outputs {
-            let present = out.named().iter().any(|(n, _)| *n == spec.name);
-            if !present {
+            let Some((_, t)) = named.iter().find(|(n, _)| *n == spec.name) else {
                 return Err(Error::Forward(format!(
                     "{}: did not return `{}`, which the manifest lists",
                     entry.file, spec.name
+                )));
+            };
+            let want: Vec<i64> = spec
+                .shape
+                .iter()
+                .map(|&d| if d < 0 { batch } else { d })
+                .collect();
+            if t.size() != want {
+                return Err(Error::Forward(format!(
+                    "{}: returned `{}` of shape {:?}; the manifest says {want:?}",
+                    entry.file,
+                    spec.name,
+                    t.size()
                 )));
             }
         }
@@ -425,6 +466,37 @@ impl Bundle {
     pub fn device_name(&self) -> String {
         device_name(self.device)
     }
+}
+
+/// The manifest's specs for an artifact against the artifact's own
+/// description: the digest proves the file is the one compiled, not that a
+/// hand-edited manifest (layers, heads, classes) still describes it. Only
+/// tensors both name are compared: `bundle replace` may swap in a file
+/// with more outputs, and a file without a description is not checked.
+fn check_against_description(
+    entry: &ArtifactEntry,
+    own: &serde_json::Value,
+) -> std::result::Result<(), String> {
+    for (what, listed) in [("input", &entry.inputs), ("output", &entry.outputs)] {
+        let key = format!("{what}s");
+        let Some(theirs) = own
+            .get(&key)
+            .and_then(|v| serde_json::from_value::<Vec<TensorSpec>>(v.clone()).ok())
+        else {
+            continue;
+        };
+        for spec in listed {
+            if let Some(t) = theirs.iter().find(|t| t.name == spec.name) {
+                if t.shape != spec.shape {
+                    return Err(format!(
+                        "the manifest gives {what} `{}` shape {:?}, but the artifact was compiled for {:?} (its {ARTIFACT_EXTRA_FILE})",
+                        spec.name, spec.shape, t.shape
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `MemAvailable` from /proc/meminfo, in bytes.
@@ -559,18 +631,32 @@ pub fn replace_artifact(dir: &Path, height: i64, width: i64, new_artifact: &Path
 }
 
 /// libtorch messages carry a C++ backtrace after the first line; errors
-/// raised inside a TorchScript graph put the cause on a later
-/// `RuntimeError: ...` line instead, which is the one worth showing.
+/// raised inside a TorchScript graph put the cause on the last line of the
+/// interpreter's traceback instead (`RuntimeError: ...` from an op,
+/// `builtins.ValueError: ...` from a `raise`), which is the one worth showing.
 pub fn first_line(message: &str) -> String {
     let first = message.lines().next().unwrap_or("");
     if first.contains("failed in the TorchScript interpreter") {
-        if let Some(cause) = message
-            .lines()
-            .rev()
-            .find_map(|l| l.trim().strip_prefix("RuntimeError: "))
-        {
-            return format!("in the TorchScript graph: {cause}");
+        if let Some((kind, cause)) = message.lines().rev().find_map(exception_line) {
+            let kind = kind.strip_prefix("builtins.").unwrap_or(kind);
+            return if kind == "RuntimeError" {
+                format!("in the TorchScript graph: {cause}")
+            } else {
+                format!("in the TorchScript graph: {kind}: {cause}")
+            };
         }
     }
     first.to_owned()
+}
+
+/// `(kind, message)` of a traceback's exception line, `Kind: message` with a
+/// dotted name at the start of the line; traceback lines are indented or
+/// start with words ("Traceback of TorchScript, ...").
+fn exception_line(line: &str) -> Option<(&str, &str)> {
+    let (kind, cause) = line.split_once(": ")?;
+    let is_name = kind
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
+    let is_exception = kind.ends_with("Error") || kind.ends_with("Exception");
+    (is_name && is_exception && !cause.trim().is_empty()).then_some((kind, cause.trim()))
 }

@@ -5,7 +5,9 @@
 //! The pipeline, step by step, with the arithmetic of each reference:
 //!
 //! 1. Decode (JPEG, PNG, WebP, BMP, GIF first frame, TIFF) with the `image`
-//!    crate, under decoder limits (16384×16384 pixels, 1 GiB of allocations);
+//!    crate, refusing from the header, before decoding, what Pillow refuses
+//!    as a decompression bomb (more than 2 × 89,478,485 pixels), and under a
+//!    1 GiB limit on the decoders' allocations;
 //!    JPEG pixels come from libjpeg-turbo's code (the `mozjpeg` crate, built
 //!    from source without SIMD) at Pillow's settings.
 //! 2. Convert to 8-bit RGB or L the way Pillow 13 does: grey replicated,
@@ -35,8 +37,10 @@ use tch::Tensor;
 
 use crate::error::{Error, Result};
 
-/// Largest width or height accepted from a file.
-pub const MAX_IMAGE_SIDE: u32 = 16384;
+/// Pillow 13's `Image.MAX_IMAGE_PIXELS`. Pillow only warns above it and
+/// raises `DecompressionBombError` above twice it, whatever the shape (a
+/// 17000×8 strip is fine); [`max_pixels_error`] applies the same rule.
+pub const MAX_IMAGE_PIXELS: u64 = 89_478_485;
 /// Largest allocation the decoders may make, in bytes.
 pub const MAX_DECODER_ALLOC: u64 = 1 << 30;
 /// Largest image file read, in bytes.
@@ -465,9 +469,9 @@ pub fn decode_bytes(bytes: &[u8], path: &Path, num_channels: i64) -> Result<Deco
             ))
         }
     };
+    // No per-side limit (Pillow has none): the pixel count is checked from
+    // the header below; the allocation limit guards what the decoders do.
     let mut limits = Limits::default();
-    limits.max_image_width = Some(MAX_IMAGE_SIDE);
-    limits.max_image_height = Some(MAX_IMAGE_SIDE);
     limits.max_alloc = Some(MAX_DECODER_ALLOC);
     reader.limits(limits);
     if format == ImageFormat::Jpeg {
@@ -483,14 +487,9 @@ pub fn decode_bytes(bytes: &[u8], path: &Path, num_channels: i64) -> Result<Deco
                 format!("image is empty ({}×{} pixels)", ihdr.width, ihdr.height),
             ));
         }
-        if ihdr.width > MAX_IMAGE_SIDE || ihdr.height > MAX_IMAGE_SIDE {
-            return Err(image_error(
-                path,
-                format!(
-                    "refusing to decode a {}×{} image (limit {MAX_IMAGE_SIDE}×{MAX_IMAGE_SIDE} pixels)",
-                    ihdr.width, ihdr.height
-                ),
-            ));
+        // Before the png crate sees the header at all.
+        if let Some(m) = max_pixels_error(ihdr.width, ihdr.height) {
+            return Err(image_error(path, m));
         }
     }
     let decoder = reader
@@ -502,6 +501,10 @@ pub fn decode_bytes(bytes: &[u8], path: &Path, num_channels: i64) -> Result<Deco
             path,
             format!("image is empty ({w}×{h} pixels)"),
         ));
+    }
+    // The decoders have read only the header so far.
+    if let Some(m) = max_pixels_error(w, h) {
+        return Err(image_error(path, m));
     }
     if decoder.total_bytes() > MAX_DECODER_ALLOC {
         return Err(image_error(
@@ -551,11 +554,23 @@ fn png_header(bytes: &[u8]) -> Option<PngHeader> {
     })
 }
 
+/// Pillow's decompression-bomb rule (`Image._decompression_bomb_check`):
+/// more than `2 * MAX_IMAGE_PIXELS` pixels is refused, in its words.
+fn max_pixels_error(width: u32, height: u32) -> Option<String> {
+    let pixels = u64::from(width.max(1)) * u64::from(height.max(1));
+    let limit = 2 * MAX_IMAGE_PIXELS;
+    (pixels > limit).then(|| {
+        format!(
+            "refusing to decode a {width}×{height} image: {pixels} pixels exceeds the limit of {limit} pixels (Pillow's decompression-bomb limit)"
+        )
+    })
+}
+
 fn describe(format: ImageFormat, e: &ImageError) -> String {
     let name = format!("{format:?}").to_uppercase();
     match e {
         ImageError::Limits(l) => format!(
-            "refusing to decode: {l} (limits: {MAX_IMAGE_SIDE}×{MAX_IMAGE_SIDE} pixels, {} MiB)",
+            "refusing to decode: {l} (limit: {} MiB of decoder allocations)",
             MAX_DECODER_ALLOC >> 20
         ),
         ImageError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {

@@ -6,6 +6,16 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::image::MAX_TARGET_SIDE;
+
+/// Bounds on the model facts a manifest may state; see `Manifest::validate`.
+/// Far above any real ViT (ViT-22B: hidden 6144, 48 layers, 48 heads;
+/// hyperspectral inputs have a few hundred bands), and small enough that
+/// every product of them stays well inside i64.
+pub const MAX_HIDDEN_SIZE: i64 = 65536;
+pub const MAX_LAYERS: i64 = 4096;
+pub const MAX_HEADS: i64 = 4096;
+pub const MAX_CHANNELS: i64 = 1024;
 
 /// The manifest format this program writes and the newest it reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -135,15 +145,20 @@ impl Manifest {
             return Err(format!("unknown dtype `{}`", self.dtype));
         }
         let m = &self.model;
-        for (name, v) in [
-            ("hidden_size", m.hidden_size),
-            ("num_hidden_layers", m.num_hidden_layers),
-            ("num_attention_heads", m.num_attention_heads),
-            ("num_channels", m.num_channels),
-            ("patch_size", m.patch_size),
+        let side = i64::from(MAX_TARGET_SIDE);
+        // Loading allocates from these numbers (warm-up inputs, head masks,
+        // memory estimates), so a hand-edited manifest must not reach
+        // absurd ones.
+        for (name, v, max) in [
+            ("hidden_size", m.hidden_size, MAX_HIDDEN_SIZE),
+            ("num_hidden_layers", m.num_hidden_layers, MAX_LAYERS),
+            ("num_attention_heads", m.num_attention_heads, MAX_HEADS),
+            ("num_channels", m.num_channels, MAX_CHANNELS),
+            ("patch_size", m.patch_size, side),
+            ("image_size", m.image_size, side),
         ] {
-            if v <= 0 {
-                return Err(format!("`model.{name}` must be positive, found {v}"));
+            if !(1..=max).contains(&v) {
+                return Err(format!("`model.{name}` must be in 1..={max}, found {v}"));
             }
         }
         if self.artifacts.is_empty() {
@@ -157,10 +172,61 @@ impl Manifest {
                     a.file
                 ));
             }
-            if a.height < m.patch_size || a.width < m.patch_size {
+            let bad = |message: String| format!("artifact `{}`: {message}", a.file);
+            // At least one patch; at most what the image code resizes to,
+            // so no compiled resolution can be larger.
+            for (name, v) in [("height", a.height), ("width", a.width)] {
+                if !(m.patch_size..=side).contains(&v) {
+                    return Err(bad(format!(
+                        "`{name}` must be in {}..={side}, found {v}",
+                        m.patch_size
+                    )));
+                }
+            }
+            self.validate_specs(a).map_err(bad)?;
+        }
+        Ok(())
+    }
+
+    /// The artifact's input and output specs against the model facts: the
+    /// runtime builds its inputs from the facts, and names classes by
+    /// `labels`, so a hand edit to one side only is refused here.
+    fn validate_specs(&self, a: &ArtifactEntry) -> std::result::Result<(), String> {
+        let m = &self.model;
+        let spec = |list: &[TensorSpec], name: &str| -> Option<Vec<i64>> {
+            list.iter()
+                .find(|s| s.name == name)
+                .map(|s| s.shape.clone())
+        };
+        let patches = (a.height / m.patch_size) * (a.width / m.patch_size);
+        for (name, want) in [
+            ("pixel_values", vec![-1, m.num_channels, a.height, a.width]),
+            ("bool_masked_pos", vec![-1, patches]),
+            (
+                "head_mask",
+                vec![m.num_hidden_layers, m.num_attention_heads],
+            ),
+        ] {
+            match spec(&a.inputs, name) {
+                None => return Err(format!("the manifest lists no `{name}` input")),
+                Some(found) if found != want => {
+                    return Err(format!(
+                        "input `{name}` has shape {found:?}, but `model` implies {want:?}"
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        if self.is_classifier() {
+            let width = spec(&a.outputs, "logits")
+                .ok_or("a classifier's artifact must list a `logits` output")?;
+            let classes = i64::try_from(m.labels.len()).unwrap_or(i64::MAX);
+            if classes == 0 {
+                return Err("`model.labels` is empty; a classifier names its classes".into());
+            }
+            if width != [-1, classes] {
                 return Err(format!(
-                    "artifact `{}` has resolution {}x{}",
-                    a.file, a.height, a.width
+                    "output `logits` has shape {width:?}, but `model.labels` names {classes} classes"
                 ));
             }
         }
@@ -173,9 +239,19 @@ impl Manifest {
         match &self.preprocessing {
             Some(v) => crate::image::Preprocessing::from_json(v),
             None => {
+                let size = u32::try_from(self.model.image_size)
+                    .ok()
+                    .filter(|s| (1..=MAX_TARGET_SIDE).contains(s))
+                    .ok_or_else(|| Error::Manifest {
+                        path: MANIFEST_FILE.into(),
+                        message: format!(
+                            "`model.image_size` must be in 1..={MAX_TARGET_SIDE}, found {}",
+                            self.model.image_size
+                        ),
+                    })?;
                 let mut pp = crate::image::Preprocessing::vit_msn_default();
-                pp.height = self.model.image_size as u32;
-                pp.width = self.model.image_size as u32;
+                pp.height = size;
+                pp.width = size;
                 Ok(pp)
             }
         }
@@ -211,7 +287,7 @@ pub fn parse_resolution(s: &str) -> Result<(i64, i64)> {
     if h <= 0 || w <= 0 {
         return Err(bad());
     }
-    let max = i64::from(crate::image::MAX_TARGET_SIDE);
+    let max = i64::from(MAX_TARGET_SIDE);
     if h > max || w > max {
         return Err(Error::input(
             "resolution",

@@ -353,3 +353,137 @@ fn full_disk_leaves_nothing_half_written() {
     assert_eq!(previous, "previous");
     assert_eq!(listing, ["out.safetensors"], "left behind: {listing:?}");
 }
+
+/// Hand-edited sizes that used to panic or abort at load, warm-up or
+/// preprocessing are refused by `Manifest::validate`, naming the field.
+#[test]
+fn out_of_range_manifest_sizes_are_refused_by_name() {
+    type Edit = fn(&mut serde_json::Value);
+    let cases: [(&str, Edit, &str); 7] = [
+        (
+            "height",
+            |v| v["artifacts"][0]["height"] = 100000.into(),
+            "artifact `model_32x32.pt`: `height` must be in 8..=16384, found 100000",
+        ),
+        (
+            "width",
+            |v| v["artifacts"][0]["width"] = 100000.into(),
+            "`width` must be in 8..=16384",
+        ),
+        (
+            "layers",
+            |v| v["model"]["num_hidden_layers"] = (1i64 << 40).into(),
+            "`model.num_hidden_layers` must be in 1..=4096, found 1099511627776",
+        ),
+        (
+            "heads",
+            |v| v["model"]["num_attention_heads"] = 5000.into(),
+            "`model.num_attention_heads` must be in 1..=4096",
+        ),
+        (
+            "channels",
+            |v| v["model"]["num_channels"] = (1i64 << 40).into(),
+            "`model.num_channels` must be in 1..=1024",
+        ),
+        (
+            "hidden",
+            |v| v["model"]["hidden_size"] = (1i64 << 40).into(),
+            "`model.hidden_size` must be in 1..=65536",
+        ),
+        (
+            "image-size",
+            |v| {
+                v["preprocessing"] = serde_json::Value::Null;
+                v["model"]["image_size"] = (-5).into();
+            },
+            "`model.image_size` must be in 1..=16384, found -5",
+        ),
+    ];
+    for (name, edit, needle) in cases {
+        let d = bundle_copy(&format!("sizes-{name}"));
+        edit_manifest(&d, edit);
+        let e = load_err(&d);
+        assert!(
+            e.contains("manifest.json") && e.contains(needle),
+            "{name}: {e}"
+        );
+    }
+}
+
+/// A fresh copy of a small classifier bundle (4 labels, 32x32) to break.
+fn classifier_copy(name: &str) -> PathBuf {
+    let src = compile_case(
+        "classifier_multilabel",
+        &format!("bundle-errors-src-cls-{name}"),
+        &[],
+    );
+    let dir = scratch(&format!("bundle-error-cls-{name}")).join("bundle");
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+    }
+    dir
+}
+
+/// Labels, layers and heads that disagree with the artifact specs in the
+/// manifest, or (edited on both sides) with the artifact's own
+/// `vit_msn.json`, are refused at load rather than misnaming classes or
+/// running a head mask the graph does not have.
+#[test]
+fn manifest_facts_that_disagree_with_the_artifact_are_refused() {
+    let d = classifier_copy("labels");
+    edit_manifest(&d, |v| v["model"]["labels"] = serde_json::json!(["only"]));
+    let e = load_err(&d);
+    assert!(
+        e.contains("output `logits` has shape [-1, 4], but `model.labels` names 1 classes"),
+        "{e}"
+    );
+
+    let d = classifier_copy("labels-and-spec");
+    edit_manifest(&d, |v| {
+        v["model"]["labels"] = serde_json::json!(["a", "b", "c"]);
+        v["artifacts"][0]["outputs"][0]["shape"] = serde_json::json!([-1, 3]);
+    });
+    let e = load_err(&d);
+    assert!(
+        e.contains("model_32x32.pt")
+            && e.contains(
+                "output `logits` shape [-1, 3], but the artifact was compiled for [-1, 4]"
+            ),
+        "{e}"
+    );
+
+    let d = classifier_copy("layers");
+    edit_manifest(&d, |v| v["model"]["num_hidden_layers"] = 3.into());
+    let e = load_err(&d);
+    assert!(
+        e.contains("input `head_mask` has shape [2, 4], but `model` implies [3, 4]"),
+        "{e}"
+    );
+
+    let d = classifier_copy("layers-and-spec");
+    edit_manifest(&d, |v| {
+        v["model"]["num_hidden_layers"] = 3.into();
+        v["artifacts"][0]["inputs"][2]["shape"] = serde_json::json!([3, 4]);
+    });
+    let e = load_err(&d);
+    assert!(
+        e.contains("input `head_mask` shape [3, 4], but the artifact was compiled for [2, 4]"),
+        "{e}"
+    );
+
+    let d = classifier_copy("heads-and-spec");
+    edit_manifest(&d, |v| {
+        v["model"]["num_attention_heads"] = 5.into();
+        v["artifacts"][0]["inputs"][2]["shape"] = serde_json::json!([2, 5]);
+    });
+    let e = load_err(&d);
+    assert!(
+        e.contains("input `head_mask` shape [2, 5], but the artifact was compiled for [2, 4]"),
+        "{e}"
+    );
+
+    // The unedited copy still loads.
+    Bundle::load(classifier_copy("unedited"), Device::Cpu).unwrap();
+}

@@ -738,3 +738,156 @@ fn symlink_loops_in_image_folders_end() {
     let text = stdout(&out);
     assert_eq!(text.matches("coffee.jpg").count(), 1, "{text}");
 }
+
+/// `run --artifact` on TorchScript files whose output is empty, of another
+/// batch, or whose graph raises: one-line errors with the cause, never a
+/// panic.
+#[test]
+fn bare_artifacts_with_empty_outputs_or_raising_graphs_fail_clearly() {
+    let dir = scratch("cli-bare-hostile");
+    let script = r#"
+import sys, torch
+class ZeroLogits(torch.nn.Module):
+    def forward(self, x: torch.Tensor): return torch.zeros(x.shape[0], 0)
+class ZeroTokens(torch.nn.Module):
+    def forward(self, x: torch.Tensor): return torch.zeros(x.shape[0], 0, 8)
+class OtherBatch(torch.nn.Module):
+    def forward(self, x: torch.Tensor): return torch.zeros(x.shape[0] + 1, 3)
+class ThreeClasses(torch.nn.Module):
+    def forward(self, x: torch.Tensor): return torch.zeros(x.shape[0], 3)
+class Raises(torch.nn.Module):
+    def forward(self, x: torch.Tensor):
+        raise RuntimeError("the real reason")
+        return x
+class RaisesValue(torch.nn.Module):
+    def forward(self, x: torch.Tensor):
+        raise ValueError("a value reason")
+        return x
+for cls in [ZeroLogits, ZeroTokens, OtherBatch, ThreeClasses, Raises, RaisesValue]:
+    torch.jit.script(cls()).save(f"{sys.argv[1]}/{cls.__name__}.pt")
+"#;
+    // From a file: torch.jit.script reads the classes' source.
+    let script_file = dir.join("make_modules.py");
+    std::fs::write(&script_file, script).unwrap();
+    let py = std::process::Command::new(root().join(".venv/bin/python"))
+        .arg(&script_file)
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_ok(&py, "scripting the test modules");
+    let labels = dir.join("labels.json");
+    std::fs::write(&labels, r#"["a", "b", "c", "d", "e"]"#).unwrap();
+    let image = photos().join("chelsea.jpg");
+    for (file, extra, needle) in [
+        (
+            "ZeroLogits",
+            None,
+            "output `logits` has no classes (shape [1, 0])",
+        ),
+        (
+            "ZeroTokens",
+            None,
+            "output `last_hidden_state` has no tokens (shape [1, 0, 8])",
+        ),
+        (
+            "OtherBatch",
+            None,
+            "output `logits` has shape [2, 3] for a batch of 1",
+        ),
+        (
+            "ThreeClasses",
+            Some(&labels),
+            "5 label names were given, but the model returns 3 logits",
+        ),
+        ("Raises", None, "in the TorchScript graph: the real reason"),
+        (
+            "RaisesValue",
+            None,
+            "in the TorchScript graph: ValueError: a value reason",
+        ),
+    ] {
+        let pt = dir.join(format!("{file}.pt"));
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
+            &"run",
+            &"--artifact",
+            &pt,
+            &"--resolution",
+            &"32",
+            &"--image",
+            &image,
+        ];
+        if let Some(labels) = &extra {
+            args.extend([&"--labels" as &dyn AsRef<std::ffi::OsStr>, labels]);
+        }
+        let out = run_within(120, &args);
+        assert!(
+            !String::from_utf8_lossy(&out.stderr).contains("panicked"),
+            "{file}"
+        );
+        fails(&out, needle);
+    }
+}
+
+/// Pillow's rule for image sizes, from the header and before decoding, in
+/// every format: more than 2 × 89,478,485 pixels is refused whatever the
+/// shape, and a long thin strip Pillow decodes is decoded.
+#[test]
+fn image_size_limit_is_pillows_pixel_count() {
+    let dir = scratch("cli-image-pixel-limit");
+    let out_file = dir.join("px.safetensors");
+    let preprocess = |image: &Path| {
+        run_within(
+            60,
+            &[&"preprocess", &"--image", &image, &"--output", &out_file],
+        )
+    };
+    let wide = dir.join("wide_17000x8.png");
+    image::RgbImage::from_pixel(17000, 8, image::Rgb([200, 100, 50]))
+        .save(&wide)
+        .unwrap();
+    assert_ok(&preprocess(&wide), "preprocess a 17000x8 PNG");
+    assert_eq!(read(&out_file)[0].1.size(), [1, 3, 224, 224]);
+
+    // A JPEG of a few hundred bytes claiming 16000x16000 (its SOF0 patched).
+    let mut jpeg = Vec::new();
+    image::RgbImage::from_pixel(16, 16, image::Rgb([10, 20, 30]))
+        .write_to(
+            &mut std::io::Cursor::new(&mut jpeg),
+            image::ImageFormat::Jpeg,
+        )
+        .unwrap();
+    let sof = jpeg
+        .windows(2)
+        .position(|w| w == [0xFF, 0xC0])
+        .expect("baseline JPEG");
+    jpeg[sof + 5..sof + 9].copy_from_slice(&[0x3E, 0x80, 0x3E, 0x80]);
+    // GIF and BMP headers claiming 14000x14000 (each side within 16384).
+    let gif = b"GIF89a\xb0\x36\xb0\x36\x80\x00\x00\x00\x00\x00\xff\xff\xff\
+        \x2c\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02\x44\x01\x00\x3b";
+    let mut bmp = b"BM".to_vec();
+    for v in [58u32, 0, 54, 40, 14000, 14000] {
+        bmp.extend_from_slice(&v.to_le_bytes());
+    }
+    bmp.extend_from_slice(&1u16.to_le_bytes());
+    bmp.extend_from_slice(&24u16.to_le_bytes());
+    bmp.extend_from_slice(&[0; 28]);
+    for (name, bytes, pixels) in [
+        ("bomb_16000.jpg", &jpeg[..], "256000000"),
+        ("bomb_14000.gif", &gif[..], "196000000"),
+        ("bomb_14000.bmp", &bmp[..], "196000000"),
+    ] {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        let start = std::time::Instant::now();
+        let out = preprocess(&path);
+        fails(
+            &out,
+            &format!("{pixels} pixels exceeds the limit of 178956970 pixels"),
+        );
+        assert!(
+            start.elapsed().as_secs() < 5,
+            "{name}: {:?}",
+            start.elapsed()
+        );
+    }
+}

@@ -5,8 +5,9 @@ use clap::Args;
 use serde_json::json;
 use tch::{Kind, Tensor};
 use vit_msn::bare::{read_labels, BareArtifact, Primary};
-use vit_msn::image::{preprocess_path, Preprocessing};
+use vit_msn::image::{preprocess_path, Preprocessing, MAX_TARGET_SIDE};
 use vit_msn::inputs::{collect_images, parse_head_mask, random_mask, write_npy};
+use vit_msn::manifest::{MAX_CHANNELS, MAX_HEADS, MAX_LAYERS};
 use vit_msn::tensors::{read_safetensors, write_safetensors};
 use vit_msn::{loss::loss, parse_device, Bundle, Error};
 
@@ -181,13 +182,22 @@ impl<'a> Target<'a> {
             (None, Some(dir)) => read_labels(&dir.join("config.json"))?,
             (None, None) => Vec::new(),
         };
-        let int = |key: &str| {
-            config
-                .as_ref()
-                .and_then(|c| c.get(key))
-                .and_then(|v| v.as_i64())
+        // Sizes from the config are bounded as a bundle's manifest is: mask
+        // and head-mask sizes are computed from them.
+        let int = |key: &str, max: i64| -> Result<Option<i64>, Box<dyn std::error::Error>> {
+            match config.as_ref().and_then(|c| c.get(key)) {
+                None => Ok(None),
+                Some(v) => match v.as_i64() {
+                    Some(n) if (1..=max).contains(&n) => Ok(Some(n)),
+                    _ => Err(format!(
+                        "`{key}` in --model's config.json must be an integer in 1..={max}, found {v}"
+                    )
+                    .into()),
+                },
+            }
         };
-        let image_size = int("image_size").unwrap_or(224);
+        let side = i64::from(MAX_TARGET_SIDE);
+        let image_size = target_side(int("image_size", side)?.unwrap_or(224), "image_size")?;
         let preprocessing = match a
             .model
             .as_ref()
@@ -196,20 +206,23 @@ impl<'a> Target<'a> {
         {
             Some(p) => Preprocessing::from_json(&read_json(&p)?)?,
             None => Preprocessing {
-                height: image_size as u32,
-                width: image_size as u32,
+                height: image_size,
+                width: image_size,
                 ..Preprocessing::vit_msn_default()
             },
         };
-        let heads = match (int("num_hidden_layers"), int("num_attention_heads")) {
+        let heads = match (
+            int("num_hidden_layers", MAX_LAYERS)?,
+            int("num_attention_heads", MAX_HEADS)?,
+        ) {
             (Some(l), Some(h)) => Some((l, h)),
             _ => None,
         };
         Ok(Target {
             labels,
             preprocessing,
-            channels: int("num_channels").unwrap_or(3),
-            patch_size: int("patch_size"),
+            channels: int("num_channels", MAX_CHANNELS)?.unwrap_or(3),
+            patch_size: int("patch_size", side)?,
             heads,
             classifier: None,
             forward: Box::new(move |px, mask, hm| {
@@ -220,6 +233,14 @@ impl<'a> Target<'a> {
             }),
         })
     }
+}
+
+/// A size to resize images to, within what the image code resizes to.
+fn target_side(v: i64, what: &str) -> Result<u32, Box<dyn std::error::Error>> {
+    u32::try_from(v)
+        .ok()
+        .filter(|s| (1..=MAX_TARGET_SIDE).contains(s))
+        .ok_or_else(|| format!("{what}: {v} is not in 1..={MAX_TARGET_SIDE}").into())
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
@@ -280,8 +301,8 @@ fn run_images(target: &Target, images: &[PathBuf], a: &RunArgs) -> CliResult {
     let mut pp = target.preprocessing.clone();
     if let Some(r) = &a.resolution {
         let (h, w) = vit_msn::manifest::parse_resolution(r)?;
-        pp.height = h as u32;
-        pp.width = w as u32;
+        pp.height = target_side(h, "--resolution")?;
+        pp.width = target_side(w, "--resolution")?;
     }
     let (h, w) = (pp.height as i64, pp.width as i64);
     let patches = target.patch_size.map(|p| (h / p) * (w / p));
@@ -338,6 +359,17 @@ fn run_images(target: &Target, images: &[PathBuf], a: &RunArgs) -> CliResult {
             (target.forward)(&pixel_values, mask.as_ref(), head_mask.as_ref())?;
         if a.embeddings.is_some() && logits.is_some() {
             return Err("--embeddings needs a backbone (this model returns logits)".into());
+        }
+        // A bundle's labels are checked at load; names given with --artifact
+        // are checked here, against what the file returns.
+        if let Some(classes) = logits.as_ref().and_then(|l| l.size().last().copied()) {
+            if !target.labels.is_empty() && target.labels.len() as i64 != classes {
+                return Err(format!(
+                    "{} label names were given, but the model returns {classes} logits",
+                    target.labels.len()
+                )
+                .into());
+            }
         }
         for (i, path) in chunk.iter().enumerate() {
             let i = i as i64;
@@ -397,7 +429,9 @@ fn progress_bar(len: u64, json: bool) -> indicatif::ProgressBar {
 
 fn classify(path: &Path, logits: &Tensor, labels: &[String], k: usize) -> serde_json::Value {
     let probs = logits.softmax(-1, Kind::Float);
-    let k = k.min(labels.len().max(1)) as i64;
+    // Never more than there are classes: topk would fail.
+    let classes = logits.size().last().copied().unwrap_or(0).max(0) as usize;
+    let k = k.min(classes) as i64;
     let (p, idx) = probs.topk(k, -1, true, true);
     let top: Vec<_> = (0..k)
         .map(|j| {
