@@ -47,8 +47,11 @@ pub(crate) fn take_string(s: *mut c_char) -> Option<String> {
     Some(out)
 }
 
-fn take_error(err: *mut c_char) -> String {
-    take_string(err).unwrap_or_else(|| "unknown libtorch error".into())
+/// A shim's error: the line of libtorch's message that says what went wrong.
+pub(crate) fn take_error(err: *mut c_char) -> String {
+    take_string(err)
+        .map(|m| crate::bundle::first_line(&m))
+        .unwrap_or_else(|| "unknown libtorch error".into())
 }
 
 /// A TorchScript module loaded on one device. `Send + Sync`: libtorch runs

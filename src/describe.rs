@@ -6,7 +6,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use crate::artifact::take_string;
+use crate::artifact::{take_error, take_string};
 use crate::error::{Error, Result};
 
 /// Name of the JSON file stored inside each vit-msn artifact.
@@ -62,7 +62,7 @@ pub fn describe(path: &Path) -> Result<ModuleDescription> {
         )
     };
     if rc != 0 {
-        return Err(bad(take(err)));
+        return Err(bad(take_error(err)));
     }
     let forward_schema = take(schema);
     let extra = take(extra);

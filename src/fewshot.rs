@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
 
-use crate::artifact::take_string;
+use crate::artifact::take_error;
 use crate::bundle::sha256_hex;
 use crate::error::{Error, Result};
 use crate::fsutil::{
@@ -325,7 +325,7 @@ pub fn write_classifier(
                 )
             };
             if rc != 0 {
-                let message = take_string(err).unwrap_or_default();
+                let message = take_error(err);
                 return Err(Error::Artifact {
                     path: entry.file.clone(),
                     message,

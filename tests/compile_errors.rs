@@ -362,7 +362,8 @@ fn absurd_sizes_are_refused_before_allocating() {
             })
         }
     };
-    let cases: Vec<(&str, Box<dyn Fn(&Path)>, &str)> = vec![
+    type Breaker = Box<dyn Fn(&Path)>;
+    let cases: Vec<(&str, Breaker, &str)> = vec![
         (
             "hidden",
             Box::new(set("hidden_size", (1i64 << 20).into())),

@@ -15,10 +15,10 @@ inline char *copy_string(const std::string &s) {
   return out;
 }
 
-// libtorch messages carry a C++ backtrace after the first line.
+// The whole message: for an error raised inside a TorchScript graph, the
+// cause is on a later line (the Rust side picks it with bundle::first_line).
 inline void set_error(char **err, const std::exception &e) {
-  std::string message = e.what();
-  *err = copy_string(message.substr(0, message.find('\n')));
+  *err = copy_string(e.what());
 }
 
 }  // namespace vmsn
