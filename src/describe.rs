@@ -36,9 +36,8 @@ fn take(s: *mut c_char) -> String {
 
 /// Loads the file on the CPU and reads its forward schema.
 pub fn describe(path: &Path) -> Result<ModuleDescription> {
-    if !path.is_file() {
-        return Err(Error::file(path, "no such file"));
-    }
+    // Not a FIFO or a folder: libtorch would block on one, or misreport it.
+    crate::fsutil::check_regular_file(path)?;
     let bad = |m: String| Error::Artifact {
         path: path.display().to_string(),
         message: m,

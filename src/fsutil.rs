@@ -56,7 +56,8 @@ pub enum OutputDir {
 
 /// Errors unless writing the folder `out` can lose nothing that is not ours:
 /// `out` must be absent, an empty folder, or (for [`OutputDir::Bundle`]) an
-/// older bundle, and none of `inputs` may be `out` or lie inside it.
+/// older bundle holding nothing but its own files, and none of `inputs` may be
+/// `out` or lie inside it.
 pub fn check_output_dir(out: &Path, kind: OutputDir, inputs: &[&Path]) -> Result<()> {
     let meta = match std::fs::metadata(out) {
         Ok(meta) => meta,
@@ -81,23 +82,79 @@ pub fn check_output_dir(out: &Path, kind: OutputDir, inputs: &[&Path]) -> Result
             ));
         }
     }
-    let empty = std::fs::read_dir(out)
+    let entries: Vec<String> = std::fs::read_dir(out)
         .map_err(|e| Error::io(out, e))?
-        .next()
-        .is_none();
-    let is_bundle = out.join(crate::manifest::MANIFEST_FILE).is_file();
-    match kind {
-        _ if empty => Ok(()),
-        OutputDir::Bundle if is_bundle => Ok(()),
-        OutputDir::Bundle => Err(Error::file(
-            out,
-            "exists and is not a bundle (no manifest.json); refusing to replace it",
-        )),
-        OutputDir::New => Err(Error::file(
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<std::io::Result<_>>()
+        .map_err(|e| Error::io(out, e))?;
+    if entries.is_empty() {
+        return Ok(());
+    }
+    if kind == OutputDir::New {
+        return Err(Error::file(
             out,
             "exists and is not empty; refusing to replace it (remove it first)",
-        )),
+        ));
     }
+    let Some(bundle_files) = bundle_files(out) else {
+        return Err(Error::file(
+            out,
+            "exists and is not a bundle (no vit-msn manifest.json); refusing to replace it",
+        ));
+    };
+    let foreign: Vec<&str> = entries
+        .iter()
+        .map(String::as_str)
+        .filter(|name| !bundle_files.iter().any(|f| f == name))
+        .collect();
+    if !foreign.is_empty() {
+        return Err(Error::file(
+            out,
+            format!(
+                "is a bundle but also holds {} that are not part of it; refusing to replace it",
+                foreign.join(", ")
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// What a bundle folder may hold, as its manifest.json names it: the manifest,
+/// the artifacts, and the few-shot embeddings `cache`. `None` unless the
+/// manifest reads as a vit-msn manifest.
+fn bundle_files(dir: &Path) -> Option<Vec<String>> {
+    let path = dir.join(crate::manifest::MANIFEST_FILE);
+    check_regular_file(&path).ok()?;
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).ok()?).ok()?;
+    manifest.get("format_version")?.as_u64()?;
+    let mut files = vec![
+        crate::manifest::MANIFEST_FILE.to_owned(),
+        "cache".to_owned(),
+    ];
+    for artifact in manifest.get("artifacts")?.as_array()? {
+        files.push(artifact.get("file")?.as_str()?.to_owned());
+    }
+    Some(files)
+}
+
+/// Errors when the output file `out` is one of the command's input files (or
+/// inside an input folder), which writing it would destroy.
+pub fn check_output_file(out: &Path, inputs: &[&Path]) -> Result<()> {
+    let Ok(out_real) = out.canonicalize() else {
+        return Ok(()); // Not there yet: it cannot be an input.
+    };
+    for input in inputs {
+        if input.canonicalize().is_ok_and(|p| out_real.starts_with(p)) {
+            return Err(Error::file(
+                out,
+                format!(
+                    "is {}, an input of this command; refusing to overwrite it",
+                    input.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Moves a finished directory `staged` to `target`, replacing any old one: at

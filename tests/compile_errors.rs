@@ -265,12 +265,19 @@ fn outputs_that_would_lose_data_are_refused() {
     std::fs::write(notes.join("notes.txt"), "keep me").unwrap();
     refused(
         &[&"compile", &"--model", &model, &"--out", &notes],
-        "is not a bundle (no manifest.json); refusing to replace it",
+        "is not a bundle (no vit-msn manifest.json); refusing to replace it",
     );
     assert_eq!(
         std::fs::read_to_string(notes.join("notes.txt")).unwrap(),
         "keep me"
     );
+    // Someone else's manifest.json does not make a bundle.
+    std::fs::write(notes.join("manifest.json"), r#"{"name": "my web app"}"#).unwrap();
+    refused(
+        &[&"compile", &"--model", &model, &"--out", &notes],
+        "is not a bundle (no vit-msn manifest.json); refusing to replace it",
+    );
+    assert!(notes.join("notes.txt").is_file());
 
     // The model folder itself.
     refused(
@@ -289,6 +296,13 @@ fn outputs_that_would_lose_data_are_refused() {
         &vit_msn(&[&"compile", &"--model", &model, &"--out", &bundle]),
         "compile over an older bundle",
     );
+    // A bundle with someone's file in it is not replaced either.
+    std::fs::write(bundle.join("notes.txt"), "keep me").unwrap();
+    refused(
+        &[&"compile", &"--model", &model, &"--out", &bundle],
+        "is a bundle but also holds notes.txt that are not part of it",
+    );
+    std::fs::remove_file(bundle.join("notes.txt")).unwrap();
     let inner = bundle.join("model");
     copy_model("base", &inner);
     refused(
@@ -349,6 +363,38 @@ fn outputs_that_would_lose_data_are_refused() {
         .unwrap()
         .file_type()
         .is_fifo());
+
+    // An output file that is one of the command's inputs.
+    let photo = dir.join("photo.jpg");
+    std::fs::copy(common::root().join("tests/data/photos/coffee.jpg"), &photo).unwrap();
+    let before = std::fs::read(&photo).unwrap();
+    refused(
+        &[
+            &"preprocess",
+            &"--image",
+            &photo,
+            &"--bundle",
+            &bundle,
+            &"--output",
+            &photo,
+        ],
+        "an input of this command; refusing to overwrite it",
+    );
+    let copied_inputs = dir.join("in.safetensors");
+    std::fs::copy(&inputs, &copied_inputs).unwrap();
+    refused(
+        &[
+            &"run",
+            &"--bundle",
+            &bundle,
+            &"--inputs",
+            &copied_inputs,
+            &"--output",
+            &copied_inputs,
+        ],
+        "an input of this command; refusing to overwrite it",
+    );
+    assert_eq!(std::fs::read(&photo).unwrap(), before);
 }
 
 /// Sizes far beyond the weights, or beyond any ViT, are refused by the config

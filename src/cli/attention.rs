@@ -2,7 +2,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 use vit_msn::attention::{cls_attention, colormap, heat_grid, HeadChoice, LayerChoice};
-use vit_msn::fsutil::write_atomic_with;
+use vit_msn::fsutil::{check_output_file, write_atomic_with};
 use vit_msn::image::{load_image, preprocess_image};
 use vit_msn::{parse_device, Bundle, Error};
 
@@ -38,6 +38,7 @@ pub fn attention(a: AttentionArgs) -> CliResult {
     let layer: LayerChoice = a.layer.parse()?;
     let head: HeadChoice = a.head.parse()?;
     let bundle = Bundle::load(&a.bundle, parse_device(&a.device)?)?;
+    check_output_file(&a.out, &[&a.image, &a.bundle])?;
     write_attention_map(&bundle, &a.image, &a.out, layer, head)?;
     eprintln!("wrote {}", a.out.display());
     Ok(())

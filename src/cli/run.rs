@@ -102,6 +102,7 @@ pub fn run(a: RunArgs) -> CliResult {
     if let Some(inputs) = &a.inputs {
         let output = a.output.as_ref().ok_or("--inputs needs --output")?;
         let dir = a.bundle.as_ref().ok_or("--inputs needs --bundle")?;
+        vit_msn::fsutil::check_output_file(output, &[inputs, dir])?;
         let bundle = Bundle::load(dir, device)?;
         return run_tensors(&bundle, inputs, output);
     }
@@ -113,6 +114,10 @@ pub fn run(a: RunArgs) -> CliResult {
     }
     if a.batch_size == 0 {
         return Err("--batch-size must be at least 1".into());
+    }
+    if let Some(path) = &a.embeddings {
+        let inputs: Vec<&Path> = a.image.iter().map(PathBuf::as_path).collect();
+        vit_msn::fsutil::check_output_file(path, &inputs)?;
     }
     let images = collect_images(&a.image)?;
     match (&a.bundle, &a.artifact) {

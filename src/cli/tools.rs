@@ -57,6 +57,8 @@ pub fn preprocess(a: PreprocessArgs) -> CliResult {
         let (h, w) = parse_resolution(r)?;
         (pp.height, pp.width) = (h as u32, w as u32);
     }
+    let inputs: Vec<&Path> = a.image.iter().map(PathBuf::as_path).collect();
+    vit_msn::fsutil::check_output_file(&a.output, &inputs)?;
     let images = collect_images(&a.image)?;
     let px = images
         .iter()
