@@ -413,12 +413,12 @@ fn absurd_sizes_are_refused_before_allocating() {
         (
             "hidden",
             Box::new(set("hidden_size", (1i64 << 20).into())),
-            "more than 4294967296 parameters",
+            "`hidden_size` must be at most 65536",
         ),
         (
             "layers",
             Box::new(set("num_hidden_layers", 1_000_000_000_000i64.into())),
-            "more than 4294967296 parameters",
+            "`num_hidden_layers` must be at most 4096",
         ),
         (
             "intermediate",
@@ -433,7 +433,7 @@ fn absurd_sizes_are_refused_before_allocating() {
                     c.insert("patch_size".into(), 1.into());
                 })
             }),
-            "more than 4294967296 parameters",
+            "`image_size` must be at most 16384",
         ),
         (
             "labels",
@@ -473,7 +473,7 @@ fn absurd_sizes_are_refused_before_allocating() {
     let config = dir.join("config.json");
     std::fs::write(
         &config,
-        r#"{"hidden_size": 1048576, "num_attention_heads": 1}"#,
+        r#"{"hidden_size": 65536, "num_attention_heads": 1, "num_hidden_layers": 4096}"#,
     )
     .unwrap();
     let out = vit_msn(&[&"init", &"--config", &config, &"--out", &dir.join("m")]);

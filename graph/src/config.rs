@@ -136,6 +136,22 @@ impl Config {
                 )));
             }
         }
+        // The runtime's manifest check (vit_msn::manifest) holds a bundle to
+        // the same bounds, so nothing compiles that would not load.
+        for (name, v, max) in [
+            ("hidden_size", self.hidden_size, 65536),
+            ("num_hidden_layers", self.num_hidden_layers, 4096),
+            ("num_attention_heads", self.num_attention_heads, 4096),
+            ("num_channels", self.num_channels, 1024),
+            ("image_size", self.image_size, 16384),
+            ("patch_size", self.patch_size, 16384),
+        ] {
+            if v > max {
+                return Err(Error::Config(format!(
+                    "`{name}` must be at most {max}, found {v}"
+                )));
+            }
+        }
         if self.hidden_size % self.num_attention_heads != 0 {
             return Err(Error::Config(format!(
                 "`hidden_size` {} is not divisible by `num_attention_heads` {}",
