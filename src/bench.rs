@@ -24,6 +24,10 @@ pub struct BatchResult {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub bundle: String,
+    /// The model's shape ([`model_summary`]); absent in baselines saved
+    /// before it was recorded, which are compared without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
     pub dtype: String,
     pub device: String,
     pub threads: i64,
@@ -31,6 +35,55 @@ pub struct Report {
     pub width: i64,
     pub iters: usize,
     pub results: Vec<BatchResult>,
+}
+
+/// Largest batch size `bench` runs: far past any latency worth measuring,
+/// and small enough that its arithmetic cannot overflow.
+pub const MAX_BATCH: i64 = 65536;
+/// Largest `--iters` and `--warmup`: the timings are held in memory.
+pub const MAX_PASSES: usize = 1_000_000;
+
+/// Refuses batch sizes and pass counts out of range, before anything is
+/// loaded or allocated.
+pub fn check_plan(batches: &[i64], iters: usize, warmup: usize) -> Result<()> {
+    if batches.is_empty() {
+        return Err(Error::input("batch", "give at least one batch size"));
+    }
+    if let Some(b) = batches.iter().find(|&&b| !(1..=MAX_BATCH).contains(&b)) {
+        return Err(Error::input(
+            "batch",
+            format!("batch size {b} is not in 1..={MAX_BATCH}"),
+        ));
+    }
+    if !(1..=MAX_PASSES).contains(&iters) {
+        return Err(Error::input(
+            "iters",
+            format!("{iters} is not in 1..={MAX_PASSES}"),
+        ));
+    }
+    if warmup > MAX_PASSES {
+        return Err(Error::input(
+            "warmup",
+            format!("{warmup} is not in 0..={MAX_PASSES}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The model facts that decide a forward pass's cost, to tell a baseline
+/// of another model from one of the same model compiled again.
+pub fn model_summary(bundle: &Bundle) -> String {
+    let m = bundle.manifest();
+    let i = &m.model;
+    format!(
+        "{} with hidden size {}, {} layers, {} heads, patch {}, {} channel(s)",
+        m.task,
+        i.hidden_size,
+        i.num_hidden_layers,
+        i.num_attention_heads,
+        i.patch_size,
+        i.num_channels
+    )
 }
 
 /// The `q`-quantile (0..=1) of sorted samples, by the nearest-rank rule.
@@ -67,18 +120,25 @@ pub fn time_batch(
     warmup: usize,
     iters: usize,
 ) -> Result<BatchResult> {
-    if batch < 1 || iters == 0 {
-        return Err(Error::input(
-            "bench",
-            "batch sizes and --iters must be at least 1",
-        ));
-    }
+    check_plan(&[batch], iters, warmup)?;
+    // Refused here, before the input is allocated, as a forward would refuse it.
+    bundle.check_batch(batch, height, width)?;
     tch::manual_seed(0);
     let c = bundle.manifest().model.num_channels;
+    let failed = |e: tch::TchError| {
+        Error::input(
+            "batch",
+            format!(
+                "cannot allocate a batch of {batch} at {height}x{width}: {}",
+                crate::bundle::first_line(&e.to_string())
+            ),
+        )
+    };
     // On the bundle's device already, so a CUDA figure is the forward pass,
     // not the upload of the batch.
-    let px = Tensor::randn([batch, c, height, width], (Kind::Float, tch::Device::Cpu))
-        .to_device(bundle.device());
+    let px = Tensor::f_randn([batch, c, height, width], (Kind::Float, tch::Device::Cpu))
+        .and_then(|t| t.f_to_device(bundle.device()))
+        .map_err(failed)?;
     for _ in 0..warmup {
         bundle.forward(&px, None, None)?;
     }
@@ -110,48 +170,132 @@ pub fn regressions(current: &Report, baseline: &Report, max_regression: f64) -> 
             let slower = r.median_ms / base.median_ms - 1.0;
             (slower > max_regression).then(|| {
                 format!(
-                    "batch {}: median {:.2} ms is {:.1}% slower than the baseline's {:.2} ms (allowed {:.1}%)",
+                    "batch {}: median {:.2} ms is {:.1}% slower than the baseline's {:.2} ms (allowed {})",
                     r.batch,
                     r.median_ms,
                     slower * 100.0,
                     base.median_ms,
-                    max_regression * 100.0
+                    percent(max_regression)
                 )
             })
         })
         .collect()
 }
 
+/// Reads a saved report, refusing one no comparison could use: medians must
+/// be positive and finite, each batch size listed once.
 pub fn read_report(path: &Path) -> Result<Report> {
     let text = crate::fsutil::read_regular_text(path)?;
-    serde_json::from_str(&text)
-        .map_err(|e| Error::file(path, format!("not a vit-msn bench report: {e}")))
+    let report: Report = serde_json::from_str(&text)
+        .map_err(|e| Error::file(path, format!("not a vit-msn bench report: {e}")))?;
+    for (i, r) in report.results.iter().enumerate() {
+        if !(r.median_ms.is_finite() && r.median_ms > 0.0) {
+            return Err(Error::file(
+                path,
+                format!(
+                    "batch {}: median {} ms is not a positive time",
+                    r.batch, r.median_ms
+                ),
+            ));
+        }
+        if report.results[..i].iter().any(|o| o.batch == r.batch) {
+            return Err(Error::file(
+                path,
+                format!("batch {} is listed more than once", r.batch),
+            ));
+        }
+    }
+    Ok(report)
 }
 
-/// `10%`, `10` or `0.1` → 0.1.
+/// Errors unless `baseline` measured the same thing as `current` (dtype,
+/// resolution, device, and the model's shape where both record it) and
+/// holds at least one of `batches`; returns the batch sizes it lacks,
+/// which are not compared. `current.results` may still be empty.
+pub fn comparable(
+    current: &Report,
+    baseline: &Report,
+    batches: &[i64],
+    path: &Path,
+) -> Result<Vec<i64>> {
+    let mismatch = |what: &str, theirs: &str, ours: &str| {
+        Err(Error::file(
+            path,
+            format!("the baseline was measured with {what} {theirs}, this run uses {ours}; compare like with like"),
+        ))
+    };
+    if baseline.dtype != current.dtype {
+        return mismatch("dtype", &baseline.dtype, &current.dtype);
+    }
+    if (baseline.height, baseline.width) != (current.height, current.width) {
+        let res = |r: &Report| format!("{}x{}", r.height, r.width);
+        return mismatch("resolution", &res(baseline), &res(current));
+    }
+    if baseline.device != current.device {
+        return mismatch("device", &baseline.device, &current.device);
+    }
+    if let (Some(theirs), Some(ours)) = (&baseline.model, &current.model) {
+        if theirs != ours {
+            return Err(Error::file(
+                path,
+                format!("the baseline was measured on another model ({theirs}); this bundle is a {ours}; compare like with like"),
+            ));
+        }
+    }
+    fn list(batches: impl Iterator<Item = i64>) -> String {
+        batches
+            .map(|b| b.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+    let missing: Vec<i64> = batches
+        .iter()
+        .copied()
+        .filter(|b| !baseline.results.iter().any(|r| r.batch == *b))
+        .collect();
+    if missing.len() == batches.len() {
+        let has = if baseline.results.is_empty() {
+            "no results".to_owned()
+        } else {
+            format!(
+                "only batch size(s) {}",
+                list(baseline.results.iter().map(|r| r.batch))
+            )
+        };
+        return Err(Error::file(
+            path,
+            format!(
+                "the baseline holds no result for batch size(s) {} (it has {has}); nothing to compare",
+                list(missing.iter().copied())
+            ),
+        ));
+    }
+    Ok(missing)
+}
+
+/// A threshold given as a percentage: `10`, `10%` and `10.0 %` are all
+/// ten percent (→ 0.1); `0.5` is half a percent.
 pub fn parse_fraction(s: &str) -> Result<f64> {
     let bad = || {
         Error::input(
             "max-regression",
-            format!("`{s}` is not a percentage like 10%"),
+            format!("`{s}` is not a percentage like 10 or 10% (a number >= 0)"),
         )
     };
     let t = s.trim();
-    let v = match t.strip_suffix('%') {
-        Some(p) => p.trim().parse::<f64>().map_err(|_| bad())? / 100.0,
-        None => {
-            let v = t.parse::<f64>().map_err(|_| bad())?;
-            if v > 1.0 {
-                v / 100.0
-            } else {
-                v
-            }
-        }
-    };
+    let number = t.strip_suffix('%').unwrap_or(t).trim();
+    let v = number.parse::<f64>().map_err(|_| bad())?;
     if !(v.is_finite() && v >= 0.0) {
         return Err(bad());
     }
-    Ok(v)
+    Ok(v / 100.0)
+}
+
+/// A fraction as a percentage for messages, with no more digits than it
+/// needs: 0.1 → `10%`, 0.005 → `0.5%`.
+pub fn percent(fraction: f64) -> String {
+    let s = format!("{:.3}", fraction * 100.0);
+    format!("{}%", s.trim_end_matches('0').trim_end_matches('.'))
 }
 
 /// Physical cores of this machine (distinct core ids per package), the
@@ -190,6 +334,7 @@ mod tests {
     fn report(medians: &[(i64, f64)]) -> Report {
         Report {
             bundle: "b".into(),
+            model: None,
             dtype: "f32".into(),
             device: "cpu".into(),
             threads: 2,
@@ -228,10 +373,18 @@ mod tests {
         let v = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0];
         assert_eq!(quantile(&v, 0.5), 5.0);
         assert_eq!(quantile(&v, 0.9), 9.0);
+        // One rule: a number, with or without `%`, is a percentage.
         assert_eq!(parse_fraction("10%").unwrap(), 0.1);
-        assert_eq!(parse_fraction("0.25").unwrap(), 0.25);
-        assert_eq!(parse_fraction("15").unwrap(), 0.15);
+        assert_eq!(parse_fraction("10").unwrap(), 0.1);
+        assert_eq!(parse_fraction("1").unwrap(), 0.01);
+        assert_eq!(parse_fraction("1.0").unwrap(), 0.01);
+        assert_eq!(parse_fraction("1.5").unwrap(), 0.015);
+        assert_eq!(parse_fraction("0.5 %").unwrap(), 0.005);
         assert!(parse_fraction("fast").is_err());
+        assert!(parse_fraction("-1").is_err());
+        assert!(parse_fraction("inf").is_err());
+        assert_eq!(percent(parse_fraction("1.5").unwrap()), "1.5%");
+        assert_eq!(percent(0.1), "10%");
         assert!(physical_cores() >= 1);
     }
 }

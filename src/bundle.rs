@@ -4,6 +4,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
@@ -251,21 +252,7 @@ impl Bundle {
                 format!("expected {c} channel(s), found {}", size[1]),
             ));
         }
-        let found = self
-            .artifacts
-            .iter()
-            .find(|(e, _)| e.height == size[2] && e.width == size[3])
-            .ok_or_else(|| {
-                Error::input(
-                    name,
-                    format!(
-                        "resolution {}x{} was not compiled; this bundle has {}",
-                        size[2],
-                        size[3],
-                        self.manifest.resolutions().join(", ")
-                    ),
-                )
-            })?;
+        let found = self.compiled(size[2], size[3])?;
         // Before touching the values: a batch that cannot fit fails here, cleanly.
         self.check_memory(&found.0, size[0])?;
         let all_finite = pixel_values
@@ -278,6 +265,33 @@ impl Bundle {
             return Err(Error::input(name, "contains NaN or infinite values"));
         }
         Ok(found)
+    }
+
+    /// The artifact compiled for `height`×`width`.
+    fn compiled(&self, height: i64, width: i64) -> Result<&(ArtifactEntry, Artifact)> {
+        self.artifacts
+            .iter()
+            .find(|(e, _)| e.height == height && e.width == width)
+            .ok_or_else(|| {
+                Error::input(
+                    "pixel_values",
+                    format!(
+                        "resolution {height}x{width} was not compiled; this bundle has {}",
+                        self.manifest.resolutions().join(", ")
+                    ),
+                )
+            })
+    }
+
+    /// Errors as [`Bundle::forward`] would for a batch of `batch` at
+    /// `height`×`width` (resolution not compiled, batch too large for the
+    /// memory available), without allocating it.
+    pub fn check_batch(&self, batch: i64, height: i64, width: i64) -> Result<()> {
+        if batch < 1 {
+            return Err(Error::input("pixel_values", "the batch is empty"));
+        }
+        let (entry, _) = self.compiled(height, width)?;
+        self.check_memory(entry, batch)
     }
 
     /// A rough peak working set of one sample through `entry`, in bytes: the
@@ -523,12 +537,33 @@ pub fn outputs_by_name(specs: &[TensorSpec], result: Vec<RawOutput>) -> Vec<(Str
         .collect()
 }
 
+/// How long [`replace_artifact`] waits for another process changing the
+/// same bundle before it gives up.
+pub const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(120);
+
 /// Swaps the artifact compiled for `height`×`width` for `new_artifact`, after
-/// checking that the new file loads, accepts the bundle's inputs and returns
-/// the manifest's outputs at their shapes (a probe run at batch 2). The
-/// bundle is rewritten whole beside itself and renamed into place; on any
-/// refusal it is left untouched.
+/// checking that the new file loads, accepts the bundle's inputs, returns
+/// the manifest's outputs at their shapes (a probe run at batch 2) and, when
+/// it describes itself, was compiled for this slot's dtype and specs. The
+/// bundle is rewritten whole beside itself (sub-folders such as `cache/`
+/// included) and renamed into place; on any refusal it is left untouched.
+/// Waits up to [`DEFAULT_LOCK_WAIT`] while another process changes it.
 pub fn replace_artifact(dir: &Path, height: i64, width: i64, new_artifact: &Path) -> Result<()> {
+    replace_artifact_waiting(dir, height, width, new_artifact, DEFAULT_LOCK_WAIT)
+}
+
+/// [`replace_artifact`], waiting at most `wait` for the bundle's lock
+/// (`Duration::ZERO`: fail at once when another process holds it).
+pub fn replace_artifact_waiting(
+    dir: &Path,
+    height: i64,
+    width: i64,
+    new_artifact: &Path,
+    wait: Duration,
+) -> Result<()> {
+    // Held until the new bundle is in place: the manifest read below must
+    // still be the bundle's when the rewritten one lands.
+    let _lock = lock_bundle(dir, wait)?;
     let mut manifest = Manifest::read(dir)?;
     let index = manifest
         .artifacts
@@ -553,6 +588,17 @@ pub fn replace_artifact(dir: &Path, height: i64, width: i64, new_artifact: &Path
         path: new_artifact.display().to_string(),
         message: m,
     };
+    let own = embedded_description(&file);
+    // A file of another dtype fails the probe with libtorch's opaque
+    // message; its own description says why.
+    if let Some(dtype) = own.as_ref().and_then(|d| d.get("dtype")?.as_str()) {
+        if dtype != manifest.dtype {
+            return Err(refuse(format!(
+                "it was compiled for {dtype}, and the bundle's artifacts are {} (its {ARTIFACT_EXTRA_FILE})",
+                manifest.dtype
+            )));
+        }
+    }
     let module = load_open_file(&file, new_artifact, Device::Cpu)
         .map_err(|e| refuse(format!("does not load: {e}")))?;
     let entry = &manifest.artifacts[index];
@@ -600,6 +646,12 @@ pub fn replace_artifact(dir: &Path, height: i64, width: i64, new_artifact: &Path
             Some(_) => {}
         }
     }
+    // The probe passes a file compiled for another resolution with as many
+    // patches (64x16 for 32x32), which loading would then refuse: make the
+    // check loading makes.
+    if let Some(own) = &own {
+        check_against_description(entry, own).map_err(refuse)?;
+    }
     // Stage the whole bundle beside it: other files as hard links (or copies).
     remove_stale_siblings(dir);
     let staged = sibling_tmp(dir);
@@ -611,10 +663,7 @@ pub fn replace_artifact(dir: &Path, height: i64, width: i64, new_artifact: &Path
             if name == MANIFEST_FILE || name.to_string_lossy() == manifest.artifacts[index].file {
                 continue;
             }
-            let to = staged.join(&name);
-            if std::fs::hard_link(e.path(), &to).is_err() {
-                std::fs::copy(e.path(), &to).map_err(|err| Error::io(&to, err))?;
-            }
+            stage_entry(&e.path(), &staged.join(&name))?;
         }
         let file = &manifest.artifacts[index].file;
         std::fs::write(staged.join(file), &bytes).map_err(|e| Error::io(&staged.join(file), e))?;
@@ -628,6 +677,78 @@ pub fn replace_artifact(dir: &Path, height: i64, width: i64, new_artifact: &Path
         let _ = std::fs::remove_dir_all(&staged);
     }
     result
+}
+
+/// Puts a copy of `from` (a file, a symlink or a whole folder, such as the
+/// `cache/` that `fewshot fit` keeps in a backbone bundle) at `to`: files as
+/// hard links where the file system allows, else as copies. Anything else
+/// (a FIFO, a socket) is refused rather than silently dropped.
+fn stage_entry(from: &Path, to: &Path) -> Result<()> {
+    let meta = std::fs::symlink_metadata(from).map_err(|e| Error::io(from, e))?;
+    let kind = meta.file_type();
+    if kind.is_dir() {
+        std::fs::create_dir(to).map_err(|e| Error::io(to, e))?;
+        for e in std::fs::read_dir(from).map_err(|e| Error::io(from, e))? {
+            let e = e.map_err(|e| Error::io(from, e))?;
+            stage_entry(&e.path(), &to.join(e.file_name()))?;
+        }
+        Ok(())
+    } else if kind.is_symlink() {
+        let target = std::fs::read_link(from).map_err(|e| Error::io(from, e))?;
+        std::os::unix::fs::symlink(target, to).map_err(|e| Error::io(to, e))
+    } else if kind.is_file() {
+        if std::fs::hard_link(from, to).is_err() {
+            std::fs::copy(from, to).map_err(|e| Error::io(to, e))?;
+        }
+        Ok(())
+    } else {
+        Err(Error::file(
+            from,
+            "is not a file or folder, and a bundle rewrite would lose it; move it out of the bundle first",
+        ))
+    }
+}
+
+/// An exclusive `flock` on the bundle folder itself, held while it is
+/// changed; released when the returned file is dropped. Nothing is left
+/// beside the bundle. The folder is replaced by rename, so a lock won on a
+/// folder that is no longer at `dir` (the previous holder swapped in a new
+/// one) is let go and taken again on the folder now there.
+fn lock_bundle(dir: &Path, wait: Duration) -> Result<File> {
+    use std::os::unix::fs::MetadataExt;
+    let deadline = Instant::now() + wait;
+    loop {
+        let folder = File::open(dir).map_err(|e| Error::io(dir, e))?;
+        if !folder.metadata().map_err(|e| Error::io(dir, e))?.is_dir() {
+            return Err(Error::file(dir, "is not a bundle folder"));
+        }
+        loop {
+            // SAFETY: flock on a file descriptor this function owns.
+            if unsafe { libc::flock(folder.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                break;
+            }
+            let err = std::io::Error::last_os_error();
+            let busy = matches!(err.raw_os_error(), Some(libc::EWOULDBLOCK | libc::EINTR));
+            if !busy {
+                return Err(Error::io(dir, err));
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::file(
+                    dir,
+                    format!(
+                        "another process is changing this bundle (waited {} s); try again when it has finished",
+                        wait.as_secs_f64()
+                    ),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let locked = folder.metadata().map_err(|e| Error::io(dir, e))?;
+        let now = std::fs::metadata(dir).map_err(|e| Error::io(dir, e))?;
+        if (locked.dev(), locked.ino()) == (now.dev(), now.ino()) {
+            return Ok(folder);
+        }
+    }
 }
 
 /// libtorch messages carry a C++ backtrace after the first line; errors

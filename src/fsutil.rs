@@ -172,7 +172,10 @@ pub fn replace_dir(staged: &Path, target: &Path) -> Result<()> {
 }
 
 /// Removes what interrupted writes of `target` left beside it (the staged
-/// `.NAME.tmp-PID` files and folders of processes that were killed).
+/// `.NAME.tmp-PID` files and folders of processes that were killed). An
+/// entry whose PID is a running process is another writer's, still in
+/// use, and is left alone; so is one without a PID (export.py's random
+/// suffix) until it has not changed for an hour.
 pub fn remove_stale_siblings(target: &Path) {
     let Some(name) = target.file_name().map(|n| n.to_string_lossy().into_owned()) else {
         return;
@@ -185,8 +188,21 @@ pub fn remove_stale_siblings(target: &Path) {
     let Ok(entries) = std::fs::read_dir(parent) else {
         return;
     };
+    let live = |suffix: &str| match suffix.parse::<u32>() {
+        // Our own PID is not another writer: what it names is a leftover.
+        Ok(pid) => pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists(),
+        Err(_) => std::fs::symlink_metadata(parent.join(format!("{prefix}{suffix}")))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_none_or(|age| age < std::time::Duration::from_secs(3600)),
+    };
     for entry in entries.flatten() {
-        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name
+            .strip_prefix(&prefix)
+            .is_some_and(|suffix| !live(suffix))
+        {
             let path = entry.path();
             let _ = if path.is_dir() {
                 std::fs::remove_dir_all(&path)

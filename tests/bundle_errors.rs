@@ -487,3 +487,404 @@ fn manifest_facts_that_disagree_with_the_artifact_are_refused() {
     // The unedited copy still loads.
     Bundle::load(classifier_copy("unedited"), Device::Cpu).unwrap();
 }
+
+/// `fewshot fit` keeps a `cache/` folder in the backbone bundle: replacing
+/// an artifact keeps it (and any other sub-folder), whole.
+#[test]
+fn replace_keeps_sub_folders() {
+    let d = bundle_copy("replace-cache");
+    std::fs::create_dir_all(d.join("cache/deeper")).unwrap();
+    std::fs::write(d.join("cache/index.json"), "{}").unwrap();
+    std::fs::write(d.join("cache/deeper/emb.bin"), "embedding").unwrap();
+    let new = d.parent().unwrap().join("new.pt");
+    std::fs::copy(d.join("model_32x32.pt"), &new).unwrap();
+    vit_msn::bundle::replace_artifact(&d, 32, 32, &new).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(d.join("cache/deeper/emb.bin")).unwrap(),
+        "embedding"
+    );
+    assert_eq!(
+        std::fs::read_to_string(d.join("cache/index.json")).unwrap(),
+        "{}"
+    );
+    Bundle::load(&d, Device::Cpu).unwrap();
+}
+
+/// An artifact compiled for another resolution with as many patches (64x16
+/// in the 32x32 slot) passes the probe run, but its own `vit_msn.json`
+/// says what it is: refused, as loading would refuse it, and the bundle is
+/// left as it was. Another dtype is refused by name, not by libtorch's
+/// message.
+#[test]
+fn replace_refuses_an_artifact_compiled_for_another_slot() {
+    let d = bundle_copy("replace-resolution");
+    let manifest_before = std::fs::read(d.join("manifest.json")).unwrap();
+    let wide = compile_case(
+        "no_qkv_bias",
+        "bundle-errors-src-64x16",
+        &["--resolutions", "64x16"],
+    );
+    let e = vit_msn::bundle::replace_artifact(&d, 32, 32, &wide.join("model_64x16.pt"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("model_64x16.pt")
+            && e.contains(
+                "input `pixel_values` shape [-1, 3, 32, 32], but the artifact was compiled for [-1, 3, 64, 16] (its vit_msn.json)"
+            ),
+        "{e}"
+    );
+    let bf16 = compile_case(
+        "no_qkv_bias",
+        "bundle-errors-src-bf16",
+        &["--dtype", "bf16"],
+    );
+    let e = vit_msn::bundle::replace_artifact(&d, 32, 32, &bf16.join("model_32x32.pt"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("it was compiled for bf16, and the bundle's artifacts are f32"),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read(d.join("manifest.json")).unwrap(),
+        manifest_before
+    );
+    Bundle::load(&d, Device::Cpu).unwrap();
+}
+
+/// Locks the folder as `bundle replace` does; held until dropped.
+fn hold_lock(dir: &Path) -> std::fs::File {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(dir).unwrap();
+    assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
+    f
+}
+
+/// One `bundle replace` at a time: a second one waits (`--wait` seconds)
+/// or fails clearly; two started together both land, and the bundle loads
+/// with both new digests (it used to be left with a digest mismatch).
+#[test]
+fn concurrent_replaces_take_turns() {
+    let dir = scratch("bundle-errors-concurrent");
+    let config = common::case_dir("no_qkv_bias").join("model/config.json");
+    let seeded = dir.join("seeded-model");
+    common::assert_ok(
+        &vit_msn(&[
+            &"init",
+            &"--config",
+            &config,
+            &"--out",
+            &seeded,
+            &"--seed",
+            &"5",
+        ]),
+        "init",
+    );
+    let new = dir.join("new");
+    common::assert_ok(
+        &vit_msn(&[
+            &"compile",
+            &"--model",
+            &seeded,
+            &"--out",
+            &new,
+            &"--resolutions",
+            &"32,48x40",
+        ]),
+        "compile the new artifacts",
+    );
+    let original = compile_case(
+        "no_qkv_bias",
+        "bundle-errors-concurrent-src",
+        &["--resolutions", "32,48x40"],
+    );
+    let target = dir.join("bundle");
+    let fresh = || {
+        let _ = std::fs::remove_dir_all(&target);
+        std::fs::create_dir_all(&target).unwrap();
+        for e in std::fs::read_dir(&original).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), target.join(e.file_name())).unwrap();
+        }
+    };
+    let replace = |res: &str, wait: &str| {
+        let file = new.join(format!(
+            "model_{}.pt",
+            if res == "32" { "32x32" } else { res }
+        ));
+        let mut cmd = std::process::Command::new(common::bin());
+        cmd.args(["bundle", "replace", "--bundle"])
+            .arg(&target)
+            .args(["--resolution", res, "--artifact"])
+            .arg(file)
+            .args(["--wait", wait])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        cmd
+    };
+
+    // Held by someone else: --wait 0 fails at once, naming the reason.
+    fresh();
+    let lock = hold_lock(&target);
+    let out = replace("32", "0").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("another process is changing this bundle") && !err.contains("panicked"),
+        "{err}"
+    );
+    // With time to wait, it waits, then lands once the holder lets go.
+    let mut waiting = replace("32", "60").spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(waiting.try_wait().unwrap().is_none(), "did not wait");
+    drop(lock);
+    let out = waiting.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    for round in 0..2 {
+        fresh();
+        let a = replace("32", "120").spawn().unwrap();
+        let b = replace("48x40", "120").spawn().unwrap();
+        for child in [a, b] {
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "round {round}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Bundle::load(&target, Device::Cpu).unwrap_or_else(|e| panic!("round {round}: {e}"));
+        for file in ["model_32x32.pt", "model_48x40.pt"] {
+            assert_eq!(
+                std::fs::read(target.join(file)).unwrap(),
+                std::fs::read(new.join(file)).unwrap(),
+                "round {round}: {file} was not replaced"
+            );
+        }
+    }
+}
+
+/// Cleaning up after killed writers spares the staging of a live one.
+#[test]
+fn stale_sibling_cleanup_spares_live_writers() {
+    let dir = scratch("bundle-errors-stale-siblings");
+    let target = dir.join("bundle");
+    let mut alive = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    gone.wait().unwrap();
+    let live = dir.join(format!(".bundle.tmp-{}", alive.id()));
+    let dead = dir.join(format!(".bundle.tmp-{}", gone.id()));
+    for staged in [&live, &dead] {
+        std::fs::create_dir_all(staged).unwrap();
+        std::fs::write(staged.join("manifest.json"), "{}").unwrap();
+    }
+    vit_msn::fsutil::remove_stale_siblings(&target);
+    let _ = alive.kill();
+    let _ = alive.wait();
+    assert!(
+        live.join("manifest.json").is_file(),
+        "a live writer's staging was removed"
+    );
+    assert!(!dead.exists(), "a dead writer's staging was left");
+}
+
+fn bench(args: &[&dyn AsRef<std::ffi::OsStr>]) -> (Option<i32>, String, String) {
+    let mut all: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"bench"];
+    all.extend_from_slice(args);
+    let out = vit_msn(&all);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!err.contains("panicked"), "{err}");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        err,
+    )
+}
+
+/// Batch sizes and pass counts that used to panic or abort (randn could not
+/// allocate, the batch arithmetic overflowed, the timings' capacity
+/// overflowed) are refused by name before anything is loaded.
+#[test]
+fn bench_refuses_out_of_range_sizes() {
+    let bundle = compile_case(
+        "no_qkv_bias",
+        "bundle-errors-bench-sizes",
+        &["--resolutions", "32,256"],
+    );
+    let cases: [(&[&str], &str); 7] = [
+        (
+            &["--batch", "100000000", "--iters", "1"],
+            "input `batch`: batch size 100000000 is not in 1..=65536",
+        ),
+        (
+            &["--batch", "9223372036854775807", "--iters", "1"],
+            "batch size 9223372036854775807 is not in 1..=65536",
+        ),
+        (&["--batch", "0"], "batch size 0 is not in 1..=65536"),
+        (
+            &["--batch", "1", "--iters", "18446744073709551615"],
+            "input `iters`: 18446744073709551615 is not in 1..=1000000",
+        ),
+        (
+            &["--batch", "1", "--iters", "1000000000000"],
+            "input `iters`: 1000000000000 is not in 1..=1000000",
+        ),
+        (
+            &["--batch", "1", "--warmup", "1000000000000"],
+            "input `warmup`: 1000000000000 is not in 0..=1000000",
+        ),
+        // In range, but about a TiB by the runtime's estimate: refused
+        // before the input is allocated.
+        (
+            &["--batch", "65536", "--resolution", "256"],
+            "a batch of 65536 needs about",
+        ),
+    ];
+    for (extra, needle) in cases {
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"--bundle", &bundle];
+        for e in extra {
+            args.push(e);
+        }
+        let (code, _, err) = bench(&args);
+        assert_eq!(code, Some(1), "{extra:?}: {err}");
+        assert!(err.contains(needle), "{extra:?}: {err}");
+    }
+}
+
+/// A baseline is compared only with a run of the same thing: one that holds
+/// none of the batch sizes run, measured at another dtype, resolution,
+/// device or model shape, or with medians that are not positive times, is
+/// refused; batch sizes it lacks are listed. `--max-regression` is always
+/// a percentage.
+#[test]
+fn bench_baselines_are_compared_like_with_like() {
+    let bundle = compile_case("no_qkv_bias", "bundle-errors-bench-baseline", &[]);
+    let dir = scratch("bundle-errors-bench-baseline-files");
+    let saved = dir.join("base.json");
+    let run = ["--iters", "2", "--warmup", "0"];
+    let (code, _, err) = bench(&[
+        &"--bundle",
+        &bundle,
+        &"--batch",
+        &"1",
+        &run[0],
+        &run[1],
+        &run[2],
+        &run[3],
+        &"--save-baseline",
+        &saved,
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let base: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&saved).unwrap()).unwrap();
+    assert!(base["model"].as_str().unwrap().contains("hidden size 32"));
+    let variant = |name: &str, edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut v = base.clone();
+        edit(&mut v);
+        let path = dir.join(format!("{name}.json"));
+        std::fs::write(&path, v.to_string()).unwrap();
+        path
+    };
+    let compare = |baseline: &Path, batch: &str, max: &str| {
+        bench(&[
+            &"--bundle",
+            &bundle,
+            &"--batch",
+            &batch,
+            &run[0],
+            &run[1],
+            &run[2],
+            &run[3],
+            &"--baseline",
+            &baseline,
+            &"--max-regression",
+            &max,
+        ])
+    };
+    type Edit = fn(&mut serde_json::Value);
+    let refused: [(&str, Edit, &str); 8] = [
+        (
+            "other-batch",
+            |v| v["results"][0]["batch"] = 64.into(),
+            "the baseline holds no result for batch size(s) 1 (it has only batch size(s) 64); nothing to compare",
+        ),
+        (
+            "empty",
+            |v| v["results"] = serde_json::json!([]),
+            "holds no result for batch size(s) 1 (it has no results)",
+        ),
+        (
+            "zero",
+            |v| v["results"][0]["median_ms"] = 0.0.into(),
+            "batch 1: median 0 ms is not a positive time",
+        ),
+        (
+            "negative",
+            |v| v["results"][0]["median_ms"] = (-1.0).into(),
+            "batch 1: median -1 ms is not a positive time",
+        ),
+        (
+            "dtype",
+            |v| v["dtype"] = "bf16".into(),
+            "the baseline was measured with dtype bf16, this run uses f32",
+        ),
+        (
+            "resolution",
+            |v| v["height"] = 224.into(),
+            "measured with resolution 224x32, this run uses 32x32",
+        ),
+        (
+            "device",
+            |v| v["device"] = "cuda:0".into(),
+            "measured with device cuda:0, this run uses cpu",
+        ),
+        (
+            "model",
+            |v| v["model"] = "backbone with hidden size 768".into(),
+            "measured on another model (backbone with hidden size 768); this bundle is a backbone with hidden size 32",
+        ),
+    ];
+    for (name, edit, needle) in refused {
+        let path = variant(name, &edit);
+        let (code, out, err) = compare(&path, "1", "10%");
+        assert_eq!(code, Some(1), "{name}: {out}{err}");
+        assert!(
+            err.contains(needle) && err.contains(&format!("{name}.json")),
+            "{name}: {err}"
+        );
+    }
+
+    // Batch sizes the baseline lacks are named; the others are compared. A
+    // baseline saved before `model` was recorded is still read.
+    let old = variant("old", &|v| {
+        v.as_object_mut().unwrap().remove("model");
+    });
+    let (code, _, err) = compare(&old, "1,2", "1000000%");
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("has no result for batch size(s) 2; not compared"),
+        "{err}"
+    );
+
+    // One rule for --max-regression: a number, with or without %, is percent.
+    let fast = variant("fast", &|v| v["results"][0]["median_ms"] = 1e-9.into());
+    for (given, allowed) in [
+        ("1", "allowed 1%"),
+        ("1.0", "allowed 1%"),
+        ("1.5", "allowed 1.5%"),
+        ("0.5", "allowed 0.5%"),
+        ("10%", "allowed 10%"),
+    ] {
+        let (code, _, err) = compare(&fast, "1", given);
+        assert_eq!(code, Some(1), "{given}: {err}");
+        assert!(err.contains(allowed), "{given}: {err}");
+    }
+}

@@ -1,7 +1,10 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use vit_msn::bench::{parse_fraction, read_report, regressions, time_batch, Report};
+use vit_msn::bench::{
+    check_plan, comparable, model_summary, parse_fraction, percent, read_report, regressions,
+    time_batch, Report,
+};
 use vit_msn::bundle::LoadOptions;
 use vit_msn::fsutil::write_atomic;
 use vit_msn::manifest::parse_resolution;
@@ -14,7 +17,9 @@ use super::CliResult;
 #[derive(Args)]
 #[command(
     after_help = "Exits 1 when a batch size's median is slower than the baseline's by more than
---max-regression, naming it.
+--max-regression, naming it. A baseline measured at another dtype, resolution or device,
+or on a model of another shape, is refused; so is one that holds none of the batch sizes
+run (those it lacks are listed and not compared).
 
 Examples:
   vit-msn bench --bundle artifacts/demo --batch 1,8 --save-baseline base.json
@@ -24,13 +29,14 @@ Examples:
 pub struct BenchArgs {
     #[arg(long)]
     bundle: PathBuf,
-    /// Batch sizes, comma-separated.
+    /// Batch sizes, comma-separated, each at most 65536 (and refused when
+    /// the memory available cannot hold it).
     #[arg(long, value_delimiter = ',', default_value = "1,8")]
     batch: Vec<i64>,
-    /// Timed forward passes per batch size.
+    /// Timed forward passes per batch size (1 to 1000000).
     #[arg(long, default_value_t = 20)]
     iters: usize,
-    /// Untimed passes first.
+    /// Untimed passes first (0 to 1000000).
     #[arg(long, default_value_t = 3)]
     warmup: usize,
     /// Resolution to run (N or HxW); default the bundle's first.
@@ -45,7 +51,8 @@ pub struct BenchArgs {
     /// Save this run's report here.
     #[arg(long)]
     save_baseline: Option<PathBuf>,
-    /// Allowed slowdown of a median against the baseline.
+    /// Allowed slowdown of a median against the baseline, in percent:
+    /// `10`, `10%` and `10.0%` all mean ten percent; `0.5` is half a percent.
     #[arg(long, default_value = "10%")]
     max_regression: String,
     #[arg(long, default_value = "cpu")]
@@ -56,8 +63,25 @@ pub struct BenchArgs {
 }
 
 pub fn bench(a: BenchArgs) -> CliResult {
+    // Everything that can be refused is refused before the bundle loads.
+    check_plan(&a.batch, a.iters, a.warmup)?;
     let max_regression = parse_fraction(&a.max_regression)?;
-    let baseline = a.baseline.as_deref().map(read_report).transpose()?;
+    if let Some(path) = &a.save_baseline {
+        // The refusal write_atomic would make, made before the run, not after it.
+        if std::fs::symlink_metadata(path)
+            .is_ok_and(|m| !m.is_file() && !m.file_type().is_symlink())
+        {
+            return Err(vit_msn::Error::file(
+                path,
+                "exists and is not a regular file; refusing to replace it",
+            )
+            .into());
+        }
+    }
+    let baseline = match &a.baseline {
+        Some(path) => Some((path, read_report(path)?)),
+        None => None,
+    };
     let options = LoadOptions {
         prepack_linears: !a.no_prepack,
     };
@@ -67,8 +91,12 @@ pub fn bench(a: BenchArgs) -> CliResult {
         Some(r) => parse_resolution(r)?,
         None => (m.artifacts[0].height, m.artifacts[0].width),
     };
+    for &batch in &a.batch {
+        bundle.check_batch(batch, height, width)?;
+    }
     let mut report = Report {
         bundle: a.bundle.display().to_string(),
+        model: Some(model_summary(&bundle)),
         dtype: m.dtype.clone(),
         device: bundle.device_name(),
         threads: tch::get_num_threads() as i64,
@@ -76,6 +104,10 @@ pub fn bench(a: BenchArgs) -> CliResult {
         width,
         iters: a.iters,
         results: Vec::new(),
+    };
+    let not_compared = match &baseline {
+        Some((path, base)) => comparable(&report, base, &a.batch, path)?,
+        None => Vec::new(),
     };
     for &batch in &a.batch {
         let r = time_batch(&bundle, batch, height, width, a.warmup, a.iters)?;
@@ -98,7 +130,25 @@ pub fn bench(a: BenchArgs) -> CliResult {
     if let Some(path) = &a.save_baseline {
         write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
     }
-    if let (Some(base), Some(path)) = (&baseline, &a.baseline) {
+    if let Some((path, base)) = &baseline {
+        // Notes, not errors: comparing a new bundle with an old one's
+        // baseline is what a baseline is for.
+        if base.threads != report.threads {
+            eprintln!(
+                "note: the baseline {} was measured with {} threads, this run with {}",
+                path.display(),
+                base.threads,
+                report.threads
+            );
+        }
+        if !not_compared.is_empty() {
+            let list: Vec<String> = not_compared.iter().map(|b| b.to_string()).collect();
+            eprintln!(
+                "note: the baseline {} has no result for batch size(s) {}; not compared",
+                path.display(),
+                list.join(", ")
+            );
+        }
         let slower = regressions(&report, base, max_regression);
         if !slower.is_empty() {
             return Err(format!(
@@ -110,9 +160,9 @@ pub fn bench(a: BenchArgs) -> CliResult {
         }
         if !a.json {
             println!(
-                "no median slower than the baseline {} by more than {:.1}%",
+                "no median slower than the baseline {} by more than {}",
                 path.display(),
-                max_regression * 100.0
+                percent(max_regression)
             );
         }
     }

@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
-use vit_msn::bundle::replace_artifact;
+use vit_msn::bundle::replace_artifact_waiting;
 use vit_msn::manifest::parse_resolution;
 
 use super::CliResult;
@@ -21,10 +21,18 @@ enum BundleCommand {
 /// Swap one resolution's artifact for a new TorchScript file (e.g. one exported
 /// from a fine-tuned model by graph/python/export.py). The new file must load,
 /// accept the bundle's inputs and return the manifest's outputs at their shapes
-/// (checked with a probe run); otherwise the bundle is left untouched.
+/// (checked with a probe run), and, where it describes itself, have been
+/// compiled for this resolution and dtype; otherwise the bundle is left
+/// untouched. Everything else in the bundle folder (e.g. `cache/`) is kept.
 #[derive(Args)]
-#[command(after_help = "Examples:
-  vit-msn bundle replace --bundle artifacts/small --resolution 224 --artifact finetuned/model_224x224.pt")]
+#[command(
+    after_help = "One change at a time: while another `bundle replace` is changing the same bundle,
+this one waits for it (up to --wait seconds, then fails with \"another process is changing
+this bundle\").
+
+Examples:
+  vit-msn bundle replace --bundle artifacts/small --resolution 224 --artifact finetuned/model_224x224.pt"
+)]
 struct ReplaceArgs {
     #[arg(long)]
     bundle: PathBuf,
@@ -34,13 +42,17 @@ struct ReplaceArgs {
     /// The new TorchScript file.
     #[arg(long)]
     artifact: PathBuf,
+    /// Seconds to wait while another process changes the bundle (0: fail at once).
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(0..=86400))]
+    wait: u64,
 }
 
 pub fn bundle(a: BundleArgs) -> CliResult {
     match a.command {
         BundleCommand::Replace(r) => {
             let (h, w) = parse_resolution(&r.resolution)?;
-            replace_artifact(&r.bundle, h, w, &r.artifact)?;
+            let wait = std::time::Duration::from_secs(r.wait);
+            replace_artifact_waiting(&r.bundle, h, w, &r.artifact, wait)?;
             eprintln!("replaced {h}x{w} in {}", r.bundle.display());
             Ok(())
         }
