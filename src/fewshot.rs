@@ -2,7 +2,7 @@
 //! token after the final layernorm, L2-normalised), fit a head, and compile
 //! backbone + head into one classification bundle.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{c_char, c_int, CString};
 use std::path::{Path, PathBuf};
 
@@ -41,6 +41,8 @@ pub struct LabelledImages {
 }
 
 impl LabelledImages {
+    /// Reads `dir`; it needs at least one class folder with images (`fit`
+    /// needs two, checked there).
     pub fn read(dir: &Path) -> Result<Self> {
         let mut classes: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(|e| Error::io(dir, e))?
@@ -60,19 +62,21 @@ impl LabelledImages {
                 continue;
             }
             files.sort();
+            // A lossy conversion would give two folders (`caf\xe9`, `caf\xe8`) one label.
+            let Some(name) = class_dir.file_name().and_then(|n| n.to_str()) else {
+                return Err(Error::file(
+                    class_dir,
+                    "the class folder's name is not valid UTF-8; labels must be text (rename the folder)",
+                ));
+            };
             let index = names.len() as i64;
-            names.push(
-                class_dir
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-            );
+            names.push(name.to_string());
             items.extend(files.into_iter().map(|f| (f, index)));
         }
-        if names.len() < 2 {
+        if names.is_empty() {
             return Err(Error::file(
                 dir,
-                "needs at least two class folders with images (the ImageFolder layout)",
+                "holds no class folders with images (the ImageFolder layout: one sub-folder of images per class)",
             ));
         }
         Ok(Self {
@@ -119,9 +123,16 @@ pub fn embed(
         .dir()
         .join("cache")
         .join(format!("embeddings-{}.safetensors", &fingerprint[..16]));
+    let hidden = m.model.hidden_size;
+    // The cache is only an optimisation: one that does not parse is ignored,
+    // and a damaged entry is a miss, embedded again and overwritten.
     let mut cache: BTreeMap<String, Tensor> = match std::fs::read(&cache_path) {
         Ok(bytes) => parse_safetensors(&bytes, &cache_path)
-            .map(|v| v.into_iter().collect())
+            .map(|v| {
+                v.into_iter()
+                    .filter(|(_, t)| is_embedding(t, hidden))
+                    .collect()
+            })
             .unwrap_or_default(),
         Err(_) => BTreeMap::new(),
     };
@@ -147,6 +158,13 @@ pub fn embed(
         let lhs = out
             .last_hidden_state
             .ok_or_else(|| Error::Forward("the backbone returned no last_hidden_state".into()))?;
+        let shape = lhs.size();
+        if shape.len() != 3 || shape[0] != chunk.len() as i64 || shape[2] != hidden {
+            return Err(Error::Forward(format!(
+                "the backbone's last_hidden_state has shape {shape:?}, expected [{}, tokens, {hidden}]",
+                chunk.len()
+            )));
+        }
         for (j, &i) in chunk.iter().enumerate() {
             cache.insert(keys[i].clone(), lhs.get(j as i64).get(0).copy());
         }
@@ -160,8 +178,36 @@ pub fn embed(
         let named: Vec<(&str, &Tensor)> = cache.iter().map(|(k, v)| (k.as_str(), v)).collect();
         write_safetensors(&cache_path, &named)?;
     }
-    let rows: Vec<Tensor> = keys.iter().map(|k| cache[k].shallow_clone()).collect();
-    Ok(normalize(&Tensor::stack(&rows, 0)))
+    let rows = keys
+        .iter()
+        .zip(paths)
+        .map(|(k, p)| {
+            cache
+                .get(k)
+                .map(|t| t.to_kind(Kind::Float))
+                .ok_or_else(|| Error::file(p, "no embedding was made for this image"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let x = Tensor::f_stack(&rows, 0)
+        .map_err(|e| Error::Forward(format!("cannot stack the embeddings: {e}")))?;
+    Ok(normalize(&x))
+}
+
+/// Whether a cache entry can stand for an embedding: a finite (hidden,) float row.
+fn is_embedding(t: &Tensor, hidden: i64) -> bool {
+    t.size() == [hidden]
+        && matches!(
+            t.kind(),
+            Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double
+        )
+        && all_finite(t)
+}
+
+fn all_finite(t: &Tensor) -> bool {
+    t.f_isfinite()
+        .and_then(|f| f.f_all())
+        .and_then(bool::try_from)
+        .unwrap_or(false)
 }
 
 pub fn normalize(x: &Tensor) -> Tensor {
@@ -169,6 +215,44 @@ pub fn normalize(x: &Tensor) -> Tensor {
     &x / x
         .norm_scalaropt_dim(2, [-1].as_slice(), true)
         .clamp_min(1e-12)
+}
+
+/// Beyond these a fit runs for hours without changing the head, or the head's
+/// logits overflow (float16 bundles hold at most 65504).
+pub const MAX_EPOCHS: usize = 100_000;
+pub const MAX_WEIGHT_DECAY: f64 = 1e6;
+pub const MAX_TEMPERATURE: f64 = 1e4;
+
+/// Why `epochs` cannot be fitted with, if it cannot (the caller names the setting).
+pub fn check_epochs(epochs: usize) -> std::result::Result<(), String> {
+    if (1..=MAX_EPOCHS).contains(&epochs) {
+        Ok(())
+    } else {
+        Err(format!("must be in 1..={MAX_EPOCHS}, found {epochs}"))
+    }
+}
+
+/// Why `weight_decay` cannot be fitted with, if it cannot.
+pub fn check_weight_decay(weight_decay: f64) -> std::result::Result<(), String> {
+    if (0.0..=MAX_WEIGHT_DECAY).contains(&weight_decay) {
+        Ok(())
+    } else {
+        Err(format!(
+            "must be finite and in [0, {MAX_WEIGHT_DECAY}], found {weight_decay:?}"
+        ))
+    }
+}
+
+/// Why `temperature` cannot scale a head, if it cannot: zero gives every class
+/// the same logit and a negative one predicts the farthest class.
+pub fn check_temperature(temperature: f64) -> std::result::Result<(), String> {
+    if temperature > 0.0 && temperature <= MAX_TEMPERATURE {
+        Ok(())
+    } else {
+        Err(format!(
+            "must be finite and in (0, {MAX_TEMPERATURE}], found {temperature:?}"
+        ))
+    }
 }
 
 /// A linear head: logits = scale · x · Wᵀ + b on normalised embeddings.
@@ -198,6 +282,8 @@ pub fn fit_linear(
     epochs: usize,
     seed: i64,
 ) -> Result<Head> {
+    check_weight_decay(weight_decay).map_err(|m| Error::input("weight_decay", m))?;
+    check_epochs(epochs).map_err(|m| Error::input("epochs", m))?;
     tch::manual_seed(seed);
     let vs = nn::VarStore::new(Device::Cpu);
     let d = x.size()[1];
@@ -221,18 +307,19 @@ pub fn fit_linear(
 
 /// Class means of the normalised embeddings, normalised: cosine similarity
 /// times `temperature`.
-pub fn fit_prototype(x: &Tensor, y: &Tensor, classes: i64, temperature: f64) -> Head {
+pub fn fit_prototype(x: &Tensor, y: &Tensor, classes: i64, temperature: f64) -> Result<Head> {
+    check_temperature(temperature).map_err(|m| Error::input("temperature", m))?;
     let rows: Vec<Tensor> = (0..classes)
         .map(|c| {
             x.index_select(0, &y.eq(c).nonzero().squeeze_dim(1))
                 .mean_dim(0, false, Kind::Float)
         })
         .collect();
-    Head {
+    Ok(Head {
         weight: normalize(&Tensor::stack(&rows, 0)),
         bias: Tensor::zeros([classes], (Kind::Float, Device::Cpu)),
         scale: temperature,
-    }
+    })
 }
 
 pub fn accuracy(pred: &Tensor, y: &Tensor) -> f64 {
@@ -272,9 +359,39 @@ pub fn write_classifier(
 ) -> Result<()> {
     check_output_dir(out, OutputDir::Bundle, &[backbone.dir()])?;
     let m = backbone.manifest();
+    let mut seen = BTreeSet::new();
+    if let Some(twice) = labels.iter().find(|l| !seen.insert(l.as_str())) {
+        return Err(Error::input(
+            "labels",
+            format!("`{twice}` is named more than once; each class needs its own label"),
+        ));
+    }
+    let classes = labels.len() as i64;
+    if head.weight.size() != [classes, m.model.hidden_size] || head.bias.size() != [classes] {
+        return Err(Error::input(
+            "head",
+            format!(
+                "weight {:?} and bias {:?} do not fit {classes} labels on a backbone of width {}",
+                head.weight.size(),
+                head.bias.size(),
+                m.model.hidden_size
+            ),
+        ));
+    }
+    check_temperature(head.scale).map_err(|m| Error::input("scale", m))?;
     let kind = crate::device::parse_dtype(&m.dtype)?;
     let weight = head.weight.to_kind(kind).contiguous();
     let bias = head.bias.to_kind(kind).contiguous();
+    // Checked in the bundle's dtype: a float32 head can still overflow float16.
+    if !all_finite(&weight) || !all_finite(&bias) {
+        return Err(Error::file(
+            out,
+            format!(
+                "the fit diverged: the head's weights or bias are not all finite in {}; refusing to write it (a smaller weight decay or fewer epochs may help)",
+                m.dtype
+            ),
+        ));
+    }
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     }

@@ -303,3 +303,287 @@ fn fewshot_errors() {
     ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown method `svm`"));
 }
+
+/// Two classes (`a`, `b`) of two test photos each, in `dir/train`.
+fn photo_classes(dir: &Path) -> PathBuf {
+    let photos = root().join("tests/data/photos");
+    let train = dir.join("train");
+    for (class, files) in [
+        ("a", ["astronaut.jpg", "camera.png"]),
+        ("b", ["chelsea.jpg", "coffee.jpg"]),
+    ] {
+        std::fs::create_dir_all(train.join(class)).unwrap();
+        for f in files {
+            std::fs::copy(photos.join(f), train.join(class).join(f)).unwrap();
+        }
+    }
+    train
+}
+
+fn assert_refused(out: &std::process::Output, code: i32, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "stderr: {stderr}");
+    assert!(stderr.contains(needle), "expected `{needle}` in: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+fn fit_with(bundle: &Path, train: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
+        &"fewshot",
+        &"fit",
+        &"--bundle",
+        &bundle,
+        &"--train",
+        &train,
+        &"--out",
+        &out,
+    ];
+    for e in extra {
+        args.push(e);
+    }
+    vit_msn(&args)
+}
+
+#[test]
+fn fit_refuses_numbers_that_break_the_head() {
+    let dir = scratch("fewshot-numbers");
+    let train = photo_classes(&dir);
+    let bundle = common::compile_case("e2e_backbone", "fewshot-numbers-bundle", &[]);
+    let out = dir.join("out");
+    for (method, arg, needle) in [
+        ("prototype", "--temperature=-10", "temperature"),
+        ("prototype", "--temperature=0", "temperature"),
+        ("prototype", "--temperature=nan", "temperature"),
+        ("prototype", "--temperature=inf", "temperature"),
+        ("prototype", "--temperature=1e300", "temperature"),
+        ("linear", "--epochs=0", "epochs"),
+        ("linear", "--epochs=100001", "epochs"),
+        ("linear", "--weight-decay=1e308", "weight-decay"),
+        ("linear", "--weight-decay=-1", "weight-decay"),
+        ("linear", "--weight-decay=nan", "weight-decay"),
+    ] {
+        let got = fit_with(&bundle, &train, &out, &["--method", method, arg]);
+        assert_refused(&got, 1, needle);
+        assert!(!out.exists(), "{arg} wrote a bundle");
+    }
+}
+
+#[test]
+fn a_diverged_or_ambiguous_head_is_not_written() {
+    use tch::{Kind, Tensor};
+    use vit_msn::fewshot::{write_classifier, FitReport, Head};
+
+    let bundle = common::compile_case("e2e_backbone", "fewshot-diverged-bundle", &[]);
+    let backbone = vit_msn::Bundle::load(&bundle, vit_msn::Device::Cpu).unwrap();
+    let d = backbone.manifest().model.hidden_size;
+    let out = scratch("fewshot-diverged").join("out");
+    let report = FitReport {
+        method: "linear".into(),
+        classes: vec!["a".into(), "b".into()],
+        train_images: 2,
+        weight_decay: Some(0.1),
+        weight_decay_chosen_on_validation: false,
+        validation_accuracy: None,
+        temperature: None,
+        epochs: 1,
+        seed: 0,
+    };
+    let opts = (Kind::Float, tch::Device::Cpu);
+    let labels = ["a".to_string(), "b".to_string()];
+    let nan = Head {
+        weight: Tensor::full([2, d], f64::NAN, opts),
+        bias: Tensor::zeros([2], opts),
+        scale: 1.0,
+    };
+    let err = write_classifier(&backbone, &nan, &labels, &report, &out).unwrap_err();
+    assert!(err.to_string().contains("the fit diverged"), "{err}");
+    let inf_bias = Head {
+        weight: Tensor::zeros([2, d], opts),
+        bias: Tensor::full([2], f64::INFINITY, opts),
+        scale: 1.0,
+    };
+    let err = write_classifier(&backbone, &inf_bias, &labels, &report, &out).unwrap_err();
+    assert!(err.to_string().contains("the fit diverged"), "{err}");
+    let fine = Head {
+        weight: Tensor::zeros([2, d], opts),
+        bias: Tensor::zeros([2], opts),
+        scale: 1.0,
+    };
+    let twice = ["café".to_string(), "café".to_string()];
+    let err = write_classifier(&backbone, &fine, &twice, &report, &out).unwrap_err();
+    assert!(err.to_string().contains("more than once"), "{err}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn non_utf8_class_folders_are_refused() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+
+    let dir = scratch("fewshot-non-utf8");
+    let photos = root().join("tests/data/photos");
+    let bad = dir.join("bad");
+    // Both names read lossily as `caf�`.
+    for (name, file) in [
+        (&b"caf\xe9"[..], "astronaut.jpg"),
+        (&b"caf\xe8"[..], "chelsea.jpg"),
+        (&b"b"[..], "rocket.jpg"),
+    ] {
+        let class = bad.join(OsStr::from_bytes(name));
+        std::fs::create_dir_all(&class).unwrap();
+        std::fs::copy(photos.join(file), class.join(file)).unwrap();
+    }
+    let bundle = common::compile_case("e2e_backbone", "fewshot-non-utf8-bundle", &[]);
+    let out = dir.join("out");
+    let got = fit_with(&bundle, &bad, &out, &["--method", "prototype"]);
+    assert_refused(&got, 1, "not valid UTF-8");
+    assert!(String::from_utf8_lossy(&got.stderr).contains("caf\u{fffd}"));
+    assert!(!out.exists());
+
+    // eval refuses the same folder rather than matching it to a label.
+    let train = photo_classes(&dir);
+    assert_ok(
+        &fit_with(&bundle, &train, &out, &["--method", "prototype"]),
+        "fit",
+    );
+    let got = vit_msn(&[&"fewshot", &"eval", &"--bundle", &out, &"--test", &bad]);
+    assert_refused(&got, 1, "not valid UTF-8");
+}
+
+#[test]
+fn damaged_cache_entries_are_embedded_again() {
+    use tch::{Kind, Tensor};
+    use vit_msn::tensors::{parse_safetensors, write_safetensors};
+
+    let dir = scratch("fewshot-damaged-cache");
+    let train = photo_classes(&dir);
+    let bundle = common::compile_case("e2e_backbone", "fewshot-damaged-cache-bundle", &[]);
+    let d = 48;
+    let out = dir.join("out");
+    let wd = ["--weight-decay", "0.1"];
+    assert_ok(&fit_with(&bundle, &train, &out, &wd), "first fit");
+    let cache: Vec<PathBuf> = std::fs::read_dir(bundle.join("cache"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(cache.len(), 1);
+    let mut entries = parse_safetensors(&std::fs::read(&cache[0]).unwrap(), &cache[0]).unwrap();
+    assert_eq!(entries.len(), 4);
+    // A wrong shape, a wrong dtype and a non-finite row.
+    entries[0].1 = Tensor::zeros([7], (Kind::Float, tch::Device::Cpu));
+    entries[1].1 = Tensor::ones([d], (Kind::Int64, tch::Device::Cpu));
+    entries[2].1 = Tensor::full([d], f64::NAN, (Kind::Float, tch::Device::Cpu));
+    let named: Vec<(&str, &Tensor)> = entries.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    write_safetensors(&cache[0], &named).unwrap();
+
+    let got = fit_with(&bundle, &train, &out, &wd);
+    assert_ok(&got, "fit on a damaged cache");
+    let stderr = String::from_utf8_lossy(&got.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    // The damaged entries were replaced by fresh embeddings.
+    let repaired = parse_safetensors(&std::fs::read(&cache[0]).unwrap(), &cache[0]).unwrap();
+    assert_eq!(repaired.len(), 4);
+    for (key, t) in &repaired {
+        assert_eq!(t.size(), [d], "{key}");
+        assert_eq!(t.kind(), Kind::Float, "{key}");
+        assert!(bool::try_from(t.isfinite().all()).unwrap(), "{key}");
+    }
+}
+
+#[test]
+fn val_with_weight_decay_and_val_split_zero_are_refused() {
+    let dir = scratch("fewshot-val-flags");
+    let train = photo_classes(&dir);
+    let bundle = common::compile_case("e2e_backbone", "fewshot-val-flags-bundle", &[]);
+    let out = dir.join("out");
+    let missing = dir.join("missing");
+    let got = fit_with(
+        &bundle,
+        &train,
+        &out,
+        &["--val", missing.to_str().unwrap(), "--weight-decay", "0.1"],
+    );
+    assert_refused(&got, 2, "--weight-decay");
+    let got = fit_with(&bundle, &train, &out, &["--val-split", "0"]);
+    assert_refused(&got, 1, "--val-split");
+    // Without --weight-decay, a --val folder that is not there fails before any embedding.
+    let got = fit_with(&bundle, &train, &out, &["--val", missing.to_str().unwrap()]);
+    assert_refused(&got, 1, "missing");
+    assert!(!bundle.join("cache").exists());
+    assert!(!out.exists());
+}
+
+#[test]
+fn eval_takes_one_class_and_aligns_its_table() {
+    let dir = scratch("fewshot-eval-one-class");
+    let train = photo_classes(&dir);
+    let bundle = common::compile_case("e2e_backbone", "fewshot-eval-one-class-bundle", &[]);
+    let out = dir.join("out");
+    assert_ok(
+        &fit_with(&bundle, &train, &out, &["--weight-decay", "0.1"]),
+        "fit",
+    );
+    let one = dir.join("one");
+    std::fs::create_dir_all(&one).unwrap();
+    std::fs::rename(train.join("a"), one.join("a")).unwrap();
+    let report = eval_json(&out, &one);
+    assert_eq!(report["images"], 2);
+    assert_eq!(report["per_class"][0]["support"], 2);
+    assert_eq!(report["per_class"][1]["support"], 0);
+
+    let got = vit_msn(&[&"fewshot", &"eval", &"--bundle", &out, &"--test", &one]);
+    assert_ok(&got, "eval table");
+    let text = String::from_utf8_lossy(&got.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    let header = lines.iter().find(|l| l.starts_with("class ")).unwrap();
+    let row = lines.iter().find(|l| l.starts_with("a ")).unwrap();
+    assert_eq!(row.len(), header.len(), "{header}\n{row}");
+    assert!(row.ends_with("       2"), "{row}");
+}
+
+#[test]
+fn default_out_of_bundle_dot_is_beside_the_bundle() {
+    let dir = scratch("fewshot-bundle-dot");
+    let train = photo_classes(&dir);
+    let bundle = common::compile_case("e2e_backbone", "fewshot-bundle-dot-bundle", &[]);
+    let got = std::process::Command::new(common::bin())
+        .current_dir(&bundle)
+        .args([
+            "fewshot",
+            "fit",
+            "--bundle",
+            ".",
+            "--weight-decay",
+            "0.1",
+            "--train",
+        ])
+        .arg(&train)
+        .output()
+        .unwrap();
+    assert_ok(&got, "fit --bundle .");
+    assert!(!bundle.join("bundle-fewshot").exists());
+    let beside = bundle.with_file_name("bundle-fewshot");
+    assert!(beside.join("manifest.json").is_file());
+    assert!(String::from_utf8_lossy(&got.stdout).contains(&*beside.to_string_lossy()));
+}
+
+#[test]
+fn eval_refuses_a_folder_whose_label_the_bundle_names_twice() {
+    let dir = scratch("fewshot-eval-label-twice");
+    let train = photo_classes(&dir);
+    let bundle = common::compile_case("e2e_backbone", "fewshot-eval-label-twice-bundle", &[]);
+    let out = dir.join("out");
+    assert_ok(
+        &fit_with(&bundle, &train, &out, &["--method", "prototype"]),
+        "fit",
+    );
+    // As ImageNet's labels name `crane` twice.
+    let path = out.join("manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    manifest["model"]["labels"] = serde_json::json!(["b", "b"]);
+    std::fs::write(&path, manifest.to_string()).unwrap();
+    std::fs::remove_dir_all(train.join("a")).unwrap();
+    let got = vit_msn(&[&"fewshot", &"eval", &"--bundle", &out, &"--test", &train]);
+    assert_refused(&got, 1, "more than once");
+}

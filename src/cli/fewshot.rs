@@ -4,7 +4,8 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 use tch::{Kind, Tensor};
 use vit_msn::fewshot::{
-    accuracy, embed, fit_linear, fit_prototype, write_classifier, FitReport, LabelledImages,
+    accuracy, check_epochs, check_temperature, check_weight_decay, embed, fit_linear,
+    fit_prototype, write_classifier, FitReport, LabelledImages,
 };
 use vit_msn::fsutil::{check_output_dir, OutputDir};
 use vit_msn::image::preprocess_path;
@@ -47,22 +48,22 @@ struct FitArgs {
     /// linear (logistic regression on L2-normalised embeddings) or prototype (cosine to class means).
     #[arg(long, default_value = "linear")]
     method: String,
-    /// Where the classification bundle goes (default: BUNDLE-fewshot).
+    /// Where the classification bundle goes (default: BUNDLE-fewshot, beside BUNDLE).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Validation images (ImageFolder), for choosing the weight decay.
-    #[arg(long, conflicts_with = "val_split")]
+    #[arg(long, conflicts_with_all = ["val_split", "weight_decay"])]
     val: Option<PathBuf>,
-    /// Fraction of each class held out for choosing the weight decay.
-    #[arg(long, default_value_t = 0.2)]
+    /// Fraction of each class held out for choosing the weight decay, in (0, 1).
+    #[arg(long, default_value_t = 0.2, conflicts_with = "weight_decay")]
     val_split: f64,
-    /// Full-batch optimisation steps (linear).
+    /// Full-batch optimisation steps (linear), 1 to 100000.
     #[arg(long, default_value_t = 300)]
     epochs: usize,
-    /// L2 penalty (linear); chosen on the validation images when not given.
+    /// L2 penalty (linear), 0 to 1e6; chosen on the validation images when not given.
     #[arg(long)]
     weight_decay: Option<f64>,
-    /// Softmax temperature of the cosine similarities (prototype).
+    /// Softmax temperature of the cosine similarities (prototype), over 0 and at most 10000.
     #[arg(long, default_value_t = 10.0)]
     temperature: f64,
     #[arg(long, default_value_t = 0)]
@@ -118,23 +119,43 @@ fn fit(a: FitArgs) -> CliResult {
         )
         .into());
     }
-    if !(0.0..1.0).contains(&a.val_split) {
-        return Err("--val-split must be in [0, 1)".into());
+    // Every number is checked before the slow part: a bad one gives a broken head.
+    if !(a.val_split > 0.0 && a.val_split < 1.0) {
+        return Err(format!(
+            "--val-split must be in (0, 1), found {:?} (give --weight-decay to fit without holding images out)",
+            a.val_split
+        )
+        .into());
     }
-    let out = a.out.clone().unwrap_or_else(|| {
-        let name = a
-            .bundle
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "bundle".into());
-        a.bundle.with_file_name(format!("{name}-fewshot"))
-    });
+    check_epochs(a.epochs).map_err(|m| format!("--epochs {m}"))?;
+    check_temperature(a.temperature).map_err(|m| format!("--temperature {m}"))?;
+    if let Some(wd) = a.weight_decay {
+        check_weight_decay(wd).map_err(|m| format!("--weight-decay {m}"))?;
+    }
+    let out = a.out.clone().unwrap_or_else(|| default_out(&a.bundle));
     // Before the slow part: the bundle written at the end may replace only an older bundle.
     let mut inputs = vec![a.bundle.as_path(), a.train.as_path()];
     inputs.extend(a.val.as_deref());
     check_output_dir(&out, OutputDir::Bundle, &inputs)?;
     let backbone = Bundle::load(&a.bundle, Device::Cpu)?;
     let train = LabelledImages::read(&a.train)?;
+    if train.classes.len() < 2 {
+        return Err(Error::file(
+            &a.train,
+            "needs at least two class folders with images (the ImageFolder layout)",
+        )
+        .into());
+    }
+    let val = match &a.val {
+        Some(dir) => {
+            let val = LabelledImages::read(dir)?;
+            if val.classes != train.classes {
+                return Err(Error::file(dir, "its class folders differ from --train's").into());
+            }
+            Some(val)
+        }
+        None => None,
+    };
     let classes = train.classes.len() as i64;
     let paths: Vec<PathBuf> = train.items.iter().map(|(p, _)| p.clone()).collect();
     let progress = bar(paths.len(), "train images embedded");
@@ -157,26 +178,13 @@ fn fit(a: FitArgs) -> CliResult {
     };
     let head = if a.method == "prototype" {
         report.temperature = Some(a.temperature);
-        fit_prototype(&x, &y, classes, a.temperature)
+        fit_prototype(&x, &y, classes, a.temperature)?
     } else {
         let wd = match a.weight_decay {
-            Some(w) if w >= 0.0 && w.is_finite() => w,
-            Some(w) => {
-                return Err(
-                    format!("--weight-decay must be finite and non-negative, found {w}").into(),
-                )
-            }
+            Some(w) => w,
             None => {
-                let (xf, yf, xv, yv) = match &a.val {
-                    Some(dir) => {
-                        let val = LabelledImages::read(dir)?;
-                        if val.classes != train.classes {
-                            return Err(Error::file(
-                                dir,
-                                "its class folders differ from --train's",
-                            )
-                            .into());
-                        }
+                let (xf, yf, xv, yv) = match &val {
+                    Some(val) => {
                         let vp: Vec<PathBuf> = val.items.iter().map(|(p, _)| p.clone()).collect();
                         let xv = embed(&backbone, &vp, a.batch_size, |_| {})?;
                         (x.shallow_clone(), y.shallow_clone(), xv, val.labels())
@@ -219,6 +227,20 @@ fn fit(a: FitArgs) -> CliResult {
     println!("training accuracy {train_acc:.3}");
     println!("wrote the classifier bundle {}", out.display());
     Ok(())
+}
+
+/// `BUNDLE-fewshot` beside the bundle; `--bundle .` names no folder, so its
+/// canonical path does (else the default would land inside the bundle).
+fn default_out(bundle: &std::path::Path) -> PathBuf {
+    let named = match bundle.file_name() {
+        Some(_) => bundle.to_path_buf(),
+        None => std::fs::canonicalize(bundle).unwrap_or_else(|_| bundle.to_path_buf()),
+    };
+    let name = named
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "bundle".into());
+    named.with_file_name(format!("{name}-fewshot"))
 }
 
 /// A stratified split: `fraction` of each class (at least one image, and at
@@ -265,19 +287,23 @@ fn eval(a: EvalArgs) -> CliResult {
         .iter()
         .map(|(_, c)| {
             let name = &test.classes[*c as usize];
-            labels
-                .iter()
-                .position(|l| l == name)
-                .map(|i| i as i64)
-                .ok_or_else(|| {
-                    Error::file(
-                        &a.test.join(name),
-                        format!(
-                            "class `{name}` is not one of the bundle's labels ({})",
-                            labels.join(", ")
-                        ),
-                    )
-                })
+            // ImageNet's labels, for one, name `crane` twice: a folder of that
+            // name cannot say which class it holds.
+            let mut found = labels.iter().enumerate().filter(|(_, l)| *l == name);
+            match (found.next(), found.next()) {
+                (Some((i, _)), None) => Ok(i as i64),
+                (Some(_), Some(_)) => Err(Error::file(
+                    &a.test.join(name),
+                    format!("the bundle's labels name `{name}` more than once; cannot tell which class this folder holds"),
+                )),
+                (None, _) => Err(Error::file(
+                    &a.test.join(name),
+                    format!(
+                        "class `{name}` is not one of the bundle's labels ({})",
+                        labels.join(", ")
+                    ),
+                )),
+            }
         })
         .collect::<Result<_, _>>()?;
     let pp = m.preprocessing()?;
@@ -333,7 +359,8 @@ fn eval(a: EvalArgs) -> CliResult {
             c["label"].as_str().unwrap_or(""),
             f(&c["precision"]),
             f(&c["recall"]),
-            c["support"]
+            // A JSON value's Display ignores the width.
+            c["support"].to_string()
         );
     }
     println!("confusion matrix (rows: true class, columns: predicted, in label order):");
