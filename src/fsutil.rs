@@ -161,7 +161,11 @@ pub fn check_output_file(out: &Path, inputs: &[&Path]) -> Result<()> {
 /// every moment `target` is the old bundle, nothing, or the new bundle.
 pub fn replace_dir(staged: &Path, target: &Path) -> Result<()> {
     if target.exists() {
-        let old = sibling_tmp(target).with_extension("old");
+        // `.NAME.tmp-PID.old`: per process, and swept like the staged folder
+        // if this process dies between the two renames.
+        let mut old = sibling_tmp(target).into_os_string();
+        old.push(".old");
+        let old = PathBuf::from(old);
         std::fs::rename(target, &old).map_err(|e| Error::io(target, e))?;
         std::fs::rename(staged, target).map_err(|e| Error::io(target, e))?;
         let _ = std::fs::remove_dir_all(&old);
@@ -188,7 +192,8 @@ pub fn remove_stale_siblings(target: &Path) {
     let Ok(entries) = std::fs::read_dir(parent) else {
         return;
     };
-    let live = |suffix: &str| match suffix.parse::<u32>() {
+    // `PID` or `PID.old` (replace_dir's), else a random name (export.py's).
+    let live = |suffix: &str| match suffix.split('.').next().unwrap_or("").parse::<u32>() {
         // Our own PID is not another writer: what it names is a leftover.
         Ok(pid) => pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists(),
         Err(_) => std::fs::symlink_metadata(parent.join(format!("{prefix}{suffix}")))
