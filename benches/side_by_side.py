@@ -3,10 +3,12 @@ prints a table: median ms at batch 1, median ms per image at batch 8, and the
 ratio to transformers f32.
 
     .venv/bin/python benches/side_by_side.py [--threads 2] [--iters 15] [--rounds 3] [--shape small|tiny|base]
+        [--task backbone|classifier]
     (make side-by-side installs onnxruntime and onnx first)
 
 Stacks, all on the venv's torch 2.13.0 except ONNX Runtime:
-  transformers 4.46.3 ViTMSNModel, SDPA, f32 and bf16
+  transformers 4.46.3 ViTMSNModel (or, with --task classifier,
+  ViTMSNForImageClassification with 1000 labels), SDPA, f32 and bf16
   the same model traced in Python, frozen, optimize_for_inference
   ONNX Runtime (CPU EP), the same model exported to ONNX
   this runtime: vit-msn bench on bundles compiled from the same checkpoint, f32 and bf16
@@ -22,11 +24,13 @@ import tempfile
 import time
 
 import torch
-from transformers import ViTMSNConfig, ViTMSNModel
+from transformers import ViTMSNConfig, ViTMSNForImageClassification, ViTMSNModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release", "vit-msn")
 SHAPES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
+MODELS = {"backbone": ViTMSNModel, "classifier": ViTMSNForImageClassification}
+OUTPUTS = {"backbone": "last_hidden_state", "classifier": "logits"}
 
 
 def time_fn(fn, iters, warmup=3):
@@ -41,10 +45,10 @@ def time_fn(fn, iters, warmup=3):
     return statistics.median(ts) * 1000
 
 
-def python_stack(name, model_dir, onnx_path, batches, iters, threads):
+def python_stack(name, model_dir, onnx_path, batches, iters, threads, task):
     """Times one Python-side stack; runs in a worker process of its own."""
     torch.set_num_threads(threads)
-    model = ViTMSNModel.from_pretrained(model_dir, attn_implementation="sdpa").eval()
+    model = MODELS[task].from_pretrained(model_dir, attn_implementation="sdpa").eval()
     dtype = torch.float32
     if name == "transformers SDPA f32":
         fn = model
@@ -75,6 +79,8 @@ def main():
     ap.add_argument("--iters", type=int, default=15)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    ap.add_argument("--task", choices=sorted(MODELS), default="backbone",
+                    help="classifier: ViTMSNForImageClassification with 1000 labels in every stack")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--onnx", help=argparse.SUPPRESS)
@@ -82,13 +88,14 @@ def main():
     batches = [1, 8]
     if args.worker:
         print(json.dumps(python_stack(args.worker, args.model_dir, args.onnx, batches, args.iters,
-                                      args.threads)))
+                                      args.threads, args.task)))
         return
     torch.manual_seed(0)
     hidden, heads = SHAPES[args.shape]
     cfg = ViTMSNConfig(hidden_size=hidden, num_attention_heads=heads, intermediate_size=4 * hidden,
-                       num_hidden_layers=12, image_size=224, patch_size=16, attn_implementation="sdpa")
-    model = ViTMSNModel(cfg).eval()
+                       num_hidden_layers=12, image_size=224, patch_size=16, attn_implementation="sdpa",
+                       **({"num_labels": 1000} if args.task == "classifier" else {}))
+    model = MODELS[args.task](cfg).eval()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = os.path.join(tmp, "model")
         model.save_pretrained(model_dir)
@@ -106,7 +113,7 @@ def main():
         try:
             import onnxruntime
             torch.onnx.export(model, (torch.randn(1, 3, 224, 224),), onnx_path, input_names=["pixel_values"],
-                              output_names=["last_hidden_state"], dynamic_axes={"pixel_values": {0: "b"}},
+                              output_names=[OUTPUTS[args.task]], dynamic_axes={"pixel_values": {0: "b"}},
                               opset_version=17, dynamo=False)
             python_names.append(f"ONNX Runtime {onnxruntime.__version__} f32")
         except ImportError:
@@ -114,7 +121,7 @@ def main():
         for name in python_names:
             stacks[name] = [sys.executable, os.path.abspath(__file__), "--worker", name, "--model-dir",
                             model_dir, "--onnx", onnx_path, "--iters", str(args.iters), "--threads",
-                            str(args.threads)]
+                            str(args.threads), "--task", args.task]
         # Each measurement is a fresh process, so no stack's idle thread pool
         # competes with another's; the stacks take turns, round after round,
         # so a slow spell on this shared machine falls on all of them.
@@ -131,7 +138,7 @@ def main():
     med = {name: {b: statistics.median(v) for b, v in per.items()} for name, per in rounds.items()}
     base1 = med["transformers SDPA f32"][1]
     base8 = med["transformers SDPA f32"][8] / 8
-    print(f"\nViT-MSN {args.shape} shape, 224, random weights; torch {torch.__version__}, {args.threads} threads; "
+    print(f"\nViT-MSN {args.shape} shape, {MODELS[args.task].__name__}, 224, random weights; torch {torch.__version__}, {args.threads} threads; "
           f"{args.rounds} rounds, each stack in a fresh process in turn, median of {args.iters} after 3 warm-up "
           f"passes; the table gives the median over rounds")
     print("| stack | batch 1 (ms) | batch 8 (ms per image) | ratio to transformers f32 (b1 / b8) |")
