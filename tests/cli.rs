@@ -878,16 +878,10 @@ fn image_size_limit_is_pillows_pixel_count() {
     ] {
         let path = dir.join(name);
         std::fs::write(&path, bytes).unwrap();
-        let start = std::time::Instant::now();
         let out = preprocess(&path);
         fails(
             &out,
             &format!("{pixels} pixels exceeds the limit of 178956970 pixels"),
-        );
-        assert!(
-            start.elapsed().as_secs() < 5,
-            "{name}: {:?}",
-            start.elapsed()
         );
     }
 }

@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
-use std::time::Instant;
 
 use serde_json::Value;
 use tch::{Kind, Tensor};
@@ -376,8 +375,10 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
     path
 }
 
+/// Refused from the header, before decoding: the message is the pixel-limit
+/// check's (a decoder running out of data would say "truncated" instead).
 #[test]
-fn refuses_decompression_bombs_fast() {
+fn refuses_decompression_bombs_before_decoding() {
     let dir = scratch("image-bombs");
     for (name, w, h, depth, ctype, needle) in [
         ("bomb_50000.png", 50000, 50000, 8, 2, "limit"),
@@ -386,10 +387,7 @@ fn refuses_decompression_bombs_fast() {
     ] {
         let path = write(&dir, name, &png_claiming(w, h, depth, ctype));
         assert!(std::fs::metadata(&path).expect("stat").len() < 200);
-        let start = Instant::now();
         let msg = refused(&path, 3);
-        let took = start.elapsed();
-        assert!(took.as_millis() < 500, "{name}: refusal took {took:?}");
         assert!(msg.to_lowercase().contains(needle), "{name}: {msg}");
     }
     // The same claim in other formats goes through the decoders' own limits.
@@ -404,13 +402,7 @@ fn refuses_decompression_bombs_fast() {
     bmp.extend_from_slice(&[0; 28]);
     for (name, bytes) in [("bomb_50000.gif", gif), ("bomb_50000.bmp", &bmp[..])] {
         let path = write(&dir, name, bytes);
-        let start = Instant::now();
         let msg = refused(&path, 3);
-        assert!(
-            start.elapsed().as_millis() < 500,
-            "{name}: refusal took {:?}",
-            start.elapsed()
-        );
         assert!(msg.contains("limit"), "{name}: {msg}");
     }
 }
