@@ -537,8 +537,9 @@ pub fn outputs_by_name(specs: &[TensorSpec], result: Vec<RawOutput>) -> Vec<(Str
         .collect()
 }
 
-/// How long [`replace_artifact`] waits for another process changing the
-/// same bundle before it gives up.
+/// How long [`replace_artifact`] (and a compile or few-shot fit over an
+/// existing bundle) waits for another process changing the same bundle
+/// before it gives up.
 pub const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(120);
 
 /// Swaps the artifact compiled for `height`×`width` for `new_artifact`, after
@@ -714,7 +715,7 @@ fn stage_entry(from: &Path, to: &Path) -> Result<()> {
 /// beside the bundle. The folder is replaced by rename, so a lock won on a
 /// folder that is no longer at `dir` (the previous holder swapped in a new
 /// one) is let go and taken again on the folder now there.
-fn lock_bundle(dir: &Path, wait: Duration) -> Result<File> {
+pub(crate) fn lock_bundle(dir: &Path, wait: Duration) -> Result<File> {
     use std::os::unix::fs::MetadataExt;
     let deadline = Instant::now() + wait;
     loop {
@@ -780,4 +781,16 @@ fn exception_line(line: &str) -> Option<(&str, &str)> {
         .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
     let is_exception = kind.ends_with("Error") || kind.ends_with("Exception");
     (is_name && is_exception && !cause.trim().is_empty()).then_some((kind, cause.trim()))
+}
+
+/// Moves the finished bundle `staged` to `out`, replacing an older bundle
+/// there under its lock, so a `bundle replace` running on it at the same time
+/// finishes first rather than being undone or undoing this.
+pub(crate) fn replace_bundle_dir(staged: &Path, out: &Path) -> Result<()> {
+    let _lock = if out.is_dir() {
+        Some(lock_bundle(out, DEFAULT_LOCK_WAIT)?)
+    } else {
+        None
+    };
+    replace_dir(staged, out)
 }

@@ -8,7 +8,7 @@ use crate::bundle::sha256_hex;
 use crate::device;
 use crate::error::{Error, Result};
 use crate::fsutil::{
-    check_output_dir, remove_stale_siblings, replace_dir, sibling_tmp, write_atomic, OutputDir,
+    check_output_dir, remove_stale_siblings, sibling_tmp, write_atomic, OutputDir,
 };
 use crate::image::Preprocessing;
 use crate::manifest::{
@@ -34,7 +34,7 @@ pub fn compile_bundle(model_dir: &Path, out: &Path, opts: &CompileOptions) -> Re
     let staged = sibling_tmp(out);
     std::fs::create_dir_all(&staged).map_err(|e| Error::io(&staged, e))?;
     let result = build_bundle(model_dir, &staged, opts)
-        .and_then(|manifest| replace_dir(&staged, out).map(|()| manifest));
+        .and_then(|manifest| crate::bundle::replace_bundle_dir(&staged, out).map(|()| manifest));
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&staged);
     }

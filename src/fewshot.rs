@@ -13,7 +13,7 @@ use crate::artifact::take_error;
 use crate::bundle::sha256_hex;
 use crate::error::{Error, Result};
 use crate::fsutil::{
-    check_output_dir, remove_stale_siblings, replace_dir, sibling_tmp, write_atomic, OutputDir,
+    check_output_dir, remove_stale_siblings, sibling_tmp, write_atomic, OutputDir,
 };
 use crate::image::{is_image_path, preprocess_path};
 use crate::manifest::{ArtifactEntry, Manifest, TensorSpec, MANIFEST_FILE};
@@ -459,7 +459,7 @@ pub fn write_classifier(
         let text =
             serde_json::to_string_pretty(&manifest).map_err(|e| Error::file(out, e.to_string()))?;
         write_atomic(&staged.join(MANIFEST_FILE), text.as_bytes())?;
-        replace_dir(&staged, out)
+        crate::bundle::replace_bundle_dir(&staged, out)
     })();
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&staged);

@@ -888,3 +888,52 @@ fn bench_baselines_are_compared_like_with_like() {
         assert!(err.contains(allowed), "{given}: {err}");
     }
 }
+
+/// A compile over an existing bundle takes the same lock as `bundle replace`:
+/// it waits while another process changes the bundle, then lands.
+#[test]
+fn compile_over_a_bundle_waits_for_its_lock() {
+    let bundle = compile_case("no_qkv_bias", "bundle-errors-compile-lock", &[]);
+    let model = common::case_dir("no_qkv_bias").join("model");
+    let lock = hold_lock(&bundle);
+    let mut compile = std::process::Command::new(common::bin())
+        .args(["compile", "--model"])
+        .arg(&model)
+        .arg("--out")
+        .arg(&bundle)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The new bundle is finished beside the old one, and then it waits.
+    let staged_manifest = bundle
+        .with_file_name(format!(".bundle.tmp-{}", compile.id()))
+        .join("manifest.json");
+    let start = std::time::Instant::now();
+    while !staged_manifest.exists() {
+        assert!(compile.try_wait().unwrap().is_none(), "compile ended early");
+        assert!(
+            start.elapsed().as_secs() < 120,
+            "compile never finished staging"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(
+        compile.try_wait().unwrap().is_none(),
+        "did not wait for the lock"
+    );
+    assert!(
+        staged_manifest.exists(),
+        "replaced the bundle while it was locked"
+    );
+    drop(lock);
+    let out = compile.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!staged_manifest.exists());
+    Bundle::load(&bundle, Device::Cpu).unwrap();
+}
