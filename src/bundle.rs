@@ -296,7 +296,8 @@ impl Bundle {
 
     /// A rough peak working set of one sample through `entry`, in bytes: the
     /// input and its cast, one layer's activations (q/k/v, MLP, residuals,
-    /// attention scores) and every output with its f32 copy. Saturating
+    /// and the heads × tokens² attention scores where the graph holds them)
+    /// and every output with its f32 copy. Saturating
     /// u128 arithmetic: `intermediate_size` and the output shapes come from
     /// the manifest unchecked, and an absurd estimate must refuse, not wrap.
     fn bytes_per_sample(&self, entry: &ArtifactEntry) -> u128 {
@@ -312,9 +313,20 @@ impl Bundle {
             .map_or(4 * d, n);
         let elem = if self.kind == Kind::Float { 4 } else { 2 };
         let pixels = n(m.num_channels) * n(entry.height) * n(entry.width) * (4 + elem);
+        // The compiler's graphs hold attention scores only when they return
+        // them (else SDPA works in blocks); export.py traces eager attention.
+        let holds_scores = entry.outputs.iter().any(|o| o.name == "attentions")
+            || self.manifest.compiler.contains("export.py");
+        let scores = if holds_scores {
+            n(m.num_attention_heads)
+                .saturating_mul(tokens)
+                .saturating_mul(tokens)
+        } else {
+            0
+        };
         let layer = tokens
             .saturating_mul((7 * d).saturating_add(inter))
-            .saturating_add(n(m.num_attention_heads) * tokens * tokens);
+            .saturating_add(scores);
         let outputs = entry
             .outputs
             .iter()
@@ -562,6 +574,7 @@ pub fn replace_artifact_waiting(
     new_artifact: &Path,
     wait: Duration,
 ) -> Result<()> {
+    let dir = &crate::fsutil::resolve_output_dir(dir);
     // Held until the new bundle is in place: the manifest read below must
     // still be the bundle's when the rewritten one lands.
     let _lock = lock_bundle(dir, wait)?;

@@ -8,7 +8,8 @@ use crate::bundle::sha256_hex;
 use crate::device;
 use crate::error::{Error, Result};
 use crate::fsutil::{
-    check_output_dir, remove_stale_siblings, sibling_tmp, write_atomic, OutputDir,
+    check_output_dir, remove_stale_siblings, resolve_output_dir, sibling_tmp, write_atomic,
+    OutputDir,
 };
 use crate::image::Preprocessing;
 use crate::manifest::{
@@ -21,6 +22,7 @@ use vit_msn_graph::{CompileOptions, Task};
 /// Compiles `model_dir` into a bundle at `out`, staged in a temporary folder
 /// beside it and renamed into place, so `out` is never half-written.
 pub fn compile_bundle(model_dir: &Path, out: &Path, opts: &CompileOptions) -> Result<Manifest> {
+    let out = &resolve_output_dir(out);
     if !model_dir.is_dir() {
         return Err(Error::file(model_dir, "not a model folder"));
     }

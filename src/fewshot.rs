@@ -13,7 +13,8 @@ use crate::artifact::take_error;
 use crate::bundle::sha256_hex;
 use crate::error::{Error, Result};
 use crate::fsutil::{
-    check_output_dir, remove_stale_siblings, sibling_tmp, write_atomic, OutputDir,
+    check_output_dir, remove_stale_siblings, resolve_output_dir, sibling_tmp, write_atomic,
+    OutputDir,
 };
 use crate::image::{is_image_path, preprocess_path};
 use crate::manifest::{ArtifactEntry, Manifest, TensorSpec, MANIFEST_FILE};
@@ -357,6 +358,7 @@ pub fn write_classifier(
     report: &FitReport,
     out: &Path,
 ) -> Result<()> {
+    let out = &resolve_output_dir(out);
     check_output_dir(out, OutputDir::Bundle, &[backbone.dir()])?;
     let m = backbone.manifest();
     let mut seen = BTreeSet::new();

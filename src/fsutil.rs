@@ -45,6 +45,13 @@ pub fn write_atomic(target: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
+/// The folder a command should write for `out`: an existing one by its real
+/// path, so a symlink (`current -> releases/v3`) updates what it points to
+/// rather than being replaced by a folder, and `.` or `..` name real folders.
+pub fn resolve_output_dir(out: &Path) -> PathBuf {
+    out.canonicalize().unwrap_or_else(|_| out.to_path_buf())
+}
+
 /// What a command may replace when it writes a folder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutputDir {
@@ -71,6 +78,14 @@ pub fn check_output_dir(out: &Path, kind: OutputDir, inputs: &[&Path]) -> Result
         ));
     }
     let out_real = out.canonicalize().map_err(|e| Error::io(out, e))?;
+    // Replacing is a rename, and the folder a shell stands in would vanish
+    // from under it (rename refuses `.` itself).
+    if std::env::current_dir().is_ok_and(|cwd| cwd == out_real) {
+        return Err(Error::file(
+            out,
+            "is the current folder, which cannot be replaced; write to another folder",
+        ));
+    }
     for input in inputs {
         if input.canonicalize().is_ok_and(|p| p.starts_with(&out_real)) {
             return Err(Error::file(
@@ -137,18 +152,27 @@ fn bundle_files(dir: &Path) -> Option<Vec<String>> {
     Some(files)
 }
 
-/// Errors when the output file `out` is one of the command's input files (or
-/// inside an input folder), which writing it would destroy.
+/// Errors when the output file `out` is one of the command's input files,
+/// which writing it would destroy: an input given by name, or an image the
+/// command would read from an input folder (other files in those folders,
+/// such as an earlier run's outputs, are fine).
 pub fn check_output_file(out: &Path, inputs: &[&Path]) -> Result<()> {
     let Ok(out_real) = out.canonicalize() else {
         return Ok(()); // Not there yet: it cannot be an input.
     };
     for input in inputs {
-        if input.canonicalize().is_ok_and(|p| out_real.starts_with(p)) {
+        let Ok(input_real) = input.canonicalize() else {
+            continue;
+        };
+        let read_as_image = input_real.is_dir()
+            && out_real.starts_with(&input_real)
+            && crate::image::is_image_path(&out_real);
+        if out_real == input_real || read_as_image {
             return Err(Error::file(
                 out,
                 format!(
-                    "is {}, an input of this command; refusing to overwrite it",
+                    "is {}an input of this command ({}); refusing to overwrite it",
+                    if read_as_image { "an image in " } else { "" },
                     input.display()
                 ),
             ));

@@ -887,6 +887,27 @@ fn bench_baselines_are_compared_like_with_like() {
         assert_eq!(code, Some(1), "{given}: {err}");
         assert!(err.contains(allowed), "{given}: {err}");
     }
+
+    // Updating a baseline in place: a run that fails the comparison leaves it
+    // as it was, so the slower numbers never become the reference.
+    let before = std::fs::read(&fast).unwrap();
+    let (code, _, err) = bench(&[
+        &"--bundle",
+        &bundle,
+        &"--batch",
+        &"1",
+        &run[0],
+        &run[1],
+        &run[2],
+        &run[3],
+        &"--baseline",
+        &fast,
+        &"--save-baseline",
+        &fast,
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("not saved"), "{err}");
+    assert_eq!(std::fs::read(&fast).unwrap(), before);
 }
 
 /// A compile over an existing bundle takes the same lock as `bundle replace`:

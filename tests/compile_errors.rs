@@ -378,7 +378,7 @@ fn outputs_that_would_lose_data_are_refused() {
             &"--output",
             &photo,
         ],
-        "an input of this command; refusing to overwrite it",
+        "is an input of this command (",
     );
     let copied_inputs = dir.join("in.safetensors");
     std::fs::copy(&inputs, &copied_inputs).unwrap();
@@ -392,9 +392,43 @@ fn outputs_that_would_lose_data_are_refused() {
             &"--output",
             &copied_inputs,
         ],
-        "an input of this command; refusing to overwrite it",
+        "is an input of this command (",
     );
     assert_eq!(std::fs::read(&photo).unwrap(), before);
+
+    // Into an image folder: an image there would be read as an input, but
+    // any other output (an earlier run's) is fine to overwrite.
+    let photos = dir.join("photos");
+    std::fs::create_dir(&photos).unwrap();
+    std::fs::copy(&photo, photos.join("a.jpg")).unwrap();
+    let npy = photos.join("emb.npy");
+    for _ in 0..2 {
+        common::assert_ok(
+            &vit_msn(&[
+                &"run",
+                &"--bundle",
+                &bundle,
+                &"--image",
+                &photos,
+                &"--embeddings",
+                &npy,
+            ]),
+            "run --embeddings into the image folder, twice",
+        );
+    }
+    std::fs::write(photos.join("b.png"), b"not yet an image").unwrap();
+    refused(
+        &[
+            &"attention",
+            &"--bundle",
+            &bundle,
+            &"--image",
+            &photos.join("b.png"),
+            &"--out",
+            &photos.join("b.png"),
+        ],
+        "is an input of this command (",
+    );
 }
 
 /// Sizes far beyond the weights, or beyond any ViT, are refused by the config
@@ -532,4 +566,97 @@ fn id2label_wins_over_num_labels() {
         serde_json::from_str(&std::fs::read_to_string(bundle.join("manifest.json")).unwrap())
             .unwrap();
     assert_eq!(manifest["model"]["labels"].as_array().unwrap().len(), 1);
+}
+
+/// A backbone's config may list more labels than its weights could hold a
+/// head for (transformers saves them all): the size check counts a head only
+/// for a classifier.
+#[test]
+fn backbone_config_with_many_labels_compiles() {
+    let dir = scratch("compile-many-labels");
+    let model = dir.join("model");
+    copy_model("no_qkv_bias", &model);
+    edit_config(&model, |c| {
+        c.remove("id2label");
+        c.remove("label2id");
+        c.insert("num_labels".into(), 40_000.into());
+    });
+    common::assert_ok(
+        &vit_msn(&[
+            &"compile",
+            &"--model",
+            &model,
+            &"--out",
+            &dir.join("bundle"),
+        ]),
+        "compile a backbone whose config lists 40000 labels",
+    );
+}
+
+/// `--out` through a symlink updates the bundle it points to (the link stays);
+/// `--out .` is refused clearly (a rename cannot replace the current folder).
+#[test]
+fn output_folders_through_symlinks_and_dot() {
+    let dir = scratch("compile-out-symlink");
+    let model = common::case_dir("no_qkv_bias").join("model");
+    let release = dir.join("release-1");
+    common::assert_ok(
+        &vit_msn(&[&"compile", &"--model", &model, &"--out", &release]),
+        "compile",
+    );
+    let current = dir.join("current");
+    std::os::unix::fs::symlink("release-1", &current).unwrap();
+    let before = std::fs::read(release.join("manifest.json")).unwrap();
+    common::assert_ok(
+        &vit_msn(&[
+            &"compile",
+            &"--model",
+            &model,
+            &"--out",
+            &current,
+            &"--resolutions",
+            &"40",
+        ]),
+        "compile through the symlink",
+    );
+    assert!(std::fs::symlink_metadata(&current)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_ne!(
+        std::fs::read(release.join("manifest.json")).unwrap(),
+        before
+    );
+    assert!(release.join("model_40x40.pt").is_file());
+
+    for (args, cwd) in [
+        (
+            vec!["compile", "--model", model.to_str().unwrap(), "--out", "."],
+            &release,
+        ),
+        (
+            vec![
+                "init",
+                "--config",
+                model.join("config.json").to_str().unwrap(),
+                "--out",
+                ".",
+            ],
+            &dir.join("empty"),
+        ),
+    ] {
+        std::fs::create_dir_all(cwd).unwrap();
+        let out = std::process::Command::new(common::bin())
+            .args(&args)
+            .current_dir(cwd)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("is the current folder, which cannot be replaced"),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(release.join("manifest.json").is_file());
 }

@@ -441,3 +441,24 @@ fn prepacked_linears_give_the_same_results() {
     }
     assert_eq!(artifact.prepack_linears(tokens).unwrap(), 0, "packed twice");
 }
+
+/// The memory check counts heads × tokens² attention scores only for graphs
+/// that hold them (those returning attentions); SDPA works in blocks. At 512
+/// (4097 tokens), 150 images need about 2 GB without the scores, and about
+/// 200 GB with them and the attentions output, so the same batch is refused
+/// only by the second bundle.
+#[test]
+fn memory_check_counts_attention_scores_only_where_held() {
+    let sdpa = common::compile_case("base", "runtime-memory-sdpa", &["--resolutions", "512"]);
+    let eager = common::compile_case(
+        "base",
+        "runtime-memory-eager",
+        &["--resolutions", "512", "--outputs", "attentions"],
+    );
+    let sdpa = Bundle::load(&sdpa, Device::Cpu).unwrap();
+    sdpa.check_batch(150, 512, 512)
+        .unwrap_or_else(|e| panic!("an SDPA bundle was refused: {e}"));
+    let eager = Bundle::load(&eager, Device::Cpu).unwrap();
+    let err = eager.check_batch(150, 512, 512).unwrap_err().to_string();
+    assert!(err.contains("needs about"), "{err}");
+}

@@ -160,19 +160,21 @@ impl Config {
         }
         // An image_size that patch_size does not divide is fine: as in
         // transformers, the grid is image_size / patch_size rounded down.
-        let parameters = self.parameter_count().filter(|&n| n <= MAX_PARAMETERS);
+
+        // The backbone alone: a config may list labels that only a
+        // classifier head would hold (num_labels is bounded on its own).
+        let parameters = self.parameter_count(false).filter(|&n| n <= MAX_PARAMETERS);
         if parameters.is_none() {
             return Err(Error::Config(format!(
                 "the sizes describe a model of more than {MAX_PARAMETERS} parameters \
                  (hidden_size {}, num_hidden_layers {}, intermediate_size {}, image_size {}, \
-                 patch_size {}, num_channels {}, {} labels)",
+                 patch_size {}, num_channels {})",
                 self.hidden_size,
                 self.num_hidden_layers,
                 self.intermediate_size,
                 self.image_size,
                 self.patch_size,
-                self.num_channels,
-                self.num_labels()
+                self.num_channels
             )));
         }
         if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps >= 0.0) {
@@ -193,10 +195,10 @@ impl Config {
         Ok(())
     }
 
-    /// How many values the classifier's weights hold (a backbone's are fewer
-    /// by the head); `None` on overflow. Used to refuse absurd sizes before
+    /// How many values the weights hold, with the classifier head or without
+    /// (a backbone); `None` on overflow. Used to refuse absurd sizes before
     /// anything is allocated.
-    pub fn parameter_count(&self) -> Option<i64> {
+    pub fn parameter_count(&self, with_head: bool) -> Option<i64> {
         let (h, i) = (self.hidden_size, self.intermediate_size);
         let grid = self.image_size.checked_div(self.patch_size)?;
         let tokens = grid.checked_mul(grid)?.checked_add(1)?;
@@ -215,7 +217,11 @@ impl Config {
             .checked_add(h.checked_mul(i)?.checked_mul(2)?)?
             .checked_add(i)?
             .checked_add(h.checked_mul(9)?)?;
-        let head = self.num_labels().checked_add(1)?.checked_mul(h)?;
+        let head = if with_head {
+            self.num_labels().checked_add(1)?.checked_mul(h)?
+        } else {
+            0
+        };
         embeddings
             .checked_add(layer.checked_mul(self.num_hidden_layers)?)?
             .checked_add(h.checked_mul(2)?)?

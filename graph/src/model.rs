@@ -128,7 +128,9 @@ impl Model {
             .map(Tensor::numel)
             .map(|n| n as i64)
             .sum();
-        let described = config.parameter_count().unwrap_or(i64::MAX);
+        let described = config
+            .parameter_count(task == Task::Classification)
+            .unwrap_or(i64::MAX);
         if described > held.saturating_mul(2).saturating_add(1 << 20) {
             return Err(Error::Config(format!(
                 "config.json describes a model of {described} parameters, but the checkpoint \

@@ -38,7 +38,7 @@ pub fn attention(a: AttentionArgs) -> CliResult {
     let layer: LayerChoice = a.layer.parse()?;
     let head: HeadChoice = a.head.parse()?;
     let bundle = Bundle::load(&a.bundle, parse_device(&a.device)?)?;
-    check_output_file(&a.out, &[&a.image, &a.bundle])?;
+    check_output_file(&a.out, &[&a.image])?;
     write_attention_map(&bundle, &a.image, &a.out, layer, head)?;
     eprintln!("wrote {}", a.out.display());
     Ok(())

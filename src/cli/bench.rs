@@ -17,9 +17,9 @@ use super::CliResult;
 #[derive(Args)]
 #[command(
     after_help = "Exits 1 when a batch size's median is slower than the baseline's by more than
---max-regression, naming it. A baseline measured at another dtype, resolution or device,
-or on a model of another shape, is refused; so is one that holds none of the batch sizes
-run (those it lacks are listed and not compared).
+--max-regression, naming it, and then does not write --save-baseline. A baseline measured
+at another dtype, resolution or device, or on a model of another shape, is refused; so is
+one that holds none of the batch sizes run (those it lacks are listed and not compared).
 
 Examples:
   vit-msn bench --bundle artifacts/demo --batch 1,8 --save-baseline base.json
@@ -127,8 +127,21 @@ pub fn bench(a: BenchArgs) -> CliResult {
             report.dtype, height, width, report.device, report.threads, a.iters
         );
     }
+    let slower = match &baseline {
+        Some((_, base)) => regressions(&report, base, max_regression),
+        None => Vec::new(),
+    };
+    // A run that fails the comparison is not saved: with `--baseline X
+    // --save-baseline X`, the slower numbers would become the next reference.
     if let Some(path) = &a.save_baseline {
-        write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+        if slower.is_empty() {
+            write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+        } else {
+            eprintln!(
+                "note: not saved to {}, since this run is slower than the baseline",
+                path.display()
+            );
+        }
     }
     if let Some((path, base)) = &baseline {
         // Notes, not errors: comparing a new bundle with an old one's
@@ -149,7 +162,6 @@ pub fn bench(a: BenchArgs) -> CliResult {
                 list.join(", ")
             );
         }
-        let slower = regressions(&report, base, max_regression);
         if !slower.is_empty() {
             return Err(format!(
                 "slower than the baseline {}: {}",

@@ -2,7 +2,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 use vit_msn::fsutil::{
-    check_output_dir, remove_stale_siblings, replace_dir, sibling_tmp, OutputDir,
+    check_output_dir, remove_stale_siblings, replace_dir, resolve_output_dir, sibling_tmp,
+    OutputDir,
 };
 use vit_msn::Error;
 use vit_msn_graph::untrained::write_untrained_checkpoint;
@@ -32,7 +33,8 @@ pub struct InitArgs {
     seed: i64,
 }
 
-pub fn init(a: InitArgs) -> CliResult {
+pub fn init(mut a: InitArgs) -> CliResult {
+    a.out = resolve_output_dir(&a.out);
     // Never over a folder with anything in it: it may hold a trained model.
     check_output_dir(&a.out, OutputDir::New, &[&a.config])?;
     // As the compiler reads config.json: 16 MiB at most.

@@ -102,7 +102,7 @@ pub fn run(a: RunArgs) -> CliResult {
     if let Some(inputs) = &a.inputs {
         let output = a.output.as_ref().ok_or("--inputs needs --output")?;
         let dir = a.bundle.as_ref().ok_or("--inputs needs --bundle")?;
-        vit_msn::fsutil::check_output_file(output, &[inputs, dir])?;
+        vit_msn::fsutil::check_output_file(output, &[inputs])?;
         let bundle = Bundle::load(dir, device)?;
         return run_tensors(&bundle, inputs, output);
     }
