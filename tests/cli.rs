@@ -885,3 +885,25 @@ fn image_size_limit_is_pillows_pixel_count() {
         );
     }
 }
+
+/// Without --resolution, images take the preprocessing's size; a bundle not
+/// compiled at it runs at its only resolution, or names the ones it has.
+#[test]
+fn images_take_the_only_compiled_resolution() {
+    let photo = photos().join("coffee.jpg");
+    let only = compile("base", "cli-only-resolution", &["--resolutions", "48x40"]);
+    let out = vit_msn(&[&"run", &"--bundle", &only, &"--image", &photo]);
+    assert_ok(&out, "run on a bundle compiled at 48x40 only");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the only compiled resolution"), "{err}");
+
+    let two = compile(
+        "base",
+        "cli-two-resolutions",
+        &["--resolutions", "40,48x40"],
+    );
+    fails(
+        &vit_msn(&[&"run", &"--bundle", &two, &"--image", &photo]),
+        "which this bundle was not compiled for; give --resolution, one of 40x40, 48x40",
+    );
+}

@@ -122,9 +122,14 @@ pub fn run(a: RunArgs) -> CliResult {
     let images = collect_images(&a.image)?;
     match (&a.bundle, &a.artifact) {
         (Some(dir), _) => {
+            // Before the (possibly long) load: the size the images will have.
+            let size = match &a.resolution {
+                Some(_) => None,
+                None => compiled_size_for_images(&vit_msn::manifest::Manifest::read(dir)?)?,
+            };
             let bundle = Bundle::load(dir, device)?;
             let target = Target::bundle(&bundle)?;
-            run_images(&target, &images, &a)
+            run_images(&target, &images, &a, size)
         }
         (None, Some(file)) => {
             if !matches!(device, tch::Device::Cpu) {
@@ -132,7 +137,7 @@ pub fn run(a: RunArgs) -> CliResult {
             }
             let bare = BareArtifact::load(file)?;
             let target = Target::bare(&bare, &a)?;
-            run_images(&target, &images, &a)
+            run_images(&target, &images, &a, None)
         }
         (None, None) => Err("give --bundle DIR or --artifact FILE.pt".into()),
     }
@@ -302,10 +307,47 @@ fn single_tensor(file: &Path, name: &str) -> Result<Tensor, Box<dyn std::error::
     }
 }
 
-fn run_images(target: &Target, images: &[PathBuf], a: &RunArgs) -> CliResult {
+/// Without `--resolution`, images are resized as the bundle's preprocessing
+/// says. When it was not compiled at that size: its only resolution, if it
+/// has just one (a bundle compiled for 448 alone is meant to run at 448),
+/// else an error listing them.
+fn compiled_size_for_images(
+    m: &vit_msn::manifest::Manifest,
+) -> Result<Option<(i64, i64)>, Box<dyn std::error::Error>> {
+    let pp = m.preprocessing()?;
+    let (h, w) = (i64::from(pp.height), i64::from(pp.width));
+    if m.artifacts.iter().any(|e| (e.height, e.width) == (h, w)) {
+        return Ok(None);
+    }
+    match m.artifacts.as_slice() {
+        [only] => {
+            eprintln!(
+                "note: images are resized to {}x{}, the only compiled resolution (the preprocessing says {h}x{w})",
+                only.height, only.width
+            );
+            Ok(Some((only.height, only.width)))
+        }
+        _ => Err(format!(
+            "the preprocessing resizes images to {h}x{w}, which this bundle was not compiled for; \
+             give --resolution, one of {}",
+            m.resolutions().join(", ")
+        )
+        .into()),
+    }
+}
+
+fn run_images(
+    target: &Target,
+    images: &[PathBuf],
+    a: &RunArgs,
+    size: Option<(i64, i64)>,
+) -> CliResult {
     let mut pp = target.preprocessing.clone();
-    if let Some(r) = &a.resolution {
-        let (h, w) = vit_msn::manifest::parse_resolution(r)?;
+    let size = match &a.resolution {
+        Some(r) => Some(vit_msn::manifest::parse_resolution(r)?),
+        None => size,
+    };
+    if let Some((h, w)) = size {
         pp.height = target_side(h, "--resolution")?;
         pp.width = target_side(w, "--resolution")?;
     }
