@@ -907,3 +907,42 @@ fn images_take_the_only_compiled_resolution() {
         "which this bundle was not compiled for; give --resolution, one of 40x40, 48x40",
     );
 }
+
+/// Probabilities as the head means them: softmax for single-label heads, a
+/// sigmoid of each logit for multi-label heads and single-logit heads.
+#[test]
+fn probabilities_follow_the_problem_type() {
+    let photo = photos().join("coffee.jpg");
+    for (case, sigmoid) in [
+        ("classifier_multilabel", true),
+        ("classifier_regression", true),
+        ("classifier_sharded", false),
+    ] {
+        let bundle = compile(
+            case,
+            &format!("cli-probabilities-{case}"),
+            &["--resolutions", "32"],
+        );
+        let out = vit_msn(&[&"run", &"--bundle", &bundle, &"--image", &photo, &"--json"]);
+        assert_ok(&out, case);
+        let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+        let r = &v["results"][0];
+        let logits: Vec<f64> = r["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        let total: f64 = logits.iter().map(|l| l.exp()).sum();
+        for t in r["top_k"].as_array().unwrap() {
+            let l = logits[t["index"].as_u64().unwrap() as usize];
+            let want = if sigmoid {
+                1.0 / (1.0 + (-l).exp())
+            } else {
+                l.exp() / total
+            };
+            let got = t["probability"].as_f64().unwrap();
+            assert!((got - want).abs() < 1e-5, "{case}: {got} vs {want}");
+        }
+    }
+}

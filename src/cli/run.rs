@@ -161,6 +161,9 @@ struct Target<'a> {
     /// (layers, heads), where known.
     heads: Option<(i64, i64)>,
     classifier: Option<bool>,
+    /// `problem_type` is multi_label_classification: each class gets its own
+    /// sigmoid probability.
+    multi_label: bool,
     /// (logits, last_hidden_state) of a batch.
     forward: Forward<'a>,
 }
@@ -175,6 +178,7 @@ impl<'a> Target<'a> {
             patch_size: Some(m.model.patch_size),
             heads: Some((m.model.num_hidden_layers, m.model.num_attention_heads)),
             classifier: Some(m.is_classifier()),
+            multi_label: m.model.problem_type.as_deref() == Some("multi_label_classification"),
             forward: Box::new(move |px, mask, hm| {
                 let out = bundle.forward(px, mask, hm)?;
                 Ok((out.logits, out.last_hidden_state))
@@ -235,6 +239,10 @@ impl<'a> Target<'a> {
             patch_size: int("patch_size", side)?,
             heads,
             classifier: None,
+            multi_label: config
+                .as_ref()
+                .and_then(|c| c.get("problem_type")?.as_str())
+                == Some("multi_label_classification"),
             forward: Box::new(move |px, mask, hm| {
                 Ok(match bare.forward(px, mask, hm)? {
                     Primary::Logits(t) => (Some(t), None),
@@ -421,7 +429,13 @@ fn run_images(
         for (i, path) in chunk.iter().enumerate() {
             let i = i as i64;
             results.push(match (&logits, &last_hidden_state) {
-                (Some(logits), _) => classify(path, &logits.get(i), &target.labels, a.top_k),
+                (Some(logits), _) => classify(
+                    path,
+                    &logits.get(i),
+                    &target.labels,
+                    a.top_k,
+                    target.multi_label,
+                ),
                 (None, Some(lhs)) => {
                     let cls = lhs.get(i).get(0);
                     embeddings.push(cls.shallow_clone());
@@ -474,10 +488,24 @@ fn progress_bar(len: u64, json: bool) -> indicatif::ProgressBar {
     bar
 }
 
-fn classify(path: &Path, logits: &Tensor, labels: &[String], k: usize) -> serde_json::Value {
-    let probs = logits.softmax(-1, Kind::Float);
-    // Never more than there are classes: topk would fail.
+/// The top `k` classes by probability: softmax over the classes, or a sigmoid
+/// of each logit for multi-label and single-logit heads (what transformers'
+/// image-classification pipeline means to do; its 4.46.3 code swaps the
+/// single-label and multi-label cases).
+fn classify(
+    path: &Path,
+    logits: &Tensor,
+    labels: &[String],
+    k: usize,
+    multi_label: bool,
+) -> serde_json::Value {
     let classes = logits.size().last().copied().unwrap_or(0).max(0) as usize;
+    let probs = if multi_label || classes == 1 {
+        logits.to_kind(Kind::Float).sigmoid()
+    } else {
+        logits.softmax(-1, Kind::Float)
+    };
+    // Never more than there are classes: topk would fail.
     let k = k.min(classes) as i64;
     let (p, idx) = probs.topk(k, -1, true, true);
     let top: Vec<_> = (0..k)
