@@ -7,7 +7,7 @@
 //! 1. Decode (JPEG, PNG, WebP, BMP, GIF first frame, TIFF) with the `image`
 //!    crate, refusing from the header, before decoding, what Pillow refuses
 //!    as a decompression bomb (more than 2 × 89,478,485 pixels), and under a
-//!    1 GiB limit on the decoders' allocations;
+//!    1.5 GiB limit on the decoders' allocations;
 //!    JPEG pixels come from libjpeg-turbo's code (the `mozjpeg` crate, built
 //!    from source without SIMD) at Pillow's settings.
 //! 2. Convert to 8-bit RGB or L the way Pillow 13 does: grey replicated,
@@ -41,8 +41,10 @@ use crate::error::{Error, Result};
 /// raises `DecompressionBombError` above twice it, whatever the shape (a
 /// 17000×8 strip is fine); [`max_pixels_error`] applies the same rule.
 pub const MAX_IMAGE_PIXELS: u64 = 89_478_485;
-/// Largest allocation the decoders may make, in bytes.
-pub const MAX_DECODER_ALLOC: u64 = 1 << 30;
+/// Largest allocation the decoders may make, in bytes: the largest image
+/// Pillow decodes (2 × MAX_IMAGE_PIXELS) at 8 bytes a pixel (16-bit RGBA)
+/// fits, so nothing Pillow reads is refused here.
+pub const MAX_DECODER_ALLOC: u64 = 3 << 29;
 /// Largest image file read, in bytes.
 pub const MAX_FILE_BYTES: u64 = 1 << 30;
 /// Largest `size` a preprocessor config may ask for.
