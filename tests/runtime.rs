@@ -196,16 +196,21 @@ fn shared_across_threads() {
     }
 }
 
-/// The binary starts without LD_LIBRARY_PATH, and without libtorch_cuda:
-/// that is loaded on demand (next test).
-#[test]
-fn binary_dynamic_section() {
+/// `readelf -d` of the binary: its NEEDED libraries and RUNPATH.
+fn dynamic_section() -> String {
     let out = std::process::Command::new("readelf")
         .arg("-d")
         .arg(common::bin())
         .output()
         .expect("readelf");
-    let text = String::from_utf8_lossy(&out.stdout);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The binary starts without LD_LIBRARY_PATH, and without libtorch_cuda:
+/// that is loaded on demand (next test).
+#[test]
+fn binary_dynamic_section() {
+    let text = dynamic_section();
     let runpath = text
         .lines()
         .find(|l| l.contains("(RUNPATH)"))
@@ -280,12 +285,7 @@ fn cuda_support_missing_is_a_clear_error() {
             .unwrap_or_else(|e| panic!("hard link {}: {e}", entry.path().display()));
     }
 
-    let readelf = std::process::Command::new("readelf")
-        .arg("-d")
-        .arg(common::bin())
-        .output()
-        .expect("readelf");
-    let text = String::from_utf8_lossy(&readelf.stdout);
+    let text = dynamic_section();
     let runpath = text
         .lines()
         .find(|l| l.contains("(RUNPATH)"))
