@@ -55,7 +55,7 @@ pub fn resolve_output_dir(out: &Path) -> PathBuf {
 /// What a command may replace when it writes a folder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutputDir {
-    /// A bundle: an older bundle (a folder with a manifest.json) may be replaced.
+    /// A bundle: an older vit-msn bundle holding only its own files may be replaced.
     Bundle,
     /// Anything else: only an absent or empty folder.
     New,
