@@ -10,20 +10,23 @@ use crate::error::{Error, Result};
 /// `cpu`, `cuda` (device 0) or `cuda:N`. CUDA where none exists is an error,
 /// never a silent CPU run.
 pub fn parse_device(s: &str) -> Result<Device> {
-    let device = match s.trim() {
-        "cpu" => return Ok(Device::Cpu),
-        "cuda" => Device::Cuda(0),
-        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(i)) => Device::Cuda(i),
-            _ => {
-                return Err(Error::Device(format!(
-                    "unknown device `{s}` (expected cpu, cuda or cuda:N)"
-                )))
-            }
-        },
-    };
+    let device = parse_device_name(s)?;
     check_available(device)?;
     Ok(device)
+}
+
+/// [`parse_device`] without the check that the device exists here.
+pub fn parse_device_name(s: &str) -> Result<Device> {
+    match s.trim() {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(i)) => Ok(Device::Cuda(i)),
+            _ => Err(Error::Device(format!(
+                "unknown device `{s}` (expected cpu, cuda or cuda:N)"
+            ))),
+        },
+    }
 }
 
 /// Errors unless `device` exists here. For CUDA this first loads libtorch's

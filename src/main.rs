@@ -23,7 +23,7 @@ fn main() -> ExitCode {
                 "error: {}",
                 message.lines().next().unwrap_or("unknown error")
             );
-            ExitCode::from(1)
+            ExitCode::from(if e.is::<cli::Usage>() { 2 } else { 1 })
         }
     }
 }

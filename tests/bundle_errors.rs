@@ -719,42 +719,49 @@ fn bench_refuses_out_of_range_sizes() {
         "bundle-errors-bench-sizes",
         &["--resolutions", "32,256"],
     );
-    let cases: [(&[&str], &str); 7] = [
+    // Out of range: a usage error (2). Too large for memory: a failure (1).
+    let cases: [(&[&str], i32, &str); 7] = [
         (
             &["--batch", "100000000", "--iters", "1"],
+            2,
             "input `batch`: batch size 100000000 is not in 1..=65536",
         ),
         (
             &["--batch", "9223372036854775807", "--iters", "1"],
+            2,
             "batch size 9223372036854775807 is not in 1..=65536",
         ),
-        (&["--batch", "0"], "batch size 0 is not in 1..=65536"),
+        (&["--batch", "0"], 2, "batch size 0 is not in 1..=65536"),
         (
             &["--batch", "1", "--iters", "18446744073709551615"],
+            2,
             "input `iters`: 18446744073709551615 is not in 1..=1000000",
         ),
         (
             &["--batch", "1", "--iters", "1000000000000"],
+            2,
             "input `iters`: 1000000000000 is not in 1..=1000000",
         ),
         (
             &["--batch", "1", "--warmup", "1000000000000"],
+            2,
             "input `warmup`: 1000000000000 is not in 0..=1000000",
         ),
         // In range, but about a TiB by the runtime's estimate: refused
         // before the input is allocated.
         (
             &["--batch", "65536", "--resolution", "256"],
+            1,
             "a batch of 65536 needs about",
         ),
     ];
-    for (extra, needle) in cases {
+    for (extra, expected_code, needle) in cases {
         let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"--bundle", &bundle];
         for e in extra {
             args.push(e);
         }
         let (code, _, err) = bench(&args);
-        assert_eq!(code, Some(1), "{extra:?}: {err}");
+        assert_eq!(code, Some(expected_code), "{extra:?}: {err}");
         assert!(err.contains(needle), "{extra:?}: {err}");
     }
 }

@@ -20,9 +20,19 @@ fn stdout(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Exit code 1, `error: ...` naming `needle`.
 fn fails(out: &std::process::Output, needle: &str) {
+    fails_with(out, 1, needle);
+}
+
+/// A usage error: exit code 2, `error: ...` naming `needle`.
+fn usage_fails(out: &std::process::Output, needle: &str) {
+    fails_with(out, 2, needle);
+}
+
+fn fails_with(out: &std::process::Output, code: i32, needle: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(out.status.code(), Some(code), "{err}");
     assert!(
         err.starts_with("error: ") && err.contains(needle),
         "expected `{needle}` in: {err}"
@@ -256,6 +266,17 @@ fn inspect_bundle_and_pt() {
     let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(v["artifacts"].as_array().unwrap().len(), 2);
     assert_eq!(v["digests_ok"][0]["ok"], true);
+    // A tampered artifact is listed as such, and inspect fails.
+    let tampered = compile("base", "inspect-tampered", &["--resolutions", "32,48x40"]);
+    let mut bytes = std::fs::read(tampered.join("model_48x40.pt")).unwrap();
+    bytes.push(0);
+    std::fs::write(tampered.join("model_48x40.pt"), bytes).unwrap();
+    let out = vit_msn(&[&"inspect", &tampered]);
+    assert!(stdout(&out).contains("MISMATCH"), "{}", stdout(&out));
+    fails(&out, "sha256 of model_48x40.pt does not match the manifest");
+    let out = vit_msn(&[&"inspect", &tampered, &"--json"]);
+    assert!(stdout(&out).contains("\"ok\": false"), "{}", stdout(&out));
+    fails(&out, "model_48x40.pt");
     let out = vit_msn(&[&"inspect", &bundle.join("model_32x32.pt")]);
     assert_ok(&out, "inspect .pt");
     let text = stdout(&out);
@@ -407,7 +428,7 @@ fn masks_from_the_command_line() {
     );
     assert_eq!(from_files, masked);
 
-    fails(
+    usage_fails(
         &vit_msn(&[
             &"run",
             &"--bundle",
@@ -419,7 +440,7 @@ fn masks_from_the_command_line() {
         ]),
         "`9` is not a layer index",
     );
-    fails(
+    usage_fails(
         &vit_msn(&[
             &"run",
             &"--bundle",
@@ -429,7 +450,7 @@ fn masks_from_the_command_line() {
             &"--mask-ratio",
             &"1.5",
         ]),
-        "mask ratio 1.5",
+        "--mask-ratio 1.5 is not in [0, 1]",
     );
 }
 
@@ -460,8 +481,7 @@ fn image_errors_name_the_file() {
         ]),
         "missing.png",
     );
-    let out = vit_msn(&[&"run", &"--bundle", &bundle]);
-    assert_eq!(out.status.code(), Some(1));
+    usage_fails(&vit_msn(&[&"run", &"--bundle", &bundle]), "give --image");
     assert_eq!(vit_msn(&[&"run", &"--bogus"]).status.code(), Some(2));
 }
 
@@ -902,7 +922,7 @@ fn images_take_the_only_compiled_resolution() {
         "cli-two-resolutions",
         &["--resolutions", "40,48x40"],
     );
-    fails(
+    usage_fails(
         &vit_msn(&[&"run", &"--bundle", &two, &"--image", &photo]),
         "which this bundle was not compiled for; give --resolution, one of 40x40, 48x40",
     );

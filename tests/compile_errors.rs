@@ -237,8 +237,31 @@ fn usage_errors_exit_2() {
         &"--resolutions",
         &"32,abc",
     ]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("`abc` is not N or HxW"));
+    // Values clap takes as strings are checked by the command: still usage errors.
+    let model = case_dir("base").join("model");
+    for (flag, value, expect) in [
+        ("--outputs", "logits", "unknown output `logits`"),
+        ("--linear", "mkl", "unknown backend `mkl`"),
+        ("--dtype", "f64", "f64"),
+        ("--device", "gpu", "unknown device `gpu`"),
+        ("--task", "segmentation", "segmentation"),
+        ("--threads", "0", "--threads must be at least 1"),
+    ] {
+        let out = vit_msn(&[
+            &"compile",
+            &"--model",
+            &model,
+            &"--out",
+            &scratch("usage").join("c"),
+            &flag,
+            &value,
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {stderr}");
+        assert!(stderr.contains(expect), "{flag} {value}: {stderr}");
+    }
 }
 
 /// Outputs never replace what is not ours: a folder holding other files, the
@@ -518,20 +541,25 @@ fn absurd_sizes_are_refused_before_allocating() {
         "{stderr}"
     );
 
-    // Resolutions and threads have upper bounds too.
+    // Resolutions and threads have upper bounds too. Past the flag's own
+    // bound it is a usage error (2); too many patches for this model's patch
+    // size is the model's limit (1).
     let model = case_dir("base").join("model");
-    for (args, expect) in [
+    for (args, code, expect) in [
         (
             vec!["--resolutions", "100000"],
+            2,
             "each side must be at most 16384 pixels",
         ),
-        (vec!["--resolutions", "8x100000000"], "at most 16384"),
+        (vec!["--resolutions", "8x100000000"], 2, "at most 16384"),
         (
             vec!["--resolutions", "16384"],
+            1,
             "at most 262144 are supported",
         ),
         (
             vec!["--threads", "100000"],
+            2,
             "--threads must be at most 1024",
         ),
     ] {
@@ -541,7 +569,7 @@ fn absurd_sizes_are_refused_before_allocating() {
         full.extend(args.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
         let out = vit_msn(&full);
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
         assert!(stderr.contains(expect), "{args:?}: {stderr}");
         assert!(!out_dir.exists());
     }

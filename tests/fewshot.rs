@@ -301,7 +301,9 @@ fn fewshot_errors() {
         &"--method",
         &"svm",
     ]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown method `svm`"));
+    assert_refused(&out, 2, "unknown method `svm`");
+    let out = fit_with(&bundle, &dir, &dir.join("out"), &["--batch-size", "0"]);
+    assert_refused(&out, 2, "--batch-size must be at least 1");
 }
 
 /// Two classes (`a`, `b`) of two test photos each, in `dir/train`.
@@ -363,7 +365,7 @@ fn fit_refuses_numbers_that_break_the_head() {
         ("linear", "--weight-decay=nan", "weight-decay"),
     ] {
         let got = fit_with(&bundle, &train, &out, &["--method", method, arg]);
-        assert_refused(&got, 1, needle);
+        assert_refused(&got, 2, needle);
         assert!(!out.exists(), "{arg} wrote a bundle");
     }
 }
@@ -505,7 +507,7 @@ fn val_with_weight_decay_and_val_split_zero_are_refused() {
     );
     assert_refused(&got, 2, "--weight-decay");
     let got = fit_with(&bundle, &train, &out, &["--val-split", "0"]);
-    assert_refused(&got, 1, "--val-split");
+    assert_refused(&got, 2, "--val-split");
     // Without --weight-decay, a --val folder that is not there fails before any embedding.
     let got = fit_with(&bundle, &train, &out, &["--val", missing.to_str().unwrap()]);
     assert_refused(&got, 1, "missing");

@@ -257,6 +257,66 @@ torch.jit.trace(m, torch.randn(1, 3, 64, 64)).save(sys.argv[2])
     );
 }
 
+/// `torch.jit.trace` of a transformers backbone, run with its model folder,
+/// whose config has no `id2label`: the CLS embeddings are the bundle's.
+/// Without `--model` or `--resolution` the images are resized to 224, which
+/// this 64-pixel trace cannot take: the error says where the size came from.
+#[test]
+fn bare_traced_backbone_runs() {
+    let model = case_dir("e2e_backbone").join("model");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(model.join("config.json")).unwrap()).unwrap();
+    assert!(config.get("id2label").is_none());
+    let dir = scratch("interop-bare-backbone");
+    let pt = dir.join("traced.pt");
+    let trace = r#"
+import sys, torch
+from transformers import ViTMSNModel
+m = ViTMSNModel.from_pretrained(sys.argv[1], torchscript=True).eval()
+torch.jit.trace(m, torch.randn(1, 3, 64, 64)).save(sys.argv[2])
+"#;
+    assert_ok(&python(trace, &[&model, &pt]), "trace");
+    let photos = root().join("tests/data/photos");
+    let embeddings = |args: &[&dyn AsRef<std::ffi::OsStr>], name: &str| {
+        let file = dir.join(format!("{name}.safetensors"));
+        let mut full: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"run"];
+        full.extend_from_slice(args);
+        full.extend_from_slice(&[&"--image", &photos, &"--embeddings", &file]);
+        assert_ok(&vit_msn(&full), name);
+        vit_msn::tensors::read_safetensors(&file)
+            .unwrap()
+            .remove(0)
+            .1
+    };
+    let bare = embeddings(&[&"--artifact", &pt, &"--model", &model], "bare");
+    let bundle = compile_case("e2e_backbone", "interop-bare-backbone-bundle", &[]);
+    let ours = embeddings(&[&"--bundle", &bundle], "bundle");
+    assert_eq!(bare.size(), [5, 48]);
+    let diff = (&bare - &ours).abs().max().double_value(&[]);
+    assert!(diff < 1e-4, "CLS embeddings differ by {diff}");
+
+    let r = vit_msn(&[&"run", &"--artifact", &pt, &"--image", &photos]);
+    assert_eq!(r.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        err.contains(
+            "traced.pt, images at 224x224 (ViT-MSN's default size; give --resolution or --model"
+        ) && err.contains("forward failed"),
+        "{err}"
+    );
+    // Labels belong to bare files; with a bundle they are a usage error.
+    let r = vit_msn(&[
+        &"run",
+        &"--bundle",
+        &bundle,
+        &"--labels",
+        &model.join("config.json"),
+        &"--image",
+        &photos,
+    ]);
+    assert_eq!(r.status.code(), Some(2));
+}
+
 /// Python loads a Rust-compiled artifact and calls it with the three inputs:
 /// the same numbers as the reference and as the Rust runtime.
 #[test]

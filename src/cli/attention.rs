@@ -4,9 +4,9 @@ use clap::Args;
 use vit_msn::attention::{cls_attention, colormap, heat_grid, HeadChoice, LayerChoice};
 use vit_msn::fsutil::{check_output_file, write_atomic_with};
 use vit_msn::image::{load_image, preprocess_image};
-use vit_msn::{parse_device, Bundle, Error};
+use vit_msn::{Bundle, Error};
 
-use super::CliResult;
+use super::{device_arg, usage, CliResult};
 
 /// Draw where the CLS token looks: a heat map of its attention over the patches,
 /// on the image at the image's own size (PNG). The bundle must be compiled with
@@ -35,9 +35,9 @@ pub struct AttentionArgs {
 }
 
 pub fn attention(a: AttentionArgs) -> CliResult {
-    let layer: LayerChoice = a.layer.parse()?;
-    let head: HeadChoice = a.head.parse()?;
-    let bundle = Bundle::load(&a.bundle, parse_device(&a.device)?)?;
+    let layer: LayerChoice = a.layer.parse().map_err(usage)?;
+    let head: HeadChoice = a.head.parse().map_err(usage)?;
+    let bundle = Bundle::load(&a.bundle, device_arg(&a.device)?)?;
     check_output_file(&a.out, &[&a.image])?;
     write_attention_map(&bundle, &a.image, &a.out, layer, head)?;
     eprintln!("wrote {}", a.out.display());

@@ -7,10 +7,9 @@ use vit_msn::bench::{
 };
 use vit_msn::bundle::LoadOptions;
 use vit_msn::fsutil::write_atomic;
-use vit_msn::manifest::parse_resolution;
-use vit_msn::{parse_device, Bundle};
+use vit_msn::Bundle;
 
-use super::CliResult;
+use super::{device_arg, resolution_arg, usage, CliResult};
 
 /// Time a bundle's forward pass: median and p90 latency, images/s and peak
 /// RSS per batch size; compare with a saved baseline to catch slowdowns.
@@ -64,8 +63,8 @@ pub struct BenchArgs {
 
 pub fn bench(a: BenchArgs) -> CliResult {
     // Everything that can be refused is refused before the bundle loads.
-    check_plan(&a.batch, a.iters, a.warmup)?;
-    let max_regression = parse_fraction(&a.max_regression)?;
+    check_plan(&a.batch, a.iters, a.warmup).map_err(usage)?;
+    let max_regression = parse_fraction(&a.max_regression).map_err(usage)?;
     if let Some(path) = &a.save_baseline {
         // The refusal write_atomic would make, made before the run, not after it.
         if std::fs::symlink_metadata(path)
@@ -85,10 +84,10 @@ pub fn bench(a: BenchArgs) -> CliResult {
     let options = LoadOptions {
         prepack_linears: !a.no_prepack,
     };
-    let bundle = Bundle::load_with(&a.bundle, parse_device(&a.device)?, &options)?;
+    let bundle = Bundle::load_with(&a.bundle, device_arg(&a.device)?, &options)?;
     let m = bundle.manifest();
     let (height, width) = match &a.resolution {
-        Some(r) => parse_resolution(r)?,
+        Some(r) => resolution_arg(r)?,
         None => (m.artifacts[0].height, m.artifacts[0].width),
     };
     for &batch in &a.batch {

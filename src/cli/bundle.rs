@@ -2,9 +2,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 use vit_msn::bundle::replace_artifact_waiting;
-use vit_msn::manifest::parse_resolution;
 
-use super::CliResult;
+use super::{resolution_arg, CliResult};
 
 /// Change a compiled bundle.
 #[derive(Args)]
@@ -50,7 +49,7 @@ struct ReplaceArgs {
 pub fn bundle(a: BundleArgs) -> CliResult {
     match a.command {
         BundleCommand::Replace(r) => {
-            let (h, w) = parse_resolution(&r.resolution)?;
+            let (h, w) = resolution_arg(&r.resolution)?;
             let wait = std::time::Duration::from_secs(r.wait);
             replace_artifact_waiting(&r.bundle, h, w, &r.artifact, wait)?;
             eprintln!("replaced {h}x{w} in {}", r.bundle.display());

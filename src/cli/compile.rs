@@ -4,11 +4,10 @@ use std::path::PathBuf;
 use clap::Args;
 use vit_msn::compiler::compile_bundle;
 use vit_msn::device;
-use vit_msn::manifest::parse_resolution;
 use vit_msn_graph::encoder::LinearBackend;
 use vit_msn_graph::{CompileOptions, Task, Wanted};
 
-use super::CliResult;
+use super::{device_arg, resolution_arg, usage, CliResult};
 
 /// Compile a Hugging Face ViT-MSN folder into a bundle of TorchScript artifacts.
 #[derive(Args)]
@@ -51,33 +50,36 @@ pub fn compile(a: CompileArgs) -> CliResult {
             "attentions" => wanted.attentions = true,
             "" => {}
             other => {
-                return Err(format!(
+                return Err(usage(format!(
                     "--outputs: unknown output `{other}` (expected hidden_states, attentions)"
-                )
-                .into())
+                )))
             }
         }
     }
     let resolutions = a
         .resolutions
         .iter()
-        .map(|r| parse_resolution(r))
+        .map(|r| resolution_arg(r))
         .collect::<Result<Vec<_>, _>>()?;
     let opts = CompileOptions {
         resolutions,
         wanted,
-        kind: device::parse_dtype(&a.dtype)?,
-        device: device::parse_device(&a.device)?,
-        task: a.task.as_deref().map(str::parse::<Task>).transpose()?,
+        kind: device::parse_dtype(&a.dtype).map_err(usage)?,
+        device: device_arg(&a.device)?,
+        task: a
+            .task
+            .as_deref()
+            .map(str::parse::<Task>)
+            .transpose()
+            .map_err(usage)?,
         linear: match a.linear.as_deref() {
             None => None,
             Some("aten") => Some(LinearBackend::Aten),
             Some("onednn") => Some(LinearBackend::OneDnn),
             Some(other) => {
-                return Err(format!(
+                return Err(usage(format!(
                     "--linear: unknown backend `{other}` (expected aten or onednn)"
-                )
-                .into())
+                )))
             }
         },
     };

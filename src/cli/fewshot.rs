@@ -11,7 +11,7 @@ use vit_msn::fsutil::{check_output_dir, OutputDir};
 use vit_msn::image::preprocess_path;
 use vit_msn::{Bundle, Device, Error};
 
-use super::CliResult;
+use super::{usage, CliResult};
 
 /// Low-shot classification: fit a head on a few labelled images, ship it as a classifier bundle.
 #[derive(Args)]
@@ -37,7 +37,8 @@ Embeddings are cached in the backbone bundle's cache/ folder by image content.
 Examples:
   vit-msn fewshot fit --bundle artifacts/small --train photos/train --out artifacts/pets
   vit-msn fewshot fit --bundle artifacts/small --train photos/train --method prototype
-  vit-msn fewshot fit --bundle artifacts/small --train train --val val --weight-decay 1e-3"
+  vit-msn fewshot fit --bundle artifacts/small --train train --val val
+  vit-msn fewshot fit --bundle artifacts/small --train train --weight-decay 1e-3"
 )]
 struct FitArgs {
     /// A backbone bundle.
@@ -113,24 +114,25 @@ const WEIGHT_DECAYS: [f64; 5] = [1e-4, 1e-3, 1e-2, 1e-1, 1.0];
 
 fn fit(a: FitArgs) -> CliResult {
     if !matches!(a.method.as_str(), "linear" | "prototype") {
-        return Err(format!(
+        return Err(usage(format!(
             "--method: unknown method `{}` (expected linear or prototype)",
             a.method
-        )
-        .into());
+        )));
     }
     // Every number is checked before the slow part: a bad one gives a broken head.
     if !(a.val_split > 0.0 && a.val_split < 1.0) {
-        return Err(format!(
+        return Err(usage(format!(
             "--val-split must be in (0, 1), found {:?} (give --weight-decay to fit without holding images out)",
             a.val_split
-        )
-        .into());
+        )));
     }
-    check_epochs(a.epochs).map_err(|m| format!("--epochs {m}"))?;
-    check_temperature(a.temperature).map_err(|m| format!("--temperature {m}"))?;
+    if a.batch_size == 0 {
+        return Err(usage("--batch-size must be at least 1"));
+    }
+    check_epochs(a.epochs).map_err(|m| usage(format!("--epochs {m}")))?;
+    check_temperature(a.temperature).map_err(|m| usage(format!("--temperature {m}")))?;
     if let Some(wd) = a.weight_decay {
-        check_weight_decay(wd).map_err(|m| format!("--weight-decay {m}"))?;
+        check_weight_decay(wd).map_err(|m| usage(format!("--weight-decay {m}")))?;
     }
     let out = a.out.clone().unwrap_or_else(|| default_out(&a.bundle));
     // Before the slow part: the bundle written at the end may replace only an older bundle.
@@ -275,6 +277,9 @@ fn split(
 }
 
 fn eval(a: EvalArgs) -> CliResult {
+    if a.batch_size == 0 {
+        return Err(usage("--batch-size must be at least 1"));
+    }
     let bundle = Bundle::load(&a.bundle, Device::Cpu)?;
     let m = bundle.manifest();
     if !m.is_classifier() {
@@ -309,7 +314,7 @@ fn eval(a: EvalArgs) -> CliResult {
     let pp = m.preprocessing()?;
     let progress = bar(test.items.len(), "test images");
     let mut pred = Vec::new();
-    for chunk in test.items.chunks(a.batch_size.max(1)) {
+    for chunk in test.items.chunks(a.batch_size) {
         let px = chunk
             .iter()
             .map(|(p, _)| preprocess_path(p, &pp, m.model.num_channels))

@@ -14,6 +14,38 @@ use clap::{Parser, Subcommand};
 
 pub type CliResult = Result<(), Box<dyn std::error::Error>>;
 
+/// A command line that asks for something impossible, found after clap's
+/// own checks (a missing input, a number out of range): exit code 2, as for
+/// clap's errors.
+#[derive(Debug)]
+pub struct Usage(String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+/// A [`Usage`] error, boxed as the commands return it.
+pub fn usage(message: impl std::fmt::Display) -> Box<dyn std::error::Error> {
+    Box::new(Usage(message.to_string()))
+}
+
+/// `--device`: a name that is no device is a usage error; a device this
+/// machine lacks is not.
+pub fn device_arg(name: &str) -> Result<tch::Device, Box<dyn std::error::Error>> {
+    let device = vit_msn::device::parse_device_name(name).map_err(usage)?;
+    vit_msn::device::check_available(device)?;
+    Ok(device)
+}
+
+/// `--resolution(s)`: `N` or `HxW`.
+pub fn resolution_arg(text: &str) -> Result<(i64, i64), Box<dyn std::error::Error>> {
+    vit_msn::manifest::parse_resolution(text).map_err(usage)
+}
+
 #[derive(Parser)]
 #[command(
     name = "vit-msn",
@@ -46,10 +78,10 @@ const MAX_THREADS: i32 = 1024;
 
 pub fn dispatch(cli: Cli) -> CliResult {
     let threads = match cli.threads {
-        Some(n) if n < 1 => return Err("--threads must be at least 1".into()),
+        Some(n) if n < 1 => return Err(usage("--threads must be at least 1")),
         // More would only oversubscribe; tens of thousands crash OpenMP itself.
         Some(n) if n > MAX_THREADS => {
-            return Err(format!("--threads must be at most {MAX_THREADS}").into())
+            return Err(usage(format!("--threads must be at most {MAX_THREADS}")))
         }
         Some(n) => n,
         None => vit_msn::bench::physical_cores() as i32,

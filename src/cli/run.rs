@@ -9,9 +9,9 @@ use vit_msn::image::{preprocess_path, Preprocessing, MAX_TARGET_SIDE};
 use vit_msn::inputs::{collect_images, parse_head_mask, random_mask, write_npy};
 use vit_msn::manifest::{MAX_CHANNELS, MAX_HEADS, MAX_LAYERS};
 use vit_msn::tensors::{read_safetensors, write_safetensors};
-use vit_msn::{loss::loss, parse_device, Bundle, Error};
+use vit_msn::{loss::loss, Bundle, Error};
 
-use super::CliResult;
+use super::{device_arg, resolution_arg, usage, CliResult};
 
 /// Run a bundle on images, or on tensors from a safetensors file.
 #[derive(Args)]
@@ -47,11 +47,13 @@ pub struct RunArgs {
     /// vit-msn's three inputs, returning a tensor, tuple or dict (see README).
     #[arg(long, conflicts_with = "inputs")]
     artifact: Option<PathBuf>,
-    /// Class names for --artifact: a JSON list, an {"0": name} map, or a config with id2label.
-    #[arg(long, requires = "artifact")]
+    /// Class names for --artifact: a JSON list, an {"0": name} map, or a config
+    /// with id2label (they win over --model's).
+    #[arg(long, requires = "artifact", conflicts_with = "bundle")]
     labels: Option<PathBuf>,
-    /// A Hugging Face folder giving --artifact its labels and preprocessing.
-    #[arg(long, requires = "artifact")]
+    /// A Hugging Face folder giving --artifact its labels (id2label, if the
+    /// config has one), preprocessing and sizes.
+    #[arg(long, requires = "artifact", conflicts_with = "bundle")]
     model: Option<PathBuf>,
     /// Image files or folders.
     #[arg(long, num_args = 1.., conflicts_with = "inputs")]
@@ -98,24 +100,43 @@ pub struct RunArgs {
 }
 
 pub fn run(a: RunArgs) -> CliResult {
-    let device = parse_device(&a.device)?;
+    let device = device_arg(&a.device)?;
     if let Some(inputs) = &a.inputs {
-        let output = a.output.as_ref().ok_or("--inputs needs --output")?;
-        let dir = a.bundle.as_ref().ok_or("--inputs needs --bundle")?;
+        let output = a
+            .output
+            .as_ref()
+            .ok_or_else(|| usage("--inputs needs --output"))?;
+        let dir = a
+            .bundle
+            .as_ref()
+            .ok_or_else(|| usage("--inputs needs --bundle"))?;
         vit_msn::fsutil::check_output_file(output, &[inputs])?;
         let bundle = Bundle::load(dir, device)?;
         return run_tensors(&bundle, inputs, output);
     }
     if a.image.is_empty() {
-        return Err(
-            "give --image FILES/FOLDERS, or --inputs IN.safetensors --output OUT.safetensors"
-                .into(),
-        );
+        return Err(usage(
+            "give --image FILES/FOLDERS, or --inputs IN.safetensors --output OUT.safetensors",
+        ));
     }
     if a.batch_size == 0 {
-        return Err("--batch-size must be at least 1".into());
+        return Err(usage("--batch-size must be at least 1"));
+    }
+    if let Some(ratio) = a.mask_ratio {
+        if !(0.0..=1.0).contains(&ratio) {
+            return Err(usage(format!("--mask-ratio {ratio} is not in [0, 1]")));
+        }
     }
     if let Some(path) = &a.embeddings {
+        if !matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("npy" | "safetensors")
+        ) {
+            return Err(usage(format!(
+                "{}: --embeddings must end in .safetensors or .npy",
+                path.display()
+            )));
+        }
         let inputs: Vec<&Path> = a.image.iter().map(PathBuf::as_path).collect();
         vit_msn::fsutil::check_output_file(path, &inputs)?;
     }
@@ -133,13 +154,15 @@ pub fn run(a: RunArgs) -> CliResult {
         }
         (None, Some(file)) => {
             if !matches!(device, tch::Device::Cpu) {
-                return Err("--artifact runs on the CPU; compile a bundle for CUDA".into());
+                return Err(usage(
+                    "--artifact runs on the CPU; compile a bundle for CUDA",
+                ));
             }
             let bare = BareArtifact::load(file)?;
             let target = Target::bare(&bare, &a)?;
             run_images(&target, &images, &a, None)
         }
-        (None, None) => Err("give --bundle DIR or --artifact FILE.pt".into()),
+        (None, None) => Err(usage("give --bundle DIR or --artifact FILE.pt")),
     }
 }
 
@@ -191,10 +214,12 @@ impl<'a> Target<'a> {
             Some(dir) => Some(read_json(&dir.join("config.json"))?),
             None => None,
         };
+        let has_id2label = config.as_ref().is_some_and(|c| c.get("id2label").is_some());
         let labels = match (&a.labels, &a.model) {
             (Some(file), _) => read_labels(file)?,
-            (None, Some(dir)) => read_labels(&dir.join("config.json"))?,
-            (None, None) => Vec::new(),
+            // A backbone's config may have no id2label: then no names.
+            (None, Some(dir)) if has_id2label => read_labels(&dir.join("config.json"))?,
+            _ => Vec::new(),
         };
         // Sizes from the config are bounded as a bundle's manifest is: mask
         // and head-mask sizes are computed from them.
@@ -225,6 +250,14 @@ impl<'a> Target<'a> {
                 ..Preprocessing::vit_msn_default()
             },
         };
+        // A file traced at another size fails inside its graph, with a
+        // message about tensor sizes; say where the size came from.
+        let size_note = if a.model.is_none() && a.resolution.is_none() {
+            " (ViT-MSN's default size; give --resolution or --model for the size the file was traced at)"
+        } else {
+            ""
+        };
+        let file = a.artifact.clone().unwrap_or_default();
         let heads = match (
             int("num_hidden_layers", MAX_LAYERS)?,
             int("num_attention_heads", MAX_HEADS)?,
@@ -244,7 +277,15 @@ impl<'a> Target<'a> {
                 .and_then(|c| c.get("problem_type")?.as_str())
                 == Some("multi_label_classification"),
             forward: Box::new(move |px, mask, hm| {
-                Ok(match bare.forward(px, mask, hm)? {
+                let out = bare.forward(px, mask, hm).map_err(|e| match e {
+                    Error::Forward(_) => {
+                        let size = px.size();
+                        let at = format!("{}x{}", size[2], size[3]);
+                        format!("{}, images at {at}{size_note}: {e}", file.display()).into()
+                    }
+                    other => Box::<dyn std::error::Error>::from(other),
+                })?;
+                Ok(match out {
                     Primary::Logits(t) => (Some(t), None),
                     Primary::LastHiddenState(t) => (None, Some(t)),
                 })
@@ -292,10 +333,10 @@ fn head_mask_of(
     a: &RunArgs,
 ) -> Result<Option<Tensor>, Box<dyn std::error::Error>> {
     if let Some(spec) = &a.head_mask {
-        let (layers, heads) = target
-            .heads
-            .ok_or("--head-mask needs the layer and head counts: give --model with the artifact")?;
-        return Ok(Some(parse_head_mask(spec, layers, heads)?));
+        let (layers, heads) = target.heads.ok_or_else(|| {
+            usage("--head-mask needs the layer and head counts: give --model with the artifact")
+        })?;
+        return Ok(Some(parse_head_mask(spec, layers, heads).map_err(usage)?));
     }
     if let Some(file) = &a.head_mask_file {
         return Ok(Some(single_tensor(file, "head_mask")?));
@@ -335,12 +376,11 @@ fn compiled_size_for_images(
             );
             Ok(Some((only.height, only.width)))
         }
-        _ => Err(format!(
+        _ => Err(usage(format!(
             "the preprocessing resizes images to {h}x{w}, which this bundle was not compiled for; \
              give --resolution, one of {}",
             m.resolutions().join(", ")
-        )
-        .into()),
+        ))),
     }
 }
 
@@ -352,7 +392,7 @@ fn run_images(
 ) -> CliResult {
     let mut pp = target.preprocessing.clone();
     let size = match &a.resolution {
-        Some(r) => Some(vit_msn::manifest::parse_resolution(r)?),
+        Some(r) => Some(resolution_arg(r)?),
         None => size,
     };
     if let Some((h, w)) = size {
@@ -361,15 +401,18 @@ fn run_images(
     }
     let (h, w) = (pp.height as i64, pp.width as i64);
     let patches = target.patch_size.map(|p| (h / p) * (w / p));
-    let need_patches =
-        || patches.ok_or("masking needs the patch size: give --model with the artifact");
+    let need_patches = || {
+        patches.ok_or_else(|| usage("masking needs the patch size: give --model with the artifact"))
+    };
     let head_mask = head_mask_of(target, a)?;
     let file_mask = match &a.mask_file {
         Some(f) => Some(single_tensor(f, "bool_masked_pos")?),
         None => None,
     };
     if a.embeddings.is_some() && target.classifier == Some(true) {
-        return Err("--embeddings needs a backbone bundle (this one is a classifier)".into());
+        return Err(usage(
+            "--embeddings needs a backbone bundle (this one is a classifier)",
+        ));
     }
     let progress = progress_bar(images.len() as u64, a.json);
     let mut results = Vec::new();
@@ -413,7 +456,9 @@ fn run_images(
         let (logits, last_hidden_state) =
             (target.forward)(&pixel_values, mask.as_ref(), head_mask.as_ref())?;
         if a.embeddings.is_some() && logits.is_some() {
-            return Err("--embeddings needs a backbone (this model returns logits)".into());
+            return Err(usage(
+                "--embeddings needs a backbone (this model returns logits)",
+            ));
         }
         // A bundle's labels are checked at load; names given with --artifact
         // are checked here, against what the file returns.

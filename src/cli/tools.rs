@@ -9,18 +9,19 @@ use vit_msn::bundle::sha256_hex;
 use vit_msn::describe::describe;
 use vit_msn::image::{preprocess_path, Preprocessing};
 use vit_msn::inputs::collect_images;
-use vit_msn::manifest::{parse_resolution, MANIFEST_FILE};
+use vit_msn::manifest::MANIFEST_FILE;
 use vit_msn::tensors::write_safetensors;
 use vit_msn::{Error, Manifest};
 
-use super::CliResult;
+use super::{resolution_arg, CliResult};
 
 /// Write the pixel_values the runtime would feed for some images.
 #[derive(Args)]
 #[command(
     after_help = "The preprocessing is the bundle's (as compiled), else the model folder's
-preprocessor_config.json, else ViT-MSN's default (resize to 224x224 with PIL's bilinear
-filter, rescale by 1/255, normalize with the ImageNet mean and std).
+preprocessor_config.json, else ViT-MSN's default: resize to the model folder's image_size
+(224x224 without --model) with PIL's bilinear filter, rescale by 1/255, normalize with the
+ImageNet mean and std. --resolution overrides the size.
 
 Examples:
   vit-msn preprocess --image cat.jpg --bundle artifacts/demo --output px.safetensors
@@ -54,7 +55,7 @@ pub fn preprocess(a: PreprocessArgs) -> CliResult {
         (None, None) => (Preprocessing::vit_msn_default(), 3),
     };
     if let Some(r) = &a.resolution {
-        let (h, w) = parse_resolution(r)?;
+        let (h, w) = resolution_arg(r)?;
         (pp.height, pp.width) = (h as u32, w as u32);
     }
     let inputs: Vec<&Path> = a.image.iter().map(PathBuf::as_path).collect();
@@ -164,7 +165,7 @@ fn inspect_bundle(dir: &Path, as_json: bool) -> CliResult {
             .map(|(f, ok)| json!({ "file": f, "ok": ok }))
             .collect::<Vec<_>>());
         println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
+        return digests_verified(dir, &digests);
     }
     println!(
         "bundle:   {} ({} format {})",
@@ -218,5 +219,26 @@ fn inspect_bundle(dir: &Path, as_json: bool) -> CliResult {
     for w in &m.source.weights {
         println!("source:   {} sha256 {}", w.file, w.sha256);
     }
-    Ok(())
+    digests_verified(dir, &digests)
+}
+
+/// After the listing: an artifact that differs from its manifest entry is a
+/// failure, as it is for `run`, which refuses to load it.
+fn digests_verified(dir: &Path, digests: &[(String, bool)]) -> CliResult {
+    let bad: Vec<&str> = digests
+        .iter()
+        .filter(|(_, ok)| !ok)
+        .map(|(f, _)| f.as_str())
+        .collect();
+    if bad.is_empty() {
+        return Ok(());
+    }
+    Err(Error::file(
+        dir,
+        format!(
+            "sha256 of {} does not match the manifest (or the file cannot be read)",
+            bad.join(", ")
+        ),
+    )
+    .into())
 }
