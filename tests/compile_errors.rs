@@ -110,6 +110,15 @@ fn config_errors() {
             "not divisible by `num_attention_heads` 5",
         ),
         (
+            "grid",
+            Box::new(|m: &Path| {
+                edit_config(m, |c| {
+                    c.insert("image_size".into(), 4.into());
+                })
+            }),
+            "`image_size` 4 is smaller than `patch_size` 8: the trained position grid is empty",
+        ),
+        (
             "type",
             Box::new(|m: &Path| {
                 edit_config(m, |c| {

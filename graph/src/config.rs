@@ -160,6 +160,14 @@ impl Config {
         }
         // An image_size that patch_size does not divide is fine: as in
         // transformers, the grid is image_size / patch_size rounded down.
+        // One below patch_size leaves no trained positions to interpolate
+        // from (transformers builds such a model, but its forward fails).
+        if self.image_size < self.patch_size {
+            return Err(Error::Config(format!(
+                "`image_size` {} is smaller than `patch_size` {}: the trained position grid is empty",
+                self.image_size, self.patch_size
+            )));
+        }
 
         // The backbone alone: a config may list labels that only a
         // classifier head would hold (num_labels is bounded on its own).
