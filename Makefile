@@ -12,8 +12,9 @@ FIXTURES := tests/fixtures/generated
 IMAGE_PIP_PACKAGES := pillow==13.0.0 scikit-image==0.26.0
 PIP_PACKAGES := torch==2.13.0 transformers==4.46.3 safetensors==0.8.0 numpy scikit-learn $(IMAGE_PIP_PACKAGES)
 IMAGE_FIXTURES := tests/fixtures/generated-images
+SWEEP_ARGS ?= --cases 30
 
-.PHONY: libtorch demo test fixtures bench side-by-side startup soak fuzz interop gpu-check clean
+.PHONY: libtorch demo test fixtures bench side-by-side startup soak sweep fuzz interop gpu-check clean
 
 libtorch: $(BOOTSTRAP)
 
@@ -49,6 +50,10 @@ fixtures: $(FIXTURES)/COMPLETE $(IMAGE_FIXTURES)/COMPLETE
 test: libtorch fixtures
 	mkdir -p target; set -o pipefail; cargo test --workspace 2>&1 | tee target/test.log
 	$(MAKE) interop
+	@echo "==> random-config parity sweep (tests/sweep/config_sweep.py, log in target/sweep.log)"
+	$(PY) tests/sweep/config_sweep.py $(SWEEP_ARGS) --bin target/debug/vit-msn > target/sweep.log 2>&1 \
+		|| { tail -n 40 target/sweep.log; exit 1; }
+	@tail -n 5 target/sweep.log
 	@awk '/^test result:/ { p += $$4; f += $$6 } END { printf "test: %d passed, %d failed\n", p, f }' target/test.log
 
 bench: libtorch
@@ -57,6 +62,12 @@ bench: libtorch
 # 2,000 forward passes in one process; fails if RSS grows over 5% after warm-up.
 soak: libtorch fixtures
 	cargo test --release --test soak -- --ignored --nocapture
+
+# Random model configs against transformers (tests/sweep/config_sweep.py; `make test` runs it
+# too, on the debug build); exits 1 on any flagged case. SWEEP_ARGS="--cases 100 --seed 7" for more.
+sweep: libtorch
+	cargo build --release
+	$(PY) tests/sweep/config_sweep.py $(SWEEP_ARGS)
 
 # Each cargo-fuzz target (tests/fuzz) for FUZZ_SECONDS. cargo fuzz wants nightly
 # flags: RUSTC_BOOTSTRAP lets the stable toolchain take them; no sanitizer (the
