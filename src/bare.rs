@@ -72,6 +72,11 @@ impl BareArtifact {
     }
 
     /// Whether the forward takes a mask and a head mask.
+    /// The file it was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     pub fn takes_masks(&self) -> bool {
         self.arity == 3
     }

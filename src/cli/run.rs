@@ -257,7 +257,6 @@ impl<'a> Target<'a> {
         } else {
             ""
         };
-        let file = a.artifact.clone().unwrap_or_default();
         let heads = match (
             int("num_hidden_layers", MAX_LAYERS)?,
             int("num_attention_heads", MAX_HEADS)?,
@@ -281,7 +280,7 @@ impl<'a> Target<'a> {
                     Error::Forward(_) => {
                         let size = px.size();
                         let at = format!("{}x{}", size[2], size[3]);
-                        format!("{}, images at {at}{size_note}: {e}", file.display()).into()
+                        format!("{}, images at {at}{size_note}: {e}", bare.path().display()).into()
                     }
                     other => Box::<dyn std::error::Error>::from(other),
                 })?;
