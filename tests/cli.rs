@@ -318,7 +318,7 @@ fn attention_maps_at_the_image_size() {
         let img = image::open(&png).unwrap();
         assert_eq!((img.width(), img.height()), (451, 300));
     }
-    fails(
+    usage_fails(
         &vit_msn(&[
             &"attention",
             &"--bundle",
@@ -330,7 +330,21 @@ fn attention_maps_at_the_image_size() {
             &"--head",
             &"9",
         ]),
-        "head 9 is not in 0..4",
+        "--head 9 is not in 0..4",
+    );
+    usage_fails(
+        &vit_msn(&[
+            &"attention",
+            &"--bundle",
+            &bundle,
+            &"--image",
+            &photos().join("chelsea.jpg"),
+            &"--out",
+            &dir.join("x.png"),
+            &"--layer",
+            &"99",
+        ]),
+        "--layer 99 is not in 0..",
     );
     let plain = compile("e2e_backbone", "attention-plain", &[]);
     fails(

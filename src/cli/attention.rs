@@ -38,6 +38,24 @@ pub fn attention(a: AttentionArgs) -> CliResult {
     let layer: LayerChoice = a.layer.parse().map_err(usage)?;
     let head: HeadChoice = a.head.parse().map_err(usage)?;
     let bundle = Bundle::load(&a.bundle, device_arg(&a.device)?)?;
+    // An index past the model's layers or heads is a usage error, as for --head-mask.
+    let model = &bundle.manifest().model;
+    if let LayerChoice::Index(l) = layer {
+        if !(0..model.num_hidden_layers).contains(&l) {
+            return Err(usage(format!(
+                "--layer {l} is not in 0..{}",
+                model.num_hidden_layers
+            )));
+        }
+    }
+    if let HeadChoice::Index(h) = head {
+        if !(0..model.num_attention_heads).contains(&h) {
+            return Err(usage(format!(
+                "--head {h} is not in 0..{}",
+                model.num_attention_heads
+            )));
+        }
+    }
     check_output_file(&a.out, &[&a.image])?;
     write_attention_map(&bundle, &a.image, &a.out, layer, head)?;
     eprintln!("wrote {}", a.out.display());
