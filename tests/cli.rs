@@ -318,34 +318,25 @@ fn attention_maps_at_the_image_size() {
         let img = image::open(&png).unwrap();
         assert_eq!((img.width(), img.height()), (451, 300));
     }
-    usage_fails(
-        &vit_msn(&[
-            &"attention",
-            &"--bundle",
-            &bundle,
-            &"--image",
-            &photos().join("chelsea.jpg"),
-            &"--out",
-            &dir.join("x.png"),
-            &"--head",
-            &"9",
-        ]),
-        "--head 9 is not in 0..4",
-    );
-    usage_fails(
-        &vit_msn(&[
-            &"attention",
-            &"--bundle",
-            &bundle,
-            &"--image",
-            &photos().join("chelsea.jpg"),
-            &"--out",
-            &dir.join("x.png"),
-            &"--layer",
-            &"99",
-        ]),
-        "--layer 99 is not in 0..",
-    );
+    for (flag, value, needle) in [
+        ("--head", "9", "--head 9 is not in 0..4"),
+        ("--layer", "99", "--layer 99 is not in 0.."),
+    ] {
+        usage_fails(
+            &vit_msn(&[
+                &"attention",
+                &"--bundle",
+                &bundle,
+                &"--image",
+                &photos().join("chelsea.jpg"),
+                &"--out",
+                &dir.join("x.png"),
+                &flag,
+                &value,
+            ]),
+            needle,
+        );
+    }
     let plain = compile("e2e_backbone", "attention-plain", &[]);
     fails(
         &vit_msn(&[
