@@ -10,13 +10,22 @@ FIXTURES := tests/fixtures/generated
 # pillow and scikit-image: the image fixtures (Pillow decodes and resizes for ViTImageProcessor;
 # scikit-image ships the public-domain / CC0 photographs).
 IMAGE_PIP_PACKAGES := pillow==13.0.0 scikit-image==0.26.0
-PIP_PACKAGES := torch==2.13.0 transformers==4.46.3 safetensors==0.8.0 numpy scikit-learn $(IMAGE_PIP_PACKAGES)
+# The CUDA runtime headers' crt/ folder, which the wheel's nvidia-cuda-runtime lacks: build.rs
+# compiles the CUDA-graph library (src/shim/cuda_graph.cpp) against them. Headers only.
+CUDA_HEADER_PACKAGES := nvidia-cuda-crt==13.0.88
+CUDA_HEADERS := $(VENV)/.vit-msn-cuda-headers
+PIP_PACKAGES := torch==2.13.0 transformers==4.46.3 safetensors==0.8.0 numpy scikit-learn $(IMAGE_PIP_PACKAGES) $(CUDA_HEADER_PACKAGES)
 IMAGE_FIXTURES := tests/fixtures/generated-images
 SWEEP_ARGS ?= --cases 30
 
 .PHONY: libtorch demo test fixtures bench side-by-side startup soak sweep fuzz interop gpu-check clean
 
-libtorch: $(BOOTSTRAP)
+libtorch: $(BOOTSTRAP) $(CUDA_HEADERS)
+
+# A venv bootstrapped before the headers were on the list gets them here.
+$(CUDA_HEADERS): | $(BOOTSTRAP)
+	$(VENV)/bin/pip install $(CUDA_HEADER_PACKAGES)
+	touch $@
 
 $(BOOTSTRAP):
 	@echo "==> bootstrap: PyPI torch 2.13.0 into $(VENV) (about 4.7 GB, once)"

@@ -8,7 +8,7 @@ use std::path::Path;
 use tch::{Device, Tensor};
 
 #[repr(C)]
-struct VmsnArtifact {
+pub(crate) struct VmsnArtifact {
     _opaque: [u8; 0],
 }
 
@@ -109,40 +109,68 @@ impl Artifact {
 
     /// Runs forward under no_grad.
     pub fn forward(&self, inputs: &[&Tensor]) -> std::result::Result<Vec<RawOutput>, String> {
-        let ptrs: Vec<*mut torch_sys::C_tensor> = inputs
-            .iter()
-            .map(|t| t.as_ptr() as *mut torch_sys::C_tensor)
-            .collect();
-        let (mut tensors, mut names, mut err) = (
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-        );
-        // SAFETY: the inputs outlive the call (the shim copies the handles);
-        // on success the shim hands over `n` new tensors and names.
-        let n = unsafe {
-            vmsn_rt_artifact_forward(
-                self.raw,
-                ptrs.as_ptr(),
-                ptrs.len() as c_int,
-                &mut tensors,
-                &mut names,
-                &mut err,
-            )
-        };
-        let n = usize::try_from(n).map_err(|_| take_error(err))?;
-        let mut outputs = Vec::with_capacity(n);
-        for i in 0..n {
-            // SAFETY: both arrays have `n` entries; each tensor is a new
-            // torch::Tensor* owned from here on, each name malloc'ed or null.
-            let (tensor, name) = unsafe { (Tensor::from_ptr(*tensors.add(i)), *names.add(i)) };
-            outputs.push((take_string(name), tensor));
-        }
-        // SAFETY: the arrays themselves, malloc'ed by the shim, freed once.
+        // SAFETY: `raw` is live; the shim's forward hands its outputs over as
+        // `forward_call` expects.
         unsafe {
-            vmsn_rt_free_ptr_array(tensors.cast());
-            vmsn_rt_free_ptr_array(names.cast());
+            forward_call(inputs, |ptrs, n, tensors, names, err| {
+                vmsn_rt_artifact_forward(self.raw, ptrs, n, tensors, names, err)
+            })
         }
-        Ok(outputs)
     }
+
+    /// The shim's handle, for the CUDA-graph library (src/cuda_graph.rs).
+    pub(crate) fn raw(&self) -> *mut VmsnArtifact {
+        self.raw
+    }
+}
+
+/// The handles of tensors a shim passes to it (they stay owned by the caller).
+pub(crate) fn tensor_ptrs(inputs: &[&Tensor]) -> Vec<*mut torch_sys::C_tensor> {
+    inputs
+        .iter()
+        .map(|t| t.as_ptr() as *mut torch_sys::C_tensor)
+        .collect()
+}
+
+/// Runs a shim call that takes input handles and hands outputs over (as
+/// `hand_over` in src/shim/artifact.h does): `call` gets the inputs, their
+/// count and three out-pointers (tensors, names, error), and returns the
+/// output count, or -1 with the error set.
+///
+/// # Safety
+/// `call` must keep that contract: on success, `n` new tensors and names
+/// (malloc'ed arrays, names malloc'ed or null), none used after.
+pub(crate) unsafe fn forward_call(
+    inputs: &[&Tensor],
+    call: impl FnOnce(
+        *const *mut torch_sys::C_tensor,
+        c_int,
+        *mut *mut *mut torch_sys::C_tensor,
+        *mut *mut *mut c_char,
+        *mut *mut c_char,
+    ) -> c_int,
+) -> std::result::Result<Vec<RawOutput>, String> {
+    let ptrs = tensor_ptrs(inputs);
+    let (mut tensors, mut names, mut err) = (
+        std::ptr::null_mut(),
+        std::ptr::null_mut(),
+        std::ptr::null_mut(),
+    );
+    // The inputs outlive the call (the shim copies the handles).
+    let n = call(
+        ptrs.as_ptr(),
+        ptrs.len() as c_int,
+        &mut tensors,
+        &mut names,
+        &mut err,
+    );
+    let n = usize::try_from(n).map_err(|_| take_error(err))?;
+    let mut outputs = Vec::with_capacity(n);
+    for i in 0..n {
+        let (tensor, name) = (Tensor::from_ptr(*tensors.add(i)), *names.add(i));
+        outputs.push((take_string(name), tensor));
+    }
+    vmsn_rt_free_ptr_array(tensors.cast());
+    vmsn_rt_free_ptr_array(names.cast());
+    Ok(outputs)
 }

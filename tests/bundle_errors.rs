@@ -720,7 +720,7 @@ fn bench_refuses_out_of_range_sizes() {
         &["--resolutions", "32,256"],
     );
     // Out of range: a usage error (2). Too large for memory: a failure (1).
-    let cases: [(&[&str], i32, &str); 7] = [
+    let cases: [(&[&str], i32, &str); 8] = [
         (
             &["--batch", "100000000", "--iters", "1"],
             2,
@@ -746,6 +746,11 @@ fn bench_refuses_out_of_range_sizes() {
             &["--batch", "1", "--warmup", "1000000000000"],
             2,
             "input `warmup`: 1000000000000 is not in 0..=1000000",
+        ),
+        (
+            &["--batch", "1", "--cuda-graphs"],
+            2,
+            "--cuda-graphs needs --device cuda",
         ),
         // In range, but about a TiB by the runtime's estimate: refused
         // before the input is allocated.

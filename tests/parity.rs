@@ -88,3 +88,33 @@ fn aten_linear() {
         common::check_case_with(case, &["--linear", "aten"]);
     }
 }
+
+/// Replayed CUDA graphs (`run --cuda-graphs`), on CUDA. On the CPU the flag is
+/// a usage error, which is checked instead.
+#[test]
+fn cuda_graphs() {
+    if common::test_device() == "cpu" {
+        let bundle = common::compile_case("base", "parity-cuda-graphs-cpu", &[]);
+        let dir = common::case_dir("base");
+        let out = common::vit_msn(&[
+            &"run",
+            &"--bundle",
+            &bundle,
+            &"--inputs",
+            &dir.join("plain_32x32.in.safetensors"),
+            &"--output",
+            &common::scratch("parity-cuda-graphs-cpu-out").join("o.safetensors"),
+            &"--cuda-graphs",
+        ]);
+        assert_eq!(out.status.code(), Some(2));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("--cuda-graphs needs --device cuda"),
+            "{stderr}"
+        );
+        return;
+    }
+    for case in ["base", "sdpa", "classifier_bin", "artifact_bf16"] {
+        common::check_case_run_with(case, &[], &["--cuda-graphs"]);
+    }
+}

@@ -418,6 +418,7 @@ fn prepacked_linears_give_the_same_results() {
         Device::Cpu,
         &LoadOptions {
             prepack_linears: false,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -461,4 +462,83 @@ fn memory_check_counts_attention_scores_only_where_held() {
     let eager = Bundle::load(&eager, Device::Cpu).unwrap();
     let err = eager.check_batch(150, 512, 512).unwrap_err().to_string();
     assert!(err.contains("needs about"), "{err}");
+}
+
+/// The CUDA-graph library is built (the Makefile installs the CUDA headers it
+/// needs) and loads, together with libtorch's CUDA support, without a GPU.
+#[test]
+fn cuda_graph_library_is_built_and_loads() {
+    let lib = vit_msn::cuda_graph::library_path()
+        .unwrap_or_else(|e| panic!("CUDA graphs unavailable: {e}"));
+    assert!(
+        lib.ends_with("libvit_msn_cuda_graphs.so"),
+        "{}",
+        lib.display()
+    );
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    assert!(maps.contains("/libvit_msn_cuda_graphs.so"));
+}
+
+/// With `cuda_graphs`, each input shape's forward is captured once and then
+/// replayed: replays with new pixels, masks and head masks, at two batch
+/// sizes and again at the first, give the eager forward's results. On the
+/// CPU the option is refused.
+#[test]
+fn cuda_graphs_replay_the_eager_forward() {
+    let graphs = LoadOptions {
+        cuda_graphs: true,
+        ..Default::default()
+    };
+    if common::test_device() == "cpu" {
+        let dir = compile("graphs-cpu", "base", &[]);
+        let err = match Bundle::load_with(&dir, Device::Cpu, &graphs) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("CUDA graphs were accepted on the CPU"),
+        };
+        assert!(err.contains("CUDA graphs need a CUDA device"), "{err}");
+        return;
+    }
+    let device = vit_msn::parse_device(&common::test_device()).unwrap();
+    for (case, extra, tol) in [
+        ("base", &["--outputs", "hidden_states,attentions"][..], 1e-4),
+        ("base", &[][..], 1e-4),
+        ("classifier_bin", &[][..], 1e-4),
+        // Another cuBLAS algorithm may round a bf16 result differently.
+        ("artifact_bf16", &["--dtype", "bf16"][..], 3e-2),
+    ] {
+        let mut args = vec!["--device", "cuda"];
+        args.extend_from_slice(extra);
+        let dir = compile(&format!("graphs-{case}-{}", extra.len()), case, &args);
+        let eager = Bundle::load(&dir, device).unwrap();
+        let replayed = Bundle::load_with(&dir, device, &graphs).unwrap();
+        let m = eager.manifest();
+        let (h, w) = (m.artifacts[0].height, m.artifacts[0].width);
+        let (layers, heads) = (m.model.num_hidden_layers, m.model.num_attention_heads);
+        let patches = (h / m.model.patch_size) * (w / m.model.patch_size);
+        tch::manual_seed(11);
+        for batch in [2, 3, 2, 1] {
+            for masked in [false, true] {
+                let px = Tensor::randn([batch, 3, h, w], (Kind::Float, Device::Cpu));
+                let mask = Tensor::rand([batch, patches], (Kind::Float, Device::Cpu)).lt(0.3);
+                let hm = Tensor::rand([layers, heads], (Kind::Float, Device::Cpu));
+                let (mask, hm) = if masked {
+                    (Some(&mask), Some(&hm))
+                } else {
+                    (None, None)
+                };
+                let want = eager.forward(&px, mask, hm).unwrap();
+                let got = replayed.forward(&px, mask, hm).unwrap();
+                let (want, got) = (want.named(), got.named());
+                assert_eq!(want.len(), got.len());
+                for ((name, a), (_, b)) in want.iter().zip(&got) {
+                    let scale = a.abs().max().double_value(&[]).max(1.0);
+                    let diff = max_diff(a, b);
+                    assert!(
+                        diff <= tol * scale,
+                        "{case} batch {batch} masked {masked}: `{name}` differs by {diff}"
+                    );
+                }
+            }
+        }
+    }
 }

@@ -9,7 +9,7 @@ use vit_msn::bundle::LoadOptions;
 use vit_msn::fsutil::write_atomic;
 use vit_msn::Bundle;
 
-use super::{device_arg, resolution_arg, usage, CliResult};
+use super::{device_arg, load_options, resolution_arg, usage, CliResult};
 
 /// Time a bundle's forward pass: median and p90 latency, images/s and peak
 /// RSS per batch size; compare with a saved baseline to catch slowdowns.
@@ -59,6 +59,9 @@ pub struct BenchArgs {
     /// Leave the oneDNN linear weights unpacked (to measure what prepacking gives).
     #[arg(long)]
     no_prepack: bool,
+    /// Replay each batch size's forward as a CUDA graph (CUDA bundles).
+    #[arg(long)]
+    cuda_graphs: bool,
 }
 
 pub fn bench(a: BenchArgs) -> CliResult {
@@ -81,10 +84,12 @@ pub fn bench(a: BenchArgs) -> CliResult {
         Some(path) => Some((path, read_report(path)?)),
         None => None,
     };
+    let device = device_arg(&a.device)?;
     let options = LoadOptions {
         prepack_linears: !a.no_prepack,
+        ..load_options(a.cuda_graphs, device)?
     };
-    let bundle = Bundle::load_with(&a.bundle, device_arg(&a.device)?, &options)?;
+    let bundle = Bundle::load_with(&a.bundle, device, &options)?;
     let m = bundle.manifest();
     let (height, width) = match &a.resolution {
         Some(r) => resolution_arg(r)?,

@@ -41,6 +41,20 @@ pub fn device_arg(name: &str) -> Result<tch::Device, Box<dyn std::error::Error>>
     Ok(device)
 }
 
+/// Load options for `--cuda-graphs`, which only a CUDA device can take.
+pub fn load_options(
+    cuda_graphs: bool,
+    device: tch::Device,
+) -> Result<vit_msn::bundle::LoadOptions, Box<dyn std::error::Error>> {
+    if cuda_graphs && !matches!(device, tch::Device::Cuda(_)) {
+        return Err(usage("--cuda-graphs needs --device cuda (or cuda:N)"));
+    }
+    Ok(vit_msn::bundle::LoadOptions {
+        cuda_graphs,
+        ..Default::default()
+    })
+}
+
 /// `--resolution(s)`: `N` or `HxW`.
 pub fn resolution_arg(text: &str) -> Result<(i64, i64), Box<dyn std::error::Error>> {
     vit_msn::manifest::parse_resolution(text).map_err(usage)

@@ -11,7 +11,7 @@ use vit_msn::manifest::{MAX_CHANNELS, MAX_HEADS, MAX_LAYERS};
 use vit_msn::tensors::{read_safetensors, write_safetensors};
 use vit_msn::{loss::loss, Bundle, Error};
 
-use super::{device_arg, resolution_arg, usage, CliResult};
+use super::{device_arg, load_options, resolution_arg, usage, CliResult};
 
 /// Run a bundle on images, or on tensors from a safetensors file.
 #[derive(Args)]
@@ -97,10 +97,14 @@ pub struct RunArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Replay each batch shape's forward as a CUDA graph (CUDA bundles).
+    #[arg(long, conflicts_with = "artifact")]
+    cuda_graphs: bool,
 }
 
 pub fn run(a: RunArgs) -> CliResult {
     let device = device_arg(&a.device)?;
+    let options = load_options(a.cuda_graphs, device)?;
     if let Some(inputs) = &a.inputs {
         let output = a
             .output
@@ -111,7 +115,7 @@ pub fn run(a: RunArgs) -> CliResult {
             .as_ref()
             .ok_or_else(|| usage("--inputs needs --bundle"))?;
         vit_msn::fsutil::check_output_file(output, &[inputs])?;
-        let bundle = Bundle::load(dir, device)?;
+        let bundle = Bundle::load_with(dir, device, &options)?;
         return run_tensors(&bundle, inputs, output);
     }
     if a.image.is_empty() {
@@ -148,7 +152,7 @@ pub fn run(a: RunArgs) -> CliResult {
                 Some(_) => None,
                 None => compiled_size_for_images(&vit_msn::manifest::Manifest::read(dir)?)?,
             };
-            let bundle = Bundle::load(dir, device)?;
+            let bundle = Bundle::load_with(dir, device, &options)?;
             let target = Target::bundle(&bundle)?;
             run_images(&target, &images, &a, size)
         }

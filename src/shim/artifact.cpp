@@ -12,14 +12,9 @@
 #include <string>
 #include <vector>
 
-#include "c_strings.h"
+#include "artifact.h"
 
-using vmsn::copy_string;
 using vmsn::set_error;
-
-struct VmsnArtifact {
-  torch::jit::Module module;
-};
 
 extern "C" {
 
@@ -100,36 +95,7 @@ int vmsn_rt_artifact_forward(VmsnArtifact *a, torch::Tensor **inputs, int n_inpu
     std::vector<c10::IValue> args;
     for (int i = 0; i < n_inputs; ++i) args.emplace_back(*inputs[i]);
     c10::IValue out = a->module.forward(std::move(args));
-    std::vector<std::pair<std::string, at::Tensor>> named;
-    std::vector<at::Tensor> positional;
-    if (out.isGenericDict()) {
-      for (const auto &item : out.toGenericDict()) {
-        if (!item.key().isString() || !item.value().isTensor())
-          throw std::runtime_error("forward returned a dict that is not Dict[str, Tensor]");
-        named.emplace_back(item.key().toStringRef(), item.value().toTensor());
-      }
-    } else if (out.isTuple() || out.isList()) {
-      auto elements = out.isTuple() ? out.toTupleRef().elements().vec() : out.toList().vec();
-      for (const auto &e : elements) {
-        if (!e.isTensor()) throw std::runtime_error("forward returned a non-tensor element");
-        positional.push_back(e.toTensor());
-      }
-    } else if (out.isTensor()) {
-      positional.push_back(out.toTensor());
-    } else {
-      throw std::runtime_error("forward returned " + out.tagKind() +
-                               ", not a tensor, tuple or Dict[str, Tensor]");
-    }
-    size_t n = named.size() + positional.size();
-    *tensors = static_cast<torch::Tensor **>(std::calloc(n == 0 ? 1 : n, sizeof(torch::Tensor *)));
-    *names = static_cast<char **>(std::calloc(n == 0 ? 1 : n, sizeof(char *)));
-    size_t i = 0;
-    for (auto &[name, t] : named) {
-      (*names)[i] = copy_string(name);
-      (*tensors)[i++] = new torch::Tensor(t);
-    }
-    for (auto &t : positional) (*tensors)[i++] = new torch::Tensor(t);
-    return static_cast<int>(n);
+    return vmsn::hand_over(vmsn::flatten_outputs(out), tensors, names);
   } catch (const std::exception &e) {
     set_error(err, e);
   }

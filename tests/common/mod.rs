@@ -157,12 +157,21 @@ pub fn check_case(case: &str) {
 
 /// As `check_case`, with more `compile` arguments (e.g. another GEMM backend).
 pub fn check_case_with(case: &str, extra: &[&str]) {
+    check_case_run_with(case, extra, &[]);
+}
+
+/// As `check_case_with`, with more `run` arguments too.
+pub fn check_case_run_with(case: &str, extra: &[&str], run_extra: &[&str]) {
     let dir = case_dir(case);
     let spec: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join("case.json")).expect("read case.json"),
     )
     .expect("case.json");
-    let work = scratch(&format!("parity-{case}{}", extra.join("")));
+    let work = scratch(&format!(
+        "parity-{case}{}{}",
+        extra.join(""),
+        run_extra.join("")
+    ));
     let bundle = work.join("bundle");
     let mut args: Vec<String> = vec![
         "compile".into(),
@@ -183,17 +192,21 @@ pub fn check_case_with(case: &str, extra: &[&str]) {
     for run in runs {
         let name = run["name"].as_str().expect("run name");
         let out = work.join(format!("{name}.out.safetensors"));
-        let result = vit_msn(&[
+        let inputs = dir.join(run["inputs"].as_str().expect("inputs"));
+        let device = test_device();
+        let mut run_args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
             &"run",
             &"--bundle",
             &bundle,
             &"--inputs",
-            &dir.join(run["inputs"].as_str().expect("inputs")),
+            &inputs,
             &"--output",
             &out,
             &"--device",
-            &test_device(),
-        ]);
+            &device,
+        ];
+        run_args.extend(run_extra.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
+        let result = vit_msn(&run_args);
         assert_ok(&result, &format!("{case}/{name}: run"));
         let report = check_outputs(
             &read(&out),
