@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds the GPU check against PyTorch 2.11.0 / tch 0.24 (what the GPU machines
 # carry), in a scratch copy of the working tree, and packs what the device
-# needs into .scratch/gpu-bundle (small: the binary, two test binaries, and a
-# few fixtures; libtorch is the machine's own).
+# needs into .scratch/gpu-bundle (small: the binary, the CUDA-graph library,
+# two test binaries, and a few fixtures; libtorch is the machine's own).
 #
 #   bash tests/gpu/build.sh          # here, once: about 5 GB of download and ~10 min of build
 #   then, on the GPU machine (carry .scratch/gpu-bundle):
@@ -19,6 +19,11 @@ if [ ! -f "$venv/.done" ]; then
   "$venv/bin/pip" install --progress-bar on torch==2.11.0
   touch "$venv/.done"
 fi
+# The CUDA headers' crt/ folder, for the CUDA-graph library (see the Makefile).
+if [ ! -f "$venv/.cuda-headers" ]; then
+  "$venv/bin/pip" install nvidia-cuda-crt==13.0.88
+  touch "$venv/.cuda-headers"
+fi
 torch_dir=$("$venv/bin/python" -c 'import os, torch; print(os.path.dirname(torch.__file__))')
 
 # A copy of the tracked and untracked-not-ignored files, with tch pinned to 0.24.
@@ -32,6 +37,9 @@ export LIBTORCH="$torch_dir" CARGO_TARGET_DIR="$scratch/gpu-target"
 
 rm -rf "$out" && mkdir -p "$out/fixtures"
 cp "$CARGO_TARGET_DIR/release/vit-msn" "$out/"
+# The runtime looks for the CUDA-graph library beside the running program.
+graphs_lib=$(ls -t "$CARGO_TARGET_DIR"/release/build/vit-msn-*/out/libvit_msn_cuda_graphs.so | head -n 1)
+cp "$graphs_lib" "$out/"
 for t in parity runtime; do
   exe=$(ls -t "$CARGO_TARGET_DIR"/release/deps/$t-* | grep -v '\.d$' | head -n 1)
   cp "$exe" "$out/$t"

@@ -2,15 +2,25 @@
 # Runs on the GPU machine, from the repository root, with its own libtorch:
 # the parity cases compiled for and run on CUDA, the runtime tests, and the
 # issue's GPU figures: ViT-B/16 (untrained, classifier with 1000 labels) in
-# bf16, throughput at batch 256 and latency at batch 1. Results land in $OUT.
+# bf16, throughput at batch 256 and latency at batch 1, with and without CUDA
+# graphs. Results land in $OUT.
+#
+# A dry run here, on the CPU against the torch 2.11 that build.sh installed,
+# checks the script itself before it spends device time:
+#   CHECK_DEVICE=cpu CHECK_BATCHES=1,2 CHECK_ITERS=2 \
+#   TORCH_LIB=$PWD/.scratch/venv-torch211/lib/python3.11/site-packages/torch/lib \
+#   OUT=/tmp/gpu-dry bash .scratch/gpu-bundle/check.sh
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-/tmp}
-torch_lib=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
-export LD_LIBRARY_PATH="$torch_lib" VIT_MSN_BIN="$here/vit-msn" VIT_MSN_FIXTURES="$here/fixtures" VIT_MSN_TEST_DEVICE=cuda VIT_MSN_SCRATCH=/tmp/vit-msn-scratch
+device=${CHECK_DEVICE:-cuda}
+batches=${CHECK_BATCHES:-1,256}
+iters=${CHECK_ITERS:-50}
+torch_lib=${TORCH_LIB:-$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')}
+export LD_LIBRARY_PATH="$torch_lib" VIT_MSN_BIN="$here/vit-msn" VIT_MSN_FIXTURES="$here/fixtures" VIT_MSN_TEST_DEVICE="$device" VIT_MSN_SCRATCH=/tmp/vit-msn-scratch
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 "$here/vit-msn" --version
-"$here/parity" --test-threads 1 --nocapture base sdpa classifier_bin classifier_regression artifact_f16 artifact_bf16 2>base sdpa classifier_bin artifact_f16 artifact_bf16 2>&11 | tee "$out/parity.log"
+"$here/parity" --test-threads 1 --nocapture base sdpa classifier_bin classifier_regression artifact_f16 artifact_bf16 cuda_graphs 2>&1 | tee "$out/parity.log"
 "$here/runtime" --test-threads 1 --skip runtime_does_not_depend_on_the_graph --skip binary_dynamic_section --skip cuda_support_missing_is_a_clear_error 2>&1 | tee "$out/runtime.log"
 
 vitb=/tmp/vit-msn-vitb16
@@ -24,7 +34,11 @@ cat > "$vitb/config.json" <<'JSON'
 JSON
 "$here/vit-msn" init --config "$vitb/config.json" --out "$vitb/model"
 for dtype in bf16 f32; do
-  "$here/vit-msn" compile --model "$vitb/model" --out "$vitb/bundle-$dtype" --dtype "$dtype" --device cuda
+  "$here/vit-msn" compile --model "$vitb/model" --out "$vitb/bundle-$dtype" --dtype "$dtype" --device "$device"
 done
-"$here/vit-msn" bench --bundle "$vitb/bundle-bf16" --device cuda --batch 1,256 --warmup 10 --iters 50 --json | tee "$out/vitb16-bf16.json"
-"$here/vit-msn" bench --bundle "$vitb/bundle-f32" --device cuda --batch 1,256 --warmup 10 --iters 20 --json | tee "$out/vitb16-f32.json"
+bench() { "$here/vit-msn" bench --device "$device" --batch "$batches" --warmup 10 --json "$@"; }
+bench --bundle "$vitb/bundle-bf16" --iters "$iters" | tee "$out/vitb16-bf16.json"
+if [ "$device" != cpu ]; then
+  bench --bundle "$vitb/bundle-bf16" --iters "$iters" --cuda-graphs | tee "$out/vitb16-bf16-graphs.json"
+fi
+bench --bundle "$vitb/bundle-f32" --iters 20 | tee "$out/vitb16-f32.json"
