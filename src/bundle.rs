@@ -256,7 +256,11 @@ impl Bundle {
             * (entry.width / self.manifest.model.patch_size);
         let mask = self.check_mask(bool_masked_pos, batch, patches)?;
         let head_mask = self.check_head_mask(head_mask)?;
-        let pixel_values = pixel_values.to_device(self.device).to_kind(self.kind);
+        // Fallible forms: a batch that does not fit on the GPU is an error.
+        let pixel_values = pixel_values
+            .f_to_device(self.device)
+            .and_then(|t| t.f_to_kind(self.kind))
+            .map_err(torch_error)?;
         let inputs = [&pixel_values, &mask, &head_mask];
         if let Some(graphs) = &self.graphs {
             return self.forward_graph(graphs, entry, module, &inputs, batch);
@@ -335,10 +339,10 @@ impl Bundle {
         // Before touching the values: a batch that cannot fit fails here, cleanly.
         self.check_memory(&found.0, size[0])?;
         let all_finite = pixel_values
-            .isfinite()
-            .all()
-            .f_int64_value(&[])
-            .unwrap_or(0)
+            .f_isfinite()
+            .and_then(|t| t.f_all())
+            .and_then(|t| t.f_int64_value(&[]))
+            .map_err(torch_error)?
             == 1;
         if !all_finite {
             return Err(Error::input(name, "contains NaN or infinite values"));
@@ -453,7 +457,8 @@ impl Bundle {
     fn check_mask(&self, mask: Option<&Tensor>, batch: i64, patches: i64) -> Result<Tensor> {
         let name = "bool_masked_pos";
         let Some(mask) = mask else {
-            return Ok(Tensor::zeros([batch, patches], (Kind::Bool, self.device)));
+            return Tensor::f_zeros([batch, patches], (Kind::Bool, self.device))
+                .map_err(torch_error);
         };
         if mask.size() != [batch, patches] {
             return Err(Error::input(
@@ -474,7 +479,7 @@ impl Bundle {
                 ))
             }
         };
-        Ok(mask.to_device(self.device))
+        mask.f_to_device(self.device).map_err(torch_error)
     }
 
     fn check_head_mask(&self, head_mask: Option<&Tensor>) -> Result<Tensor> {
@@ -484,7 +489,7 @@ impl Bundle {
             self.manifest.model.num_attention_heads,
         );
         let Some(hm) = head_mask else {
-            return Ok(Tensor::ones([layers, heads], (self.kind, self.device)));
+            return Tensor::f_ones([layers, heads], (self.kind, self.device)).map_err(torch_error);
         };
         if !hm.is_floating_point() {
             return Err(Error::input(
@@ -515,7 +520,10 @@ impl Bundle {
                 "entries must be finite and non-negative",
             ));
         }
-        Ok(hm.to_kind(self.kind).to_device(self.device).contiguous())
+        hm.f_to_kind(self.kind)
+            .and_then(|t| t.f_to_device(self.device))
+            .and_then(|t| t.f_contiguous())
+            .map_err(torch_error)
     }
 
     fn collect_outputs(
@@ -526,19 +534,24 @@ impl Bundle {
     ) -> Result<Output> {
         let mut named = outputs_by_name(&entry.outputs, result);
         let mut take = |name: &str| {
-            named.iter().position(|(n, _)| n == name).map(|i| {
-                named
-                    .swap_remove(i)
-                    .1
-                    .to_kind(Kind::Float)
-                    .to_device(Device::Cpu)
-            })
+            named
+                .iter()
+                .position(|(n, _)| n == name)
+                .map(|i| {
+                    named
+                        .swap_remove(i)
+                        .1
+                        .f_to_kind(Kind::Float)
+                        .and_then(|t| t.f_to_device(Device::Cpu))
+                        .map_err(torch_error)
+                })
+                .transpose()
         };
         let out = Output {
-            last_hidden_state: take("last_hidden_state"),
-            logits: take("logits"),
-            hidden_states: take("hidden_states"),
-            attentions: take("attentions"),
+            last_hidden_state: take("last_hidden_state")?,
+            logits: take("logits")?,
+            hidden_states: take("hidden_states")?,
+            attentions: take("attentions")?,
         };
         // The manifest's shapes are what callers (and `labels`) rely on; an
         // artifact that disagrees is refused, at the latest in the warm-up.
@@ -842,6 +855,12 @@ pub(crate) fn lock_bundle(dir: &Path, wait: Duration) -> Result<File> {
             return Ok(folder);
         }
     }
+}
+
+/// A libtorch error on the forward path (a batch too large for the GPU, say)
+/// as a forward failure.
+fn torch_error(e: tch::TchError) -> Error {
+    Error::Forward(first_line(&e.to_string()))
 }
 
 /// libtorch messages carry a C++ backtrace after the first line; errors
