@@ -82,7 +82,7 @@ sweep: libtorch
 # flags: RUSTC_BOOTSTRAP lets the stable toolchain take them; no sanitizer (the
 # targets are Rust over libtorch, and the point is panics and aborts).
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := manifest config safetensors masks image
+FUZZ_TARGETS := manifest config safetensors pytorch_bin masks image
 fuzz: libtorch
 	command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --version 0.13.2 --locked
 	cd tests/fuzz && for t in $(FUZZ_TARGETS); do \

@@ -1,4 +1,5 @@
-// Compiles the tracing shim (shim/trace.cpp) against the libtorch that
+// Compiles the tracing shim (shim/trace.cpp) and the state-dict reader
+// (shim/state_dict.cpp) against the libtorch that
 // torch-sys found, and gives this crate's test and example binaries a RUNPATH
 // to it.
 use std::env;
@@ -6,6 +7,7 @@ use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-changed=shim/trace.cpp");
+    println!("cargo:rerun-if-changed=shim/state_dict.cpp");
     // Set by torch-sys (`links = "tch"`): the folder holding libtorch*.so.
     let lib = PathBuf::from(
         env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys did not report DEP_TCH_LIBTORCH_LIB"),
@@ -24,6 +26,7 @@ fn main() {
         .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .file("shim/trace.cpp")
+        .file("shim/state_dict.cpp")
         .compile("vit_msn_trace");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
 }

@@ -216,6 +216,58 @@ fn weight_errors() {
         "{err}"
     );
 
+    // A zip whose central directory gives every tensor data record 0 bytes
+    // (found by the pytorch_bin fuzz target): libtorch's reader makes
+    // tensors larger than their data, which used to crash the compiler
+    // (a segfault copying the first weight).
+    let err = compile_fails("bin-empty-records", "classifier_bin", |m| {
+        let p = m.join("pytorch_model.bin");
+        let mut bytes = std::fs::read(&p).unwrap();
+        let emptied = empty_data_records(&mut bytes);
+        assert!(emptied > 0, "no data records found");
+        std::fs::write(&p, bytes).unwrap();
+    });
+    assert!(
+        err.contains("pytorch_model.bin: not a readable PyTorch state dict: tensor `")
+            && err.contains("does not fit the data the file holds for it"),
+        "{err}"
+    );
+
+    // Two more found by fuzzing, each a few bytes changed in place:
+    // - a pickle memo index of 2^31 - 1 (LONG_BINPUT where data.pkl starts
+    //   `PROTO 2, EMPTY_DICT, BINPUT 0, MARK`): libtorch's unpickler grew its
+    //   memo table to it, over 20 GB resident from a 2 KB file;
+    // - a tensor name that is not UTF-8: an abort in tch's loader callback.
+    // (scratch name, bytes to find, offset into them, replacement, error)
+    type Patch<'a> = (&'a str, &'a [u8], usize, &'a [u8], &'a str);
+    let patches: [Patch; 2] = [
+        (
+            "bin-memo-bomb",
+            b"\x80\x02}q\x00(",
+            3,
+            b"r\xff\xff\xff\x7f",
+            "data.pkl: memo index 2147483647",
+        ),
+        (
+            "bin-name-not-utf8",
+            b"layernorm.weight",
+            9,
+            b"\xff",
+            "a tensor name is not UTF-8",
+        ),
+    ];
+    for (name, needle, offset, replacement, expected) in patches {
+        let err = compile_fails(name, "classifier_bin", |m| {
+            patch_file(&m.join("pytorch_model.bin"), needle, offset, replacement);
+        });
+        assert!(
+            err.contains(&format!(
+                "pytorch_model.bin: not a readable PyTorch state dict: {expected}"
+            )),
+            "{name}: {err}"
+        );
+    }
+
     let err = compile_fails("missing-shard", "classifier_sharded", |m| {
         let shard = std::fs::read_dir(m)
             .unwrap()
@@ -696,4 +748,40 @@ fn output_folders_through_symlinks_and_dot() {
         );
     }
     assert!(release.join("manifest.json").is_file());
+}
+
+/// Sets the sizes of every `…/data/N` entry in a zip's central directory to
+/// 0; returns how many it changed.
+fn empty_data_records(zip: &mut [u8]) -> usize {
+    let mut changed = 0;
+    let mut i = 0;
+    while i + 46 <= zip.len() {
+        if zip[i..i + 4] != *b"PK\x01\x02" {
+            i += 1;
+            continue;
+        }
+        let u16_at = |z: &[u8], o: usize| u16::from_le_bytes([z[o], z[o + 1]]) as usize;
+        let name_len = u16_at(zip, i + 28);
+        let name = String::from_utf8_lossy(&zip[i + 46..i + 46 + name_len]).into_owned();
+        if name.contains("/data/") {
+            // Compressed and uncompressed sizes.
+            zip[i + 20..i + 28].fill(0);
+            changed += 1;
+        }
+        i += 46 + name_len;
+    }
+    changed
+}
+
+/// Overwrites `file` in place with `replacement`, `offset` bytes into the
+/// first occurrence of `needle`.
+fn patch_file(file: &Path, needle: &[u8], offset: usize, replacement: &[u8]) {
+    let mut bytes = std::fs::read(file).unwrap();
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .unwrap_or_else(|| panic!("{} holds no {needle:?}", file.display()))
+        + offset;
+    bytes[at..at + replacement.len()].copy_from_slice(replacement);
+    std::fs::write(file, bytes).unwrap();
 }

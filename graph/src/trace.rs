@@ -45,15 +45,20 @@ fn cstring(s: &str) -> Result<CString, Error> {
 }
 
 fn take_error(err: *mut c_char) -> Error {
+    Error::Trace(take_message(err))
+}
+
+/// Takes ownership of an error message a graph shim malloc'ed.
+pub(crate) fn take_message(err: *mut c_char) -> String {
     if err.is_null() {
-        return Error::Trace("libtorch reported an error without a message".into());
+        return "libtorch reported an error without a message".into();
     }
-    // SAFETY: the shim returns a NUL-terminated malloc'ed string, freed here once.
+    // SAFETY: the shims return NUL-terminated malloc'ed strings, freed here once.
     let message = unsafe { CStr::from_ptr(err) }
         .to_string_lossy()
         .into_owned();
     unsafe { vmsn_free_str(err) };
-    Error::Trace(message)
+    message
 }
 
 /// Records `body` run on `inputs` and saves it to `path` with an extra file

@@ -96,7 +96,12 @@ impl Checkpoint {
                     found: src.size(),
                 });
             }
-            tch::no_grad(|| var.shallow_clone().copy_(src));
+            tch::no_grad(|| var.shallow_clone().f_copy_(src)).map_err(|e| {
+                Error::Weights(format!(
+                    "tensor `{name}`: {}",
+                    e.to_string().lines().next().unwrap_or_default()
+                ))
+            })?;
         }
         Ok(self
             .tensors
@@ -175,24 +180,85 @@ pub fn read_safetensors(path: &Path, bytes: &[u8]) -> Result<Vec<(String, Tensor
     Ok(out)
 }
 
-fn read_pytorch_bin(path: &Path) -> Result<Vec<(String, Tensor)>, Error> {
-    let tensors = Tensor::loadz_multi(path).map_err(|e| {
+/// A `torch.save` zip file holding a state dict (`pytorch_model.bin`), read by
+/// libtorch's unpickler (which runs no code) through shim/state_dict.cpp,
+/// which refuses any tensor larger than the data the file holds for it;
+/// floating-point tensors as f32.
+pub fn read_pytorch_bin(path: &Path) -> Result<Vec<(String, Tensor)>, Error> {
+    let unreadable = |what: String| {
         Error::Weights(format!(
-            "{}: not a readable PyTorch state dict: {e}",
+            "{}: not a readable PyTorch state dict: {what}",
             path.display()
         ))
-    })?;
-    Ok(tensors
+    };
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| unreadable("the path contains a NUL byte".into()))?;
+    let mut entries: Vec<(Vec<u8>, Tensor)> = Vec::new();
+    let mut err = std::ptr::null_mut();
+    // SAFETY: a NUL-terminated path, `entries` outlives the call, and
+    // `collect_entry` matches the callback type the shim calls.
+    let status = unsafe {
+        vmsn_load_state_dict(
+            c_path.as_ptr(),
+            (&mut entries as *mut Vec<(Vec<u8>, Tensor)>).cast(),
+            collect_entry,
+            &mut err,
+        )
+    };
+    if status != 0 {
+        return Err(unreadable(crate::trace::take_message(err)));
+    }
+    entries
         .into_iter()
         .map(|(name, t)| {
-            let t = if t.is_floating_point() {
-                t.to_kind(Kind::Float)
-            } else {
-                t
-            };
-            (name, t)
+            let name = String::from_utf8(name).map_err(|e| {
+                unreadable(format!(
+                    "a tensor name is not UTF-8: {:?}",
+                    String::from_utf8_lossy(e.as_bytes())
+                ))
+            })?;
+            if !t.is_floating_point() {
+                return Ok((name, t));
+            }
+            let t = t
+                .f_to_kind(Kind::Float)
+                .map_err(|e| Error::Weights(format!("{}: tensor `{name}`: {e}", path.display())))?;
+            Ok((name, t))
         })
-        .collect())
+        .collect()
+}
+
+/// The state-dict reader's callback: one entry, its name as bytes (never
+/// decoded here: a panic must not cross the C boundary).
+extern "C" fn collect_entry(
+    data: *mut std::ffi::c_void,
+    name: *const std::ffi::c_char,
+    len: usize,
+    tensor: *mut torch_sys::C_tensor,
+) {
+    // SAFETY: `data` is the Vec that read_pytorch_bin passed, `name` points
+    // at `len` bytes for the duration of the call, and `tensor` is a new
+    // handle handed over to us.
+    unsafe {
+        let entries = &mut *(data as *mut Vec<(Vec<u8>, Tensor)>);
+        let name = std::slice::from_raw_parts(name.cast::<u8>(), len).to_vec();
+        entries.push((name, Tensor::from_ptr(tensor)));
+    }
+}
+
+extern "C" {
+    /// shim/state_dict.cpp.
+    fn vmsn_load_state_dict(
+        path: *const std::ffi::c_char,
+        data: *mut std::ffi::c_void,
+        f: extern "C" fn(
+            *mut std::ffi::c_void,
+            *const std::ffi::c_char,
+            usize,
+            *mut torch_sys::C_tensor,
+        ),
+        err: *mut *mut std::ffi::c_char,
+    ) -> std::ffi::c_int;
 }
 
 pub fn hex_sha256(bytes: &[u8]) -> String {
