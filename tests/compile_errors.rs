@@ -217,21 +217,29 @@ fn weight_errors() {
     );
 
     // A zip whose central directory gives every tensor data record 0 bytes
-    // (found by the pytorch_bin fuzz target): libtorch's reader makes
-    // tensors larger than their data, which used to crash the compiler
-    // (a segfault copying the first weight).
-    let err = compile_fails("bin-empty-records", "classifier_bin", |m| {
-        let p = m.join("pytorch_model.bin");
-        let mut bytes = std::fs::read(&p).unwrap();
-        let emptied = empty_data_records(&mut bytes);
-        assert!(emptied > 0, "no data records found");
-        std::fs::write(&p, bytes).unwrap();
-    });
-    assert!(
-        err.contains("pytorch_model.bin: not a readable PyTorch state dict: tensor `")
-            && err.contains("does not fit the data the file holds for it"),
-        "{err}"
-    );
+    // (found by the pytorch_bin fuzz target), or 4: libtorch sizes each
+    // storage by the pickle's claim, not by its record, and the compiler
+    // used to read past the data (a segfault copying the first weight).
+    for record_size in [0u32, 4] {
+        let err = compile_fails(
+            &format!("bin-records-{record_size}"),
+            "classifier_bin",
+            |m| {
+                let p = m.join("pytorch_model.bin");
+                let mut bytes = std::fs::read(&p).unwrap();
+                let changed = resize_data_records(&mut bytes, record_size);
+                assert!(changed > 0, "no data records found");
+                std::fs::write(&p, bytes).unwrap();
+            },
+        );
+        assert!(
+            err.contains("pytorch_model.bin: not a readable PyTorch state dict: tensor `")
+                && err.contains(&format!(
+                    "does not fit the {record_size} bytes the file holds for it"
+                )),
+            "{err}"
+        );
+    }
 
     // Two more found by fuzzing, each a few bytes changed in place:
     // - a pickle memo index of 2^31 - 1 (LONG_BINPUT where data.pkl starts
@@ -751,8 +759,8 @@ fn output_folders_through_symlinks_and_dot() {
 }
 
 /// Sets the sizes of every `…/data/N` entry in a zip's central directory to
-/// 0; returns how many it changed.
-fn empty_data_records(zip: &mut [u8]) -> usize {
+/// `size`; returns how many it changed.
+fn resize_data_records(zip: &mut [u8], size: u32) -> usize {
     let mut changed = 0;
     let mut i = 0;
     while i + 46 <= zip.len() {
@@ -765,7 +773,8 @@ fn empty_data_records(zip: &mut [u8]) -> usize {
         let name = String::from_utf8_lossy(&zip[i + 46..i + 46 + name_len]).into_owned();
         if name.contains("/data/") {
             // Compressed and uncompressed sizes.
-            zip[i + 20..i + 28].fill(0);
+            zip[i + 20..i + 24].copy_from_slice(&size.to_le_bytes());
+            zip[i + 24..i + 28].copy_from_slice(&size.to_le_bytes());
             changed += 1;
         }
         i += 46 + name_len;

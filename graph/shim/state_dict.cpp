@@ -1,9 +1,11 @@
 // Reading a `torch.save` state dict (`pytorch_model.bin`) safely. libtorch's
 // reader trusts the file, and a few hostile bytes go a long way:
 // - a tensor stated larger than the record that holds its data is read past
-//   the buffer when touched (a segfault); Python's torch.load checks each
-//   record's size, and so does this reader, on every tensor before handing it
-//   over;
+//   the buffer when touched (a segfault): libtorch sizes each storage by the
+//   pickle's claim, not by its record. Python's torch.load checks each
+//   record's size; this reader unpickles with its own record reader, so it
+//   knows each record's real size, and checks every tensor against it before
+//   handing it over;
 // - a memo index in the pickle (LONG_BINPUT 4000000000) makes the unpickler
 //   grow its memo table to that size (tens of GB from a 2 KB file); the
 //   pickle is scanned first, and refused when an index exceeds its length
@@ -14,15 +16,18 @@
 // name that is not UTF-8; names are handed over as bytes. Errors come back as
 // a malloc'ed message, never as an exception across the C boundary.
 #include <caffe2/serialize/inline_container.h>
-#include <torch/csrc/jit/mobile/import_data.h>
+#include <torch/csrc/jit/serialization/unpickler.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace {
 
@@ -147,13 +152,12 @@ char *copy_message(const std::string &message) {
   return out;
 }
 
-// Whether every element `t` addresses lies within its storage.
-bool fits_storage(const at::Tensor &t) {
+// Whether every element `t` addresses lies within the `record_bytes` bytes
+// of data at its storage's start.
+bool fits_record(const at::Tensor &t, uint64_t record_bytes) {
   if (!t.defined() || t.layout() != c10::kStrided) return false;
   if (t.numel() == 0) return true;
-  if (!t.has_storage()) return false;
-  const c10::Storage &storage = t.storage();
-  if (storage.data() == nullptr || t.storage_offset() < 0) return false;
+  if (t.storage_offset() < 0) return false;
   // The last element's index, with overflow checks: sizes, strides and the
   // offset all come from the file.
   unsigned __int128 last = static_cast<unsigned __int128>(t.storage_offset());
@@ -164,7 +168,50 @@ bool fits_storage(const at::Tensor &t) {
     if (last >> 64) return false;
   }
   unsigned __int128 bytes = (last + 1) * static_cast<unsigned __int128>(t.element_size());
-  return bytes <= static_cast<unsigned __int128>(storage.nbytes());
+  return bytes <= static_cast<unsigned __int128>(record_bytes);
+}
+
+// Unpickles data.pkl into (name, tensor) pairs, checking each tensor against
+// the size of the record its data came from.
+std::vector<std::pair<std::string, at::Tensor>> load_checked(const char *path) {
+  check_archive(path);
+  caffe2::serialize::PyTorchStreamReader reader{std::string(path)};
+  auto [pickle, pickle_size] = reader.getRecord("data.pkl");
+  size_t position = 0;
+  auto read_pickle = [&, pickle_size = pickle_size](char *buffer, size_t n) {
+    size_t k = std::min(n, pickle_size - position);
+    std::memcpy(buffer, static_cast<const char *>(pickle.get()) + position, k);
+    position += k;
+    return k;
+  };
+  // Each record's real size, by the address its data was loaded at.
+  std::map<const void *, uint64_t> record_sizes;
+  auto read_record = [&](const std::string &key) {
+    auto [data, size] = reader.getRecord("data/" + key);
+    record_sizes[data.get()] = size;
+    return std::move(data);
+  };
+  torch::jit::Unpickler unpickler(read_pickle, nullptr, nullptr, read_record, c10::Device(c10::kCPU));
+  c10::IValue value = unpickler.parse_ivalue();
+  if (!value.isGenericDict()) throw std::runtime_error("data.pkl holds " + value.tagKind() + ", not a state dict");
+  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  for (const auto &item : value.toGenericDict()) {
+    if (!item.key().isString() || !item.value().isTensor())
+      throw std::runtime_error("data.pkl is not a state dict (names to tensors)");
+    const std::string &name = item.key().toStringRef();
+    const at::Tensor &tensor = item.value().toTensor();
+    auto record = tensor.has_storage() ? record_sizes.find(tensor.storage().data())
+                                       : record_sizes.end();
+    uint64_t bytes = record == record_sizes.end() ? 0 : record->second;
+    if (tensor.numel() > 0 && (record == record_sizes.end() || !fits_record(tensor, bytes)))
+      throw std::runtime_error("tensor `" + name + "`: its shape " + c10::str(tensor.sizes()) +
+                               " (strides " + c10::str(tensor.strides()) + ", offset " +
+                               std::to_string(tensor.storage_offset()) +
+                               ") does not fit the " + std::to_string(bytes) +
+                               " bytes the file holds for it");
+    tensors.emplace_back(name, tensor);
+  }
+  return tensors;
 }
 
 }  // namespace
@@ -177,18 +224,9 @@ extern "C" {
 int vmsn_load_state_dict(const char *path, void *data,
                          void (*f)(void *, const char *, size_t, torch::Tensor *), char **err) {
   try {
-    check_archive(path);
-    auto params = torch::jit::_load_parameters(path);
-    for (const auto &[name, tensor] : params) {
-      if (!fits_storage(tensor)) {
-        *err = copy_message("tensor `" + name + "`: its shape " + c10::str(tensor.sizes()) +
-                            " (strides " + c10::str(tensor.strides()) + ", offset " +
-                            std::to_string(tensor.storage_offset()) +
-                            ") does not fit the data the file holds for it");
-        return -1;
-      }
-    }
-    for (const auto &[name, tensor] : params) f(data, name.data(), name.size(), new torch::Tensor(tensor));
+    auto tensors = load_checked(path);
+    for (const auto &[name, tensor] : tensors)
+      f(data, name.data(), name.size(), new torch::Tensor(tensor));
     return 0;
   } catch (const std::exception &e) {
     *err = copy_message(e.what());
