@@ -14,6 +14,7 @@ fn main() {
     println!("cargo:rerun-if-changed=src/shim/artifact.cpp");
     println!("cargo:rerun-if-changed=src/shim/c_strings.h");
     println!("cargo:rerun-if-changed=src/shim/artifact.h");
+    println!("cargo:rerun-if-changed=src/shim/archive_check.h");
     println!("cargo:rerun-if-changed=src/shim/cuda_graph.cpp");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     let lib = PathBuf::from(

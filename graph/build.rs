@@ -8,6 +8,7 @@ use std::path::PathBuf;
 fn main() {
     println!("cargo:rerun-if-changed=shim/trace.cpp");
     println!("cargo:rerun-if-changed=shim/state_dict.cpp");
+    println!("cargo:rerun-if-changed=../src/shim/archive_check.h");
     // Set by torch-sys (`links = "tch"`): the folder holding libtorch*.so.
     let lib = PathBuf::from(
         env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys did not report DEP_TCH_LIBTORCH_LIB"),
@@ -25,6 +26,8 @@ fn main() {
         .flag("-std=c++17")
         .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
         .flag("-DGLOG_USE_GLOG_EXPORT")
+        // The archive checks shared with the runtime.
+        .include("../src/shim")
         .file("shim/trace.cpp")
         .file("shim/state_dict.cpp")
         .compile("vit_msn_trace");

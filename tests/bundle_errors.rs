@@ -771,6 +771,50 @@ fn bench_refuses_out_of_range_sizes() {
     }
 }
 
+/// Hostile TorchScript archives are refused before libtorch reads them, in a
+/// bundle (digest updated) and as a bare file (`inspect`): tensor constants
+/// whose records the zip directory gives 0 bytes (libtorch read past them: a
+/// segfault while loading), and a pickle memo index of 2^31 - 1 (libtorch
+/// grew its memo table to it).
+#[test]
+fn hostile_torchscript_archives_are_refused() {
+    let original = std::fs::read(bundle_copy("ts-original").join("model_32x32.pt")).unwrap();
+    let mut emptied = original.clone();
+    assert!(common::resize_zip_records(&mut emptied, "/constants/", 0) > 0);
+    let d = bundle_copy("ts-emptied");
+    let bomb_file = d.join("bomb.pt");
+    std::fs::write(&bomb_file, &original).unwrap();
+    // constants.pkl starts `PROTO 2, MARK, GLOBAL torch._utils _rebuild_tensor_v2, BINPUT 0`.
+    common::patch_file(
+        &bomb_file,
+        b"_rebuild_tensor_v2\nq\x00",
+        19,
+        b"r\xff\xff\xff\x7f",
+    );
+    let bomb = std::fs::read(&bomb_file).unwrap();
+    for (name, bytes, expected) in [
+        (
+            "ts-emptied",
+            &emptied,
+            "constants.pkl: a tensor of shape [32, 3, 8, 8] (strides [192, 64, 8, 1], offset 0) does not fit the 0 bytes the file holds for it",
+        ),
+        (
+            "ts-bomb",
+            &bomb,
+            "constants.pkl: memo index 2147483647 is beyond anything a pickle of",
+        ),
+    ] {
+        let d = bundle_copy(name);
+        swap_artifact(&d, bytes);
+        let e = load_err(&d);
+        assert!(e.contains("model_32x32.pt: cannot load TorchScript") && e.contains(expected), "{name}: {e}");
+        let out = vit_msn(&[&"inspect", &d.join("model_32x32.pt")]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {stderr}");
+        assert!(stderr.contains(expected), "{name}: {stderr}");
+    }
+}
+
 /// A baseline is compared only with a run of the same thing: one that holds
 /// none of the batch sizes run, measured at another dtype, resolution,
 /// device or model shape, or with medians that are not positive times, is

@@ -227,7 +227,7 @@ fn weight_errors() {
             |m| {
                 let p = m.join("pytorch_model.bin");
                 let mut bytes = std::fs::read(&p).unwrap();
-                let changed = resize_data_records(&mut bytes, record_size);
+                let changed = common::resize_zip_records(&mut bytes, "/data/", record_size);
                 assert!(changed > 0, "no data records found");
                 std::fs::write(&p, bytes).unwrap();
             },
@@ -266,7 +266,7 @@ fn weight_errors() {
     ];
     for (name, needle, offset, replacement, expected) in patches {
         let err = compile_fails(name, "classifier_bin", |m| {
-            patch_file(&m.join("pytorch_model.bin"), needle, offset, replacement);
+            common::patch_file(&m.join("pytorch_model.bin"), needle, offset, replacement);
         });
         assert!(
             err.contains(&format!(
@@ -756,41 +756,4 @@ fn output_folders_through_symlinks_and_dot() {
         );
     }
     assert!(release.join("manifest.json").is_file());
-}
-
-/// Sets the sizes of every `…/data/N` entry in a zip's central directory to
-/// `size`; returns how many it changed.
-fn resize_data_records(zip: &mut [u8], size: u32) -> usize {
-    let mut changed = 0;
-    let mut i = 0;
-    while i + 46 <= zip.len() {
-        if zip[i..i + 4] != *b"PK\x01\x02" {
-            i += 1;
-            continue;
-        }
-        let u16_at = |z: &[u8], o: usize| u16::from_le_bytes([z[o], z[o + 1]]) as usize;
-        let name_len = u16_at(zip, i + 28);
-        let name = String::from_utf8_lossy(&zip[i + 46..i + 46 + name_len]).into_owned();
-        if name.contains("/data/") {
-            // Compressed and uncompressed sizes.
-            zip[i + 20..i + 24].copy_from_slice(&size.to_le_bytes());
-            zip[i + 24..i + 28].copy_from_slice(&size.to_le_bytes());
-            changed += 1;
-        }
-        i += 46 + name_len;
-    }
-    changed
-}
-
-/// Overwrites `file` in place with `replacement`, `offset` bytes into the
-/// first occurrence of `needle`.
-fn patch_file(file: &Path, needle: &[u8], offset: usize, replacement: &[u8]) {
-    let mut bytes = std::fs::read(file).unwrap();
-    let at = bytes
-        .windows(needle.len())
-        .position(|w| w == needle)
-        .unwrap_or_else(|| panic!("{} holds no {needle:?}", file.display()))
-        + offset;
-    bytes[at..at + replacement.len()].copy_from_slice(replacement);
-    std::fs::write(file, bytes).unwrap();
 }

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "archive_check.h"
 #include "artifact.h"
 
 using vmsn::set_error;
@@ -29,6 +30,7 @@ VmsnArtifact *vmsn_rt_artifact_load(const char *path, int device, char **err) {
       at::globalContext().setAllowTF32CuDNN(false);
       at::globalContext().setFloat32MatmulPrecision("highest");
     }
+    vmsn::check_torchscript(path);
     auto artifact = new VmsnArtifact{torch::jit::load(path, d)};
     artifact->module.eval();
     return artifact;

@@ -6,6 +6,7 @@
 
 #include <string>
 
+#include "archive_check.h"
 #include "c_strings.h"
 
 using vmsn::copy_string;
@@ -22,6 +23,7 @@ int vmsn_rt_describe(const char *path, const char *extra_name, char **schema,
                      char **extra, char **err) {
   try {
     torch::jit::ExtraFilesMap files{{extra_name, ""}};
+    vmsn::check_torchscript(path);
     auto module = torch::jit::load(path, c10::Device(c10::kCPU), files);
     auto method = module.find_method("forward");
     if (!method) throw std::runtime_error("the module has no forward method");
@@ -46,6 +48,7 @@ int vmsn_rt_compose_classifier(const char *backbone_path, torch::Tensor *weight,
                                const char *out_path, const char *extra_name,
                                const char *extra_contents, char **err) {
   try {
+    vmsn::check_torchscript(backbone_path);
     auto backbone = torch::jit::load(backbone_path, c10::Device(c10::kCPU));
     torch::jit::Module m("VitMsnFewShot");
     m.register_module("backbone", backbone);

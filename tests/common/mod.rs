@@ -217,3 +217,40 @@ pub fn check_case_run_with(case: &str, extra: &[&str], run_extra: &[&str]) {
         eprintln!("{case}/{name}: {report:?}");
     }
 }
+
+/// Sets the sizes of every entry whose name contains `part` in a zip's
+/// central directory to `size` (the data stays); returns how many it changed.
+pub fn resize_zip_records(zip: &mut [u8], part: &str, size: u32) -> usize {
+    let mut changed = 0;
+    let mut i = 0;
+    while i + 46 <= zip.len() {
+        if zip[i..i + 4] != *b"PK\x01\x02" {
+            i += 1;
+            continue;
+        }
+        let u16_at = |z: &[u8], o: usize| u16::from_le_bytes([z[o], z[o + 1]]) as usize;
+        let name_len = u16_at(zip, i + 28);
+        let name = String::from_utf8_lossy(&zip[i + 46..i + 46 + name_len]).into_owned();
+        if name.contains(part) {
+            // Compressed and uncompressed sizes.
+            zip[i + 20..i + 24].copy_from_slice(&size.to_le_bytes());
+            zip[i + 24..i + 28].copy_from_slice(&size.to_le_bytes());
+            changed += 1;
+        }
+        i += 46 + name_len;
+    }
+    changed
+}
+
+/// Overwrites `file` in place with `replacement`, `offset` bytes into the
+/// first occurrence of `needle`.
+pub fn patch_file(file: &Path, needle: &[u8], offset: usize, replacement: &[u8]) {
+    let mut bytes = std::fs::read(file).unwrap();
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .unwrap_or_else(|| panic!("{} holds no {needle:?}", file.display()))
+        + offset;
+    bytes[at..at + replacement.len()].copy_from_slice(replacement);
+    std::fs::write(file, bytes).unwrap();
+}
