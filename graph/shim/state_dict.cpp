@@ -32,8 +32,7 @@ std::vector<std::pair<std::string, at::Tensor>> load_checked(const char *path) {
   vmsn::check_archive(path, reader);
   if (!reader.hasRecord("data.pkl")) throw std::runtime_error("the archive holds no data.pkl");
   auto [pickle, pickle_size] = reader.getRecord("data.pkl");
-  // Each record's real size, by the address its data was loaded at.
-  std::map<const void *, uint64_t> record_sizes;
+  vmsn::RecordSizes record_sizes;
   auto read_record = [&](const std::string &key) {
     auto [data, size] = reader.getRecord("data/" + key);
     record_sizes[data.get()] = size;
@@ -49,15 +48,8 @@ std::vector<std::pair<std::string, at::Tensor>> load_checked(const char *path) {
       throw std::runtime_error("data.pkl is not a state dict (names to tensors)");
     const std::string &name = item.key().toStringRef();
     const at::Tensor &tensor = item.value().toTensor();
-    auto record = tensor.has_storage() ? record_sizes.find(tensor.storage().data())
-                                       : record_sizes.end();
-    uint64_t bytes = record == record_sizes.end() ? 0 : record->second;
-    if (tensor.numel() > 0 && (record == record_sizes.end() || !vmsn::fits_record(tensor, bytes)))
-      throw std::runtime_error("tensor `" + name + "`: its shape " + c10::str(tensor.sizes()) +
-                               " (strides " + c10::str(tensor.strides()) + ", offset " +
-                               std::to_string(tensor.storage_offset()) +
-                               ") does not fit the " + std::to_string(bytes) +
-                               " bytes the file holds for it");
+    std::string reason = vmsn::misfit(tensor, record_sizes);
+    if (!reason.empty()) throw std::runtime_error("tensor `" + name + "`: its " + reason);
     tensors.emplace_back(name, tensor);
   }
   return tensors;

@@ -183,19 +183,28 @@ struct Refused : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// Every tensor in `value` (recursively) fits the record its storage stands
-// for; `record_sizes` maps a storage's data address to that record's size.
-inline void check_tensors(const c10::IValue &value, const std::map<const void *, uint64_t> &record_sizes,
+// Each record's real size, by the address its data (or stand-in) was loaded at.
+using RecordSizes = std::map<const void *, uint64_t>;
+
+// Empty when `t` fits the record its storage stands for; else the reason,
+// "shape [..] (strides [..], offset N) does not fit the M bytes the file
+// holds for it".
+inline std::string misfit(const at::Tensor &t, const RecordSizes &record_sizes) {
+  if (t.numel() == 0) return "";
+  auto record = t.has_storage() ? record_sizes.find(t.storage().data()) : record_sizes.end();
+  uint64_t bytes = record == record_sizes.end() ? 0 : record->second;
+  if (record != record_sizes.end() && fits_record(t, bytes)) return "";
+  return "shape " + c10::str(t.sizes()) + " (strides " + c10::str(t.strides()) + ", offset " +
+         std::to_string(t.storage_offset()) + ") does not fit the " + std::to_string(bytes) +
+         " bytes the file holds for it";
+}
+
+// Every tensor in `value` (recursively) fits the record its storage stands for.
+inline void check_tensors(const c10::IValue &value, const RecordSizes &record_sizes,
                           const std::string &pickle) {
   if (value.isTensor()) {
-    const at::Tensor &t = value.toTensor();
-    if (t.numel() == 0) return;
-    auto record = t.has_storage() ? record_sizes.find(t.storage().data()) : record_sizes.end();
-    uint64_t bytes = record == record_sizes.end() ? 0 : record->second;
-    if (record == record_sizes.end() || !fits_record(t, bytes))
-      throw Refused(pickle + ": a tensor of shape " + c10::str(t.sizes()) + " (strides " +
-                    c10::str(t.strides()) + ", offset " + std::to_string(t.storage_offset()) +
-                    ") does not fit the " + std::to_string(bytes) + " bytes the file holds for it");
+    std::string reason = misfit(value.toTensor(), record_sizes);
+    if (!reason.empty()) throw Refused(pickle + ": a tensor of " + reason);
   } else if (value.isTuple()) {
     for (const auto &e : value.toTupleRef().elements()) check_tensors(e, record_sizes, pickle);
   } else if (value.isList()) {
@@ -217,7 +226,7 @@ inline void check_tensors(const c10::IValue &value, const std::map<const void *,
 inline void check_pickled_tensors(caffe2::serialize::PyTorchStreamReader &reader,
                                   const std::string &pickle, const std::string &records) {
   auto [data, size] = reader.getRecord(pickle);
-  std::map<const void *, uint64_t> record_sizes;
+  RecordSizes record_sizes;
   auto read_record = [&](const std::string &key) {
     at::DataPtr stand_in = c10::GetCPUAllocator()->allocate(1);
     record_sizes[stand_in.get()] = reader.getRecordSize(records + key);
