@@ -54,6 +54,17 @@ pub struct LoadOptions {
     /// are kept; concurrent forward calls take turns. Default off; an error
     /// on the CPU.
     pub cuda_graphs: bool,
+    /// Load only the artifacts compiled at these (height, width); `None`, the
+    /// default, loads them all. Every artifact's file is still verified
+    /// against the manifest; those left out are not loaded, and a forward
+    /// at their resolution is an error. A resolution the bundle was not
+    /// compiled for is an error.
+    pub resolutions: Option<Vec<(i64, i64)>>,
+    /// Run each loaded artifact twice at load, so that the first real request
+    /// is not TorchScript's profiling call (about twice as slow as a normal
+    /// pass, and the second call still pays for optimising the graph).
+    /// Default on; a process that makes a single request is faster without.
+    pub warm_up: bool,
 }
 
 impl Default for LoadOptions {
@@ -61,6 +72,8 @@ impl Default for LoadOptions {
         Self {
             prepack_linears: true,
             cuda_graphs: false,
+            resolutions: None,
+            warm_up: true,
         }
     }
 }
@@ -130,7 +143,8 @@ fn load_open_file(
 
 impl Bundle {
     /// Reads and checks the manifest, verifies every artifact's sha256, loads
-    /// each on `device` and warms it up.
+    /// each on `device` and warms it up (see [`LoadOptions`] for loading
+    /// fewer, or skipping the warm-up).
     pub fn load(dir: impl AsRef<Path>, device: Device) -> Result<Self> {
         Self::load_with(dir, device, &LoadOptions::default())
     }
@@ -161,6 +175,23 @@ impl Bundle {
         } else {
             None
         };
+        if let Some(wanted) = &options.resolutions {
+            for &(height, width) in wanted {
+                if !manifest
+                    .artifacts
+                    .iter()
+                    .any(|e| (e.height, e.width) == (height, width))
+                {
+                    return Err(Error::input(
+                        "resolution",
+                        format!(
+                            "{height}x{width} was not compiled; this bundle has {}",
+                            manifest.resolutions().join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
         let mut artifacts = Vec::new();
         for entry in &manifest.artifacts {
             let path = dir.join(&entry.file);
@@ -181,6 +212,13 @@ impl Bundle {
             if let Some(own) = embedded_description(&file) {
                 check_against_description(entry, &own).map_err(bad)?;
             }
+            let wanted = options
+                .resolutions
+                .as_ref()
+                .is_none_or(|r| r.contains(&(entry.height, entry.width)));
+            if !wanted {
+                continue;
+            }
             let mut module = load_open_file(&file, &path, device).map_err(bad)?;
             if device == Device::Cpu && options.prepack_linears {
                 let patch = manifest.model.patch_size.max(1);
@@ -199,7 +237,9 @@ impl Bundle {
             artifacts,
             graphs,
         };
-        bundle.warm_up()?;
+        if options.warm_up {
+            bundle.warm_up()?;
+        }
         Ok(bundle)
     }
 
@@ -352,18 +392,35 @@ impl Bundle {
 
     /// The artifact compiled for `height`×`width`.
     fn compiled(&self, height: i64, width: i64) -> Result<&(ArtifactEntry, Artifact)> {
-        self.artifacts
+        if let Some(found) = self
+            .artifacts
             .iter()
-            .find(|(e, _)| e.height == height && e.width == width)
-            .ok_or_else(|| {
-                Error::input(
-                    "pixel_values",
-                    format!(
-                        "resolution {height}x{width} was not compiled; this bundle has {}",
-                        self.manifest.resolutions().join(", ")
-                    ),
-                )
-            })
+            .find(|(e, _)| (e.height, e.width) == (height, width))
+        {
+            return Ok(found);
+        }
+        let compiled = self
+            .manifest
+            .artifacts
+            .iter()
+            .any(|e| (e.height, e.width) == (height, width));
+        let message = if compiled {
+            let loaded: Vec<String> = self
+                .artifacts
+                .iter()
+                .map(|(e, _)| format!("{}x{}", e.height, e.width))
+                .collect();
+            format!(
+                "resolution {height}x{width} was compiled but not loaded (loaded: {})",
+                loaded.join(", ")
+            )
+        } else {
+            format!(
+                "resolution {height}x{width} was not compiled; this bundle has {}",
+                self.manifest.resolutions().join(", ")
+            )
+        };
+        Err(Error::input("pixel_values", message))
     }
 
     /// Errors as [`Bundle::forward`] would for a batch of `batch` at

@@ -406,6 +406,64 @@ fn runtime_does_not_depend_on_the_graph() {
     assert!(!tree.contains("vit-msn-graph"), "{tree}");
 }
 
+/// `LoadOptions::resolutions` loads only the artifacts asked for (with the
+/// same results, warmed up or not), yet still verifies every file.
+#[test]
+fn loading_some_resolutions_only() {
+    let dir = compile("some-resolutions", "sdpa", &["--resolutions", "32,40x48"]);
+    let only = |resolutions: Vec<(i64, i64)>, warm_up: bool| {
+        Bundle::load_with(
+            &dir,
+            Device::Cpu,
+            &LoadOptions {
+                resolutions: Some(resolutions),
+                warm_up,
+                ..Default::default()
+            },
+        )
+    };
+    let all = Bundle::load(&dir, Device::Cpu).unwrap();
+    let part = only(vec![(40, 48)], false).unwrap();
+    tch::manual_seed(9);
+    let px = Tensor::randn([2, 3, 40, 48], (Kind::Float, Device::Cpu));
+    let mask = Tensor::rand([2, 30], (Kind::Float, Device::Cpu)).lt(0.3);
+    let hm = Tensor::rand([4], (Kind::Float, Device::Cpu));
+    let a = all.forward(&px, Some(&mask), Some(&hm)).unwrap();
+    let b = part.forward(&px, Some(&mask), Some(&hm)).unwrap();
+    let (a, b) = (a.last_hidden_state.unwrap(), b.last_hidden_state.unwrap());
+    let scale = a.abs().max().double_value(&[]).max(1.0);
+    assert!(max_diff(&a, &b) <= 1e-5 * scale, "{}", max_diff(&a, &b));
+
+    let input_err = |r: vit_msn::Result<_>| match r {
+        Err(Error::Input { message, .. }) => message,
+        Err(other) => panic!("wrong error: {other}"),
+        Ok(_) => panic!("accepted"),
+    };
+    let small = Tensor::randn([1, 3, 32, 32], (Kind::Float, Device::Cpu));
+    let message = input_err(part.forward(&small, None, None).map(|_| ()));
+    assert!(
+        message.contains("32x32 was compiled but not loaded (loaded: 40x48)"),
+        "{message}"
+    );
+    let message = input_err(only(vec![(64, 64)], true).map(|_| ()));
+    assert!(
+        message.contains("64x64 was not compiled; this bundle has 32x32, 40x48"),
+        "{message}"
+    );
+
+    // The artifact left out is still checked against its digest.
+    let pt = dir.join("model_32x32.pt");
+    let mut bytes = std::fs::read(&pt).unwrap();
+    let n = bytes.len();
+    bytes[n / 2] ^= 1;
+    std::fs::write(&pt, bytes).unwrap();
+    match only(vec![(40, 48)], false) {
+        Err(Error::Digest { path, .. }) => assert!(path.ends_with("model_32x32.pt")),
+        Err(other) => panic!("wrong error: {other}"),
+        Ok(_) => panic!("a bundle with a tampered artifact was loaded"),
+    }
+}
+
 /// Prepacking the oneDNN linear weights at load packs every linear (fused
 /// QKV, attention output, intermediate, output: 4 per layer) and leaves the
 /// results as they were.

@@ -7,9 +7,10 @@ use vit_msn::bench::{
 };
 use vit_msn::bundle::LoadOptions;
 use vit_msn::fsutil::write_atomic;
+use vit_msn::manifest::Manifest;
 use vit_msn::Bundle;
 
-use super::{device_arg, load_options, resolution_arg, usage, CliResult};
+use super::{device_arg, load_options, one_resolution, resolution_arg, usage, CliResult};
 
 /// Time a bundle's forward pass: median and p90 latency, images/s and peak
 /// RSS per batch size; compare with a saved baseline to catch slowdowns.
@@ -85,16 +86,23 @@ pub fn bench(a: BenchArgs) -> CliResult {
         None => None,
     };
     let device = device_arg(&a.device)?;
-    let options = LoadOptions {
-        prepack_linears: !a.no_prepack,
-        ..load_options(a.cuda_graphs, device)?
-    };
-    let bundle = Bundle::load_with(&a.bundle, device, &options)?;
-    let m = bundle.manifest();
+    let manifest = Manifest::read(&a.bundle)?;
     let (height, width) = match &a.resolution {
         Some(r) => resolution_arg(r)?,
-        None => (m.artifacts[0].height, m.artifacts[0].width),
+        None => (manifest.artifacts[0].height, manifest.artifacts[0].width),
     };
+    // --warmup passes stand in for the load-time ones, and the peak RSS is
+    // that of the one artifact timed.
+    let options = one_resolution(
+        LoadOptions {
+            prepack_linears: !a.no_prepack,
+            ..load_options(a.cuda_graphs, device)?
+        },
+        &manifest,
+        (height, width),
+    );
+    let bundle = Bundle::load_with(&a.bundle, device, &options)?;
+    let m = bundle.manifest();
     for &batch in &a.batch {
         bundle.check_batch(batch, height, width)?;
     }

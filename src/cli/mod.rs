@@ -55,6 +55,30 @@ pub fn load_options(
     })
 }
 
+/// `options` for a command that runs a bundle at one resolution and exits:
+/// only that artifact is loaded (the others' files are still verified), and
+/// without the load-time warm-up passes, which pay off only in a process that
+/// serves many requests. A resolution the bundle lacks changes nothing, so
+/// that the forward reports it as it would otherwise.
+pub fn one_resolution(
+    options: vit_msn::bundle::LoadOptions,
+    manifest: &vit_msn::manifest::Manifest,
+    (height, width): (i64, i64),
+) -> vit_msn::bundle::LoadOptions {
+    let compiled = manifest
+        .artifacts
+        .iter()
+        .any(|e| (e.height, e.width) == (height, width));
+    if !compiled {
+        return options;
+    }
+    vit_msn::bundle::LoadOptions {
+        resolutions: Some(vec![(height, width)]),
+        warm_up: false,
+        ..options
+    }
+}
+
 /// `--resolution(s)`: `N` or `HxW`.
 pub fn resolution_arg(text: &str) -> Result<(i64, i64), Box<dyn std::error::Error>> {
     vit_msn::manifest::parse_resolution(text).map_err(usage)

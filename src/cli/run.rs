@@ -5,13 +5,14 @@ use clap::Args;
 use serde_json::json;
 use tch::{Kind, Tensor};
 use vit_msn::bare::{read_labels, BareArtifact, Primary};
+use vit_msn::bundle::LoadOptions;
 use vit_msn::image::{preprocess_path, Preprocessing, MAX_TARGET_SIDE};
 use vit_msn::inputs::{collect_images, parse_head_mask, random_mask, write_npy};
-use vit_msn::manifest::{MAX_CHANNELS, MAX_HEADS, MAX_LAYERS};
+use vit_msn::manifest::{Manifest, MAX_CHANNELS, MAX_HEADS, MAX_LAYERS};
 use vit_msn::tensors::{read_safetensors, write_safetensors};
 use vit_msn::{loss::loss, Bundle, Error};
 
-use super::{device_arg, load_options, resolution_arg, usage, CliResult};
+use super::{device_arg, load_options, one_resolution, resolution_arg, usage, CliResult};
 
 /// Run a bundle on images, or on tensors from a safetensors file.
 #[derive(Args)]
@@ -115,8 +116,7 @@ pub fn run(a: RunArgs) -> CliResult {
             .as_ref()
             .ok_or_else(|| usage("--inputs needs --bundle"))?;
         vit_msn::fsutil::check_output_file(output, &[inputs])?;
-        let bundle = Bundle::load_with(dir, device, &options)?;
-        return run_tensors(&bundle, inputs, output);
+        return run_tensors(dir, device, options, inputs, output);
     }
     if a.image.is_empty() {
         return Err(usage(
@@ -148,10 +148,20 @@ pub fn run(a: RunArgs) -> CliResult {
     match (&a.bundle, &a.artifact) {
         (Some(dir), _) => {
             // Before the (possibly long) load: the size the images will have.
+            let manifest = Manifest::read(dir)?;
             let size = match &a.resolution {
                 Some(_) => None,
-                None => compiled_size_for_images(&vit_msn::manifest::Manifest::read(dir)?)?,
+                None => compiled_size_for_images(&manifest)?,
             };
+            let at = match (&a.resolution, size) {
+                (Some(r), _) => resolution_arg(r)?,
+                (None, Some(size)) => size,
+                (None, None) => {
+                    let pp = manifest.preprocessing()?;
+                    (i64::from(pp.height), i64::from(pp.width))
+                }
+            };
+            let options = one_resolution(options, &manifest, at);
             let bundle = Bundle::load_with(dir, device, &options)?;
             let target = Target::bundle(&bundle)?;
             run_images(&target, &images, &a, size)
@@ -311,11 +321,22 @@ fn read_json(path: &Path) -> Result<serde_json::Value, Box<dyn std::error::Error
         .map_err(|e| Error::file(path, format!("not valid JSON: {e}")))?)
 }
 
-fn run_tensors(bundle: &Bundle, inputs: &Path, output: &Path) -> CliResult {
+fn run_tensors(
+    dir: &Path,
+    device: tch::Device,
+    options: LoadOptions,
+    inputs: &Path,
+    output: &Path,
+) -> CliResult {
     let tensors = read_safetensors(inputs)?;
     let get = |name: &str| tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t);
     let pixel_values = get("pixel_values")
         .ok_or_else(|| format!("{}: no `pixel_values` tensor", inputs.display()))?;
+    let options = match pixel_values.size()[..] {
+        [_, _, h, w] => one_resolution(options, &Manifest::read(dir)?, (h, w)),
+        _ => options,
+    };
+    let bundle = Bundle::load_with(dir, device, &options)?;
     let out = bundle.forward(pixel_values, get("bool_masked_pos"), get("head_mask"))?;
     let mut named: Vec<(&str, &Tensor)> = out.named();
     let loss_value;
