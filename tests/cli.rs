@@ -971,3 +971,39 @@ fn probabilities_follow_the_problem_type() {
         }
     }
 }
+
+/// A bare artifact takes its sizes from `--model`'s config.json, where
+/// transformers allows `[height, width]` lists: the same masked embeddings as
+/// the bundle compiled from that folder.
+#[test]
+fn bare_artifact_with_list_sizes_in_the_config() {
+    let model = case_dir("list_patch").join("model");
+    let bundle = compile("list_patch", "list-sizes", &[]);
+    let dir = scratch("cli-list-sizes");
+    let embeddings = |target: &[&dyn AsRef<std::ffi::OsStr>], name: &str| {
+        let file = dir.join(format!("{name}.safetensors"));
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"run"];
+        args.extend_from_slice(target);
+        let photos = photos();
+        args.extend_from_slice(&[
+            &"--image",
+            &photos,
+            &"--mask-ratio",
+            &"0.5",
+            &"--seed",
+            &"3",
+            &"--head-mask",
+            &"1:0",
+            &"--embeddings",
+            &file,
+        ]);
+        assert_ok(&vit_msn(&args), name);
+        read(&file).remove(0).1
+    };
+    let pt = bundle.join("model_32x32.pt");
+    let bare = embeddings(&[&"--artifact", &pt, &"--model", &model], "bare");
+    let ours = embeddings(&[&"--bundle", &bundle], "bundle");
+    assert_eq!(bare.size(), [5, 32]);
+    let diff = (&bare - &ours).abs().max().double_value(&[]);
+    assert!(diff < 1e-5, "CLS embeddings differ by {diff}");
+}

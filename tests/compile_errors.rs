@@ -127,6 +127,24 @@ fn config_errors() {
             }),
             "`patch_size` must be an integer",
         ),
+        (
+            "non_square",
+            Box::new(|m: &Path| {
+                edit_config(m, |c| {
+                    c.insert("image_size".into(), serde_json::json!([32, 48]));
+                })
+            }),
+            "`image_size` [32, 48] is not square; only square sizes are supported",
+        ),
+        (
+            "three_sides",
+            Box::new(|m: &Path| {
+                edit_config(m, |c| {
+                    c.insert("patch_size".into(), serde_json::json!([8, 8, 8]));
+                })
+            }),
+            "`patch_size` must be an integer or a list of two integers",
+        ),
     ];
     for (name, break_it, expect) in cases {
         let err = compile_fails(&format!("config-{name}"), "no_qkv_bias", break_it);

@@ -22,6 +22,8 @@ parity!(
     patch7,
     patch16,
     patch_remainder,
+    list_sizes,
+    list_patch,
     channels1,
     no_qkv_bias,
     layer_norm_eps,

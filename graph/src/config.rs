@@ -99,8 +99,8 @@ impl Config {
             attention_probs_dropout_prob: float(obj, "attention_probs_dropout_prob", 0.0)?,
             initializer_range: float(obj, "initializer_range", 0.02)?,
             layer_norm_eps: float(obj, "layer_norm_eps", 1e-6)?,
-            image_size: int(obj, "image_size", 224)?,
-            patch_size: int(obj, "patch_size", 16)?,
+            image_size: side(obj, "image_size", 224)?,
+            patch_size: side(obj, "patch_size", 16)?,
             num_channels: int(obj, "num_channels", 3)?,
             qkv_bias: boolean(obj, "qkv_bias", true)?,
             id2label,
@@ -267,6 +267,27 @@ fn int(obj: &Map<String, Value>, name: &str, default: i64) -> Result<i64, Error>
     match obj.get(name) {
         None => Ok(default),
         Some(v) => v.as_i64().ok_or_else(|| field_err(name, "an integer")),
+    }
+}
+
+/// `image_size` and `patch_size`: an integer or, as transformers also takes,
+/// a list of height and width. Only square sizes are supported; with a
+/// non-square one transformers runs at the trained resolution only.
+fn side(obj: &Map<String, Value>, name: &str, default: i64) -> Result<i64, Error> {
+    let bad = || field_err(name, "an integer or a list of two integers");
+    match obj.get(name) {
+        None => Ok(default),
+        Some(Value::Array(items)) => match items.as_slice() {
+            [h, w] => match (h.as_i64(), w.as_i64()) {
+                (Some(h), Some(w)) if h == w => Ok(h),
+                (Some(h), Some(w)) => Err(Error::Config(format!(
+                    "`{name}` [{h}, {w}] is not square; only square sizes are supported"
+                ))),
+                _ => Err(bad()),
+            },
+            _ => Err(bad()),
+        },
+        Some(v) => v.as_i64().ok_or_else(bad),
     }
 }
 

@@ -238,15 +238,20 @@ impl<'a> Target<'a> {
         // Sizes from the config are bounded as a bundle's manifest is: mask
         // and head-mask sizes are computed from them.
         let int = |key: &str, max: i64| -> Result<Option<i64>, Box<dyn std::error::Error>> {
-            match config.as_ref().and_then(|c| c.get(key)) {
-                None => Ok(None),
-                Some(v) => match v.as_i64() {
-                    Some(n) if (1..=max).contains(&n) => Ok(Some(n)),
-                    _ => Err(format!(
-                        "`{key}` in --model's config.json must be an integer in 1..={max}, found {v}"
-                    )
-                    .into()),
-                },
+            let Some(v) = config.as_ref().and_then(|c| c.get(key)) else {
+                return Ok(None);
+            };
+            // Sizes may be a square [height, width] list, as transformers takes them.
+            let n = match v.as_array().map(Vec::as_slice) {
+                Some([h, w]) if matches!(key, "image_size" | "patch_size") && h == w => h.as_i64(),
+                _ => v.as_i64(),
+            };
+            match n {
+                Some(n) if (1..=max).contains(&n) => Ok(Some(n)),
+                _ => Err(format!(
+                    "`{key}` in --model's config.json must be an integer in 1..={max}, found {v}"
+                )
+                .into()),
             }
         };
         let side = i64::from(MAX_TARGET_SIDE);
