@@ -18,8 +18,13 @@ fn python(script: &str, args: &[&dyn AsRef<std::ffi::OsStr>]) -> std::process::O
 }
 
 fn export(name: &str, extra: &[&str]) -> PathBuf {
+    export_case("finetuned", name, extra)
+}
+
+/// graph/python/export.py on a fixture case's model.
+fn export_case(case: &str, name: &str, extra: &[&str]) -> PathBuf {
     let out = scratch(&format!("interop-export-{name}")).join("bundle");
-    let model = case_dir("finetuned").join("model");
+    let model = case_dir(case).join("model");
     let mut cmd = std::process::Command::new(root().join(".venv/bin/python"));
     cmd.arg(root().join("graph/python/export.py"))
         .arg("--model")
@@ -35,28 +40,12 @@ fn export(name: &str, extra: &[&str]) -> PathBuf {
 /// Runs every run of the `finetuned` case through `vit-msn run --bundle` and
 /// checks it against transformers.
 fn check_bundle_against_reference(bundle: &Path, label: &str) {
-    let dir = case_dir("finetuned");
-    let work = scratch(&format!("interop-check-{label}"));
-    for run in ["plain", "masked"] {
-        let out = work.join(format!("{run}.safetensors"));
-        let r = vit_msn(&[
-            &"run",
-            &"--bundle",
-            &bundle,
-            &"--inputs",
-            &dir.join(format!("{run}.in.safetensors")),
-            &"--output",
-            &out,
-        ]);
-        assert_ok(&r, label);
-        let report = check_outputs(
-            &read(&out),
-            &read(&dir.join(format!("{run}.ref.safetensors"))),
-            1e-4,
-            label,
-        );
-        eprintln!("{label}/{run}: {report:?}");
-    }
+    common::check_runs(
+        "finetuned",
+        bundle,
+        &scratch(&format!("interop-check-{label}")),
+        &[],
+    );
 }
 
 #[test]
@@ -74,6 +63,25 @@ fn python_exporter_bundle_runs_in_rust_with_parity() {
     }
     assert_eq!(a.model.labels, b.model.labels);
     check_bundle_against_reference(&ours, "compiled");
+}
+
+/// A config with `[height, width]` size lists, exported at its trained and
+/// an interpolated resolution.
+#[test]
+fn python_exporter_takes_list_sizes() {
+    let all = ["--outputs", "hidden_states,attentions"];
+    let bundle = export_case(
+        "list_sizes",
+        "list-sizes",
+        &["--resolutions", "32,40x48", all[0], all[1]],
+    );
+    common::check_runs("list_sizes", &bundle, &scratch("interop-list-sizes"), &[]);
+    let bundle = export_case(
+        "list_patch",
+        "list-patch",
+        &["--resolutions", "32,40x48", all[0], all[1]],
+    );
+    common::check_runs("list_patch", &bundle, &scratch("interop-list-patch"), &[]);
 }
 
 #[test]

@@ -71,10 +71,22 @@ def sha256(path):
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def side(config, name):
+    """image_size / patch_size as one integer; transformers also takes a
+    [height, width] list, which must be square here as in `vit-msn compile`."""
+    size = getattr(config, name)
+    if isinstance(size, (list, tuple)):
+        if len(size) != 2 or size[0] != size[1]:
+            sys.exit(f"error: `{name}` {list(size)} is not square; only square sizes are supported")
+        size = size[0]
+    return int(size)
+
+
 def export(model_dir, out, resolutions, outputs, dtype_name, task):
     with open(os.path.join(model_dir, "config.json")) as f:
         raw_config = json.load(f)
     config = ViTMSNConfig.from_pretrained(model_dir)
+    image_size, patch_size = side(config, "image_size"), side(config, "patch_size")
     if task is None:
         archs = raw_config.get("architectures") or []
         task = "classification" if "ViTMSNForImageClassification" in archs else "backbone"
@@ -83,6 +95,8 @@ def export(model_dir, out, resolutions, outputs, dtype_name, task):
     kwargs = {} if classifier else {"use_mask_token": True}
     model = cls.from_pretrained(model_dir, attn_implementation="eager", **kwargs).eval()
     vit = model.vit if classifier else model
+    # transformers' position interpolation divides by this, which fails on a list.
+    vit.embeddings.patch_size = patch_size
     if vit.embeddings.mask_token is None:
         # As `vit-msn compile` does for a checkpoint without one.
         vit.embeddings.mask_token = torch.nn.Parameter(torch.zeros(1, 1, config.hidden_size))
@@ -91,7 +105,7 @@ def export(model_dir, out, resolutions, outputs, dtype_name, task):
     for p in model.parameters():
         p.requires_grad_(False)
     hidden, attentions = "hidden_states" in outputs, "attentions" in outputs
-    resolutions = resolutions or [(config.image_size, config.image_size)]
+    resolutions = resolutions or [(image_size, image_size)]
     layers, heads, d = config.num_hidden_layers, config.num_attention_heads, config.hidden_size
     labels = [config.id2label[i] for i in range(config.num_labels)] if classifier else []
     pre_path = os.path.join(model_dir, "preprocessor_config.json")
@@ -99,7 +113,7 @@ def export(model_dir, out, resolutions, outputs, dtype_name, task):
         with open(pre_path) as f:
             preprocessing = json.load(f)
     else:
-        preprocessing = dict(DEFAULT_PREPROCESSING, size={"height": config.image_size, "width": config.image_size})
+        preprocessing = dict(DEFAULT_PREPROCESSING, size={"height": image_size, "width": image_size})
 
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
@@ -107,9 +121,9 @@ def export(model_dir, out, resolutions, outputs, dtype_name, task):
     try:
         artifacts = []
         for h, w in resolutions:
-            patches = (h // config.patch_size) * (w // config.patch_size)
+            patches = (h // patch_size) * (w // patch_size)
             tokens = patches + 1
-            interpolate = (h, w) != (config.image_size, config.image_size)
+            interpolate = (h, w) != (image_size, image_size)
             name = dtype_name
             inputs = [
                 {"name": "pixel_values", "dtype": name, "shape": [-1, config.num_channels, h, w]},
@@ -141,8 +155,8 @@ def export(model_dir, out, resolutions, outputs, dtype_name, task):
             "compiler": f"vit-msn export.py (torch {torch.__version__})",
             "task": task,
             "model": {"hidden_size": d, "num_hidden_layers": layers, "num_attention_heads": heads,
-                      "num_channels": config.num_channels, "patch_size": config.patch_size,
-                      "image_size": config.image_size, "labels": labels,
+                      "num_channels": config.num_channels, "patch_size": patch_size,
+                      "image_size": image_size, "labels": labels,
                       "problem_type": raw_config.get("problem_type")},
             "dtype": dtype_name,
             "device": "cpu",

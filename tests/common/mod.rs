@@ -163,10 +163,7 @@ pub fn check_case_with(case: &str, extra: &[&str]) {
 /// As `check_case_with`, with more `run` arguments too.
 pub fn check_case_run_with(case: &str, extra: &[&str], run_extra: &[&str]) {
     let dir = case_dir(case);
-    let spec: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("case.json")).expect("read case.json"),
-    )
-    .expect("case.json");
+    let spec = case_spec(&dir);
     let work = scratch(&format!(
         "parity-{case}{}{}",
         extra.join(""),
@@ -186,6 +183,21 @@ pub fn check_case_run_with(case: &str, extra: &[&str], run_extra: &[&str]) {
     args.extend(extra.iter().map(|a| a.to_string()));
     let arg_refs: Vec<&dyn AsRef<std::ffi::OsStr>> = args.iter().map(|a| a as _).collect();
     assert_ok(&vit_msn(&arg_refs), &format!("{case}: compile"));
+    check_runs(case, &bundle, &work, run_extra);
+}
+
+/// A fixture case's case.json: its compile arguments, tolerance and runs.
+fn case_spec(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).expect("read case.json"))
+        .expect("case.json")
+}
+
+/// Runs every run of a fixture case through `vit-msn run --bundle` (with
+/// `run_extra`), writing into `work`, and checks each output against the
+/// case's reference and tolerance.
+pub fn check_runs(case: &str, bundle: &Path, work: &Path, run_extra: &[&str]) {
+    let dir = case_dir(case);
+    let spec = case_spec(&dir);
     let tol = spec["tolerance"].as_f64().expect("tolerance");
     let runs = spec["runs"].as_array().expect("runs");
     assert!(!runs.is_empty());
