@@ -65,6 +65,12 @@ pub fn cls_attention(
             format!("expected 5 dimensions, found {size:?}"),
         ));
     };
+    if layers == 0 {
+        return Err(Error::input(
+            "attentions",
+            "the model has no layers, so there is no attention to show",
+        ));
+    }
     if !(0..batch).contains(&b) {
         return Err(Error::input(
             "attentions",

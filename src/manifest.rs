@@ -149,16 +149,19 @@ impl Manifest {
         // Loading allocates from these numbers (warm-up inputs, head masks,
         // memory estimates), so a hand-edited manifest must not reach
         // absurd ones.
-        for (name, v, max) in [
-            ("hidden_size", m.hidden_size, MAX_HIDDEN_SIZE),
-            ("num_hidden_layers", m.num_hidden_layers, MAX_LAYERS),
-            ("num_attention_heads", m.num_attention_heads, MAX_HEADS),
-            ("num_channels", m.num_channels, MAX_CHANNELS),
-            ("patch_size", m.patch_size, side),
-            ("image_size", m.image_size, side),
+        // A model may have no layers (its output is the layer-normed embeddings).
+        for (name, v, min, max) in [
+            ("hidden_size", m.hidden_size, 1, MAX_HIDDEN_SIZE),
+            ("num_hidden_layers", m.num_hidden_layers, 0, MAX_LAYERS),
+            ("num_attention_heads", m.num_attention_heads, 1, MAX_HEADS),
+            ("num_channels", m.num_channels, 1, MAX_CHANNELS),
+            ("patch_size", m.patch_size, 1, side),
+            ("image_size", m.image_size, 1, side),
         ] {
-            if !(1..=max).contains(&v) {
-                return Err(format!("`model.{name}` must be in 1..={max}, found {v}"));
+            if !(min..=max).contains(&v) {
+                return Err(format!(
+                    "`model.{name}` must be in {min}..={max}, found {v}"
+                ));
             }
         }
         if self.artifacts.is_empty() {

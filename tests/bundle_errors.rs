@@ -373,7 +373,7 @@ fn out_of_range_manifest_sizes_are_refused_by_name() {
         (
             "layers",
             |v| v["model"]["num_hidden_layers"] = (1i64 << 40).into(),
-            "`model.num_hidden_layers` must be in 1..=4096, found 1099511627776",
+            "`model.num_hidden_layers` must be in 0..=4096, found 1099511627776",
         ),
         (
             "heads",

@@ -83,13 +83,13 @@ fn config_errors() {
             "unknown `hidden_act` `swiglu`",
         ),
         (
-            "zero",
+            "negative_layers",
             Box::new(|m: &Path| {
                 edit_config(m, |c| {
-                    c.insert("num_hidden_layers".into(), 0.into());
+                    c.insert("num_hidden_layers".into(), (-1).into());
                 })
             }),
-            "`num_hidden_layers` must be positive",
+            "`num_hidden_layers` must not be negative, found -1",
         ),
         (
             "negative",

@@ -65,23 +65,28 @@ fn python_exporter_bundle_runs_in_rust_with_parity() {
     check_bundle_against_reference(&ours, "compiled");
 }
 
-/// A config with `[height, width]` size lists, exported at its trained and
-/// an interpolated resolution.
+/// Configs at the edges of what transformers takes: `[height, width]` size
+/// lists and no layers, exported at the trained and an interpolated
+/// resolution.
 #[test]
-fn python_exporter_takes_list_sizes() {
-    let all = ["--outputs", "hidden_states,attentions"];
-    let bundle = export_case(
-        "list_sizes",
-        "list-sizes",
-        &["--resolutions", "32,40x48", all[0], all[1]],
-    );
-    common::check_runs("list_sizes", &bundle, &scratch("interop-list-sizes"), &[]);
-    let bundle = export_case(
-        "list_patch",
-        "list-patch",
-        &["--resolutions", "32,40x48", all[0], all[1]],
-    );
-    common::check_runs("list_patch", &bundle, &scratch("interop-list-patch"), &[]);
+fn python_exporter_takes_list_sizes_and_no_layers() {
+    for (case, resolutions) in [
+        ("list_sizes", "32,40x48"),
+        ("list_patch", "32,40x48"),
+        ("no_layers", "32,40x48"),
+    ] {
+        let bundle = export_case(
+            case,
+            case,
+            &[
+                "--resolutions",
+                resolutions,
+                "--outputs",
+                "hidden_states,attentions",
+            ],
+        );
+        common::check_runs(case, &bundle, &scratch(&format!("interop-{case}")), &[]);
+    }
 }
 
 #[test]

@@ -54,8 +54,17 @@ class Artifact(torch.nn.Module):
         if self.hidden:
             result["hidden_states"] = torch.stack(out.hidden_states)
         if self.attentions:
-            result["attentions"] = torch.stack(out.attentions)
+            result["attentions"] = stack_attentions(out, self.model.config.num_attention_heads)
         return result
+
+
+def stack_attentions(out, heads):
+    """(layers, B, heads, T, T); a model without layers returns none, which
+    is an empty stack of that shape."""
+    if out.attentions:
+        return torch.stack(out.attentions)
+    b, t, _ = out.last_hidden_state.shape
+    return out.last_hidden_state.new_zeros((0, b, heads, t, t))
 
 
 def parse_resolution(s):

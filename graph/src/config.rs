@@ -121,9 +121,16 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), Error> {
+        // No layers is a valid model, as in transformers: its output is the
+        // layer-normed embeddings.
+        if self.num_hidden_layers < 0 {
+            return Err(Error::Config(format!(
+                "`num_hidden_layers` must not be negative, found {}",
+                self.num_hidden_layers
+            )));
+        }
         for (name, v) in [
             ("hidden_size", self.hidden_size),
-            ("num_hidden_layers", self.num_hidden_layers),
             ("num_attention_heads", self.num_attention_heads),
             ("intermediate_size", self.intermediate_size),
             ("image_size", self.image_size),

@@ -183,6 +183,10 @@ impl Model {
             wanted,
             cls_only,
         )?;
+        let attentions = wanted.attentions.then(|| match out.attentions.as_slice() {
+            [] => no_attentions(&out.last_hidden_state, self.config.num_attention_heads),
+            layers => Tensor::stack(layers, 0),
+        });
         let mut named = Vec::new();
         match &self.classifier {
             Some(classifier) => named.push((
@@ -194,9 +198,21 @@ impl Model {
         if wanted.hidden_states {
             named.push(("hidden_states", Tensor::stack(&out.hidden_states, 0)));
         }
-        if wanted.attentions {
-            named.push(("attentions", Tensor::stack(&out.attentions, 0)));
+        if let Some(attentions) = attentions {
+            named.push(("attentions", attentions));
         }
         Ok(named)
     }
+}
+
+/// The attentions of a model without layers: (0, B, heads, T, T), shaped
+/// from the (B, T, D) states by views, so that the trace keeps B dynamic.
+fn no_attentions(states: &Tensor, heads: i64) -> Tensor {
+    let tokens = states.size()[1];
+    states
+        .narrow(2, 0, 1)
+        .unsqueeze(1)
+        .expand([-1, heads, -1, tokens], false)
+        .unsqueeze(0)
+        .narrow(0, 0, 0)
 }

@@ -246,10 +246,12 @@ impl<'a> Target<'a> {
                 Some([h, w]) if matches!(key, "image_size" | "patch_size") && h == w => h.as_i64(),
                 _ => v.as_i64(),
             };
+            // A model may have no layers, as in transformers.
+            let min = i64::from(key != "num_hidden_layers");
             match n {
-                Some(n) if (1..=max).contains(&n) => Ok(Some(n)),
+                Some(n) if (min..=max).contains(&n) => Ok(Some(n)),
                 _ => Err(format!(
-                    "`{key}` in --model's config.json must be an integer in 1..={max}, found {v}"
+                    "`{key}` in --model's config.json must be an integer in {min}..={max}, found {v}"
                 )
                 .into()),
             }

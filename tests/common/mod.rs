@@ -114,6 +114,10 @@ pub fn read(path: &Path) -> Vec<(String, Tensor)> {
 /// max |got − ref|, and whether it is within `tol · max(1, max |ref|)`.
 pub fn within(got: &Tensor, expected: &Tensor, tol: f64) -> (f64, f64, bool) {
     assert_eq!(got.size(), expected.size(), "shapes differ");
+    if expected.numel() == 0 {
+        // A model without layers returns no attentions: the shapes are all.
+        return (0.0, tol, true);
+    }
     let diff = (got.to_kind(tch::Kind::Double) - expected.to_kind(tch::Kind::Double))
         .abs()
         .max()

@@ -195,7 +195,8 @@ def make_inputs(case, model, rng, g, h, w):
     if hm:
         shape = (cfg.num_attention_heads,) if hm == "1d" else (cfg.num_hidden_layers, cfg.num_attention_heads)
         t = torch.rand(shape, generator=g)
-        t.view(-1)[0] = 0.0
+        if t.numel():  # (0, heads) without layers
+            t.view(-1)[0] = 0.0
         if t.numel() > 1:
             t.view(-1)[-1] = 1.0
         inp["head_mask"] = t
@@ -387,6 +388,8 @@ def edge_cases(results, start_idx):
              patch_size=1, num_channels=3, hidden_act="relu"),  # patch 1
         dict(hidden_size=40, num_attention_heads=5, intermediate_size=100, num_hidden_layers=1, image_size=14,
              patch_size=14, num_channels=3, hidden_act="silu"),  # a single patch
+        dict(hidden_size=24, num_attention_heads=3, intermediate_size=50, num_hidden_layers=0, image_size=20,
+             patch_size=5, num_channels=1, hidden_act="gelu"),  # no layers
     ]
     cases = []
     for i, cfg in enumerate(E):
