@@ -177,11 +177,7 @@ impl Bundle {
         };
         if let Some(wanted) = &options.resolutions {
             for &(height, width) in wanted {
-                if !manifest
-                    .artifacts
-                    .iter()
-                    .any(|e| (e.height, e.width) == (height, width))
-                {
+                if !manifest.has_resolution(height, width) {
                     return Err(Error::input(
                         "resolution",
                         format!(
@@ -399,12 +395,7 @@ impl Bundle {
         {
             return Ok(found);
         }
-        let compiled = self
-            .manifest
-            .artifacts
-            .iter()
-            .any(|e| (e.height, e.width) == (height, width));
-        let message = if compiled {
+        let message = if self.manifest.has_resolution(height, width) {
             let loaded: Vec<String> = self
                 .artifacts
                 .iter()

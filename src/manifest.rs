@@ -265,6 +265,13 @@ impl Manifest {
     }
 
     /// Sizes as `HxW`, for messages.
+    /// Whether an artifact was compiled at `height`×`width`.
+    pub fn has_resolution(&self, height: i64, width: i64) -> bool {
+        self.artifacts
+            .iter()
+            .any(|a| (a.height, a.width) == (height, width))
+    }
+
     pub fn resolutions(&self) -> Vec<String> {
         self.artifacts
             .iter()

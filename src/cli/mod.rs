@@ -65,11 +65,7 @@ pub fn one_resolution(
     manifest: &vit_msn::manifest::Manifest,
     (height, width): (i64, i64),
 ) -> vit_msn::bundle::LoadOptions {
-    let compiled = manifest
-        .artifacts
-        .iter()
-        .any(|e| (e.height, e.width) == (height, width));
-    if !compiled {
+    if !manifest.has_resolution(height, width) {
         return options;
     }
     vit_msn::bundle::LoadOptions {

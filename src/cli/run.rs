@@ -247,7 +247,7 @@ impl<'a> Target<'a> {
                 _ => v.as_i64(),
             };
             // A model may have no layers, as in transformers.
-            let min = i64::from(key != "num_hidden_layers");
+            let min = if key == "num_hidden_layers" { 0 } else { 1 };
             match n {
                 Some(n) if (min..=max).contains(&n) => Ok(Some(n)),
                 _ => Err(format!(
@@ -396,7 +396,7 @@ fn compiled_size_for_images(
 ) -> Result<Option<(i64, i64)>, Box<dyn std::error::Error>> {
     let pp = m.preprocessing()?;
     let (h, w) = (i64::from(pp.height), i64::from(pp.width));
-    if m.artifacts.iter().any(|e| (e.height, e.width) == (h, w)) {
+    if m.has_resolution(h, w) {
         return Ok(None);
     }
     match m.artifacts.as_slice() {
