@@ -18,7 +18,7 @@ PIP_PACKAGES := torch==2.13.0 transformers==4.46.3 safetensors==0.8.0 numpy scik
 IMAGE_FIXTURES := tests/fixtures/generated-images
 SWEEP_ARGS ?= --cases 30
 
-.PHONY: libtorch demo test fixtures bench side-by-side startup soak sweep fuzz interop gpu-check clean
+.PHONY: libtorch demo test fixtures bench side-by-side startup soak sweep shapes fuzz interop gpu-check clean
 
 libtorch: $(BOOTSTRAP) $(CUDA_HEADERS)
 
@@ -77,6 +77,12 @@ soak: libtorch fixtures
 sweep: libtorch
 	cargo build --release
 	$(PY) tests/sweep/config_sweep.py $(SWEEP_ARGS)
+
+# The published checkpoints' shapes (small, base, large, base-4, large-7) with
+# random weights against transformers; about 2.5 minutes, not part of `make test`.
+shapes: libtorch
+	cargo build --release
+	$(PY) tests/sweep/published_shapes.py $(SHAPES_ARGS)
 
 # Each cargo-fuzz target (tests/fuzz) for FUZZ_SECONDS. cargo fuzz wants nightly
 # flags: RUSTC_BOOTSTRAP lets the stable toolchain take them; no sanitizer (the
