@@ -3,15 +3,16 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 use serde_json::json;
 use tch::{Kind, Tensor};
+use vit_msn::bundle::LoadOptions;
 use vit_msn::fewshot::{
     accuracy, check_epochs, check_temperature, check_weight_decay, embed, fit_linear,
     fit_prototype, write_classifier, FitReport, LabelledImages,
 };
 use vit_msn::fsutil::{check_output_dir, OutputDir};
 use vit_msn::image::preprocess_path;
-use vit_msn::{Bundle, Device, Error};
+use vit_msn::{Device, Error};
 
-use super::{usage, CliResult};
+use super::{load_for_images, usage, CliResult};
 
 /// Low-shot classification: fit a head on a few labelled images, ship it as a classifier bundle.
 #[derive(Args)]
@@ -139,7 +140,7 @@ fn fit(a: FitArgs) -> CliResult {
     let mut inputs = vec![a.bundle.as_path(), a.train.as_path()];
     inputs.extend(a.val.as_deref());
     check_output_dir(&out, OutputDir::Bundle, &inputs)?;
-    let backbone = Bundle::load(&a.bundle, Device::Cpu)?;
+    let backbone = load_for_images(&a.bundle, Device::Cpu, LoadOptions::default())?;
     let train = LabelledImages::read(&a.train)?;
     if train.classes.len() < 2 {
         return Err(Error::file(
@@ -280,7 +281,7 @@ fn eval(a: EvalArgs) -> CliResult {
     if a.batch_size == 0 {
         return Err(usage("--batch-size must be at least 1"));
     }
-    let bundle = Bundle::load(&a.bundle, Device::Cpu)?;
+    let bundle = load_for_images(&a.bundle, Device::Cpu, LoadOptions::default())?;
     let m = bundle.manifest();
     if !m.is_classifier() {
         return Err(Error::file(&a.bundle, "is a backbone bundle; eval needs a classifier").into());

@@ -75,6 +75,20 @@ pub fn one_resolution(
     }
 }
 
+/// Loads a bundle for a command that runs images at the size its
+/// preprocessing resizes to, and exits (see [`one_resolution`]).
+pub fn load_for_images(
+    dir: &std::path::Path,
+    device: tch::Device,
+    options: vit_msn::bundle::LoadOptions,
+) -> Result<vit_msn::Bundle, Box<dyn std::error::Error>> {
+    let manifest = vit_msn::manifest::Manifest::read(dir)?;
+    let pp = manifest.preprocessing()?;
+    let at = (i64::from(pp.height), i64::from(pp.width));
+    let options = one_resolution(options, &manifest, at);
+    Ok(vit_msn::Bundle::load_with(dir, device, &options)?)
+}
+
 /// `--resolution(s)`: `N` or `HxW`.
 pub fn resolution_arg(text: &str) -> Result<(i64, i64), Box<dyn std::error::Error>> {
     vit_msn::manifest::parse_resolution(text).map_err(usage)
