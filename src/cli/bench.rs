@@ -100,7 +100,7 @@ pub fn bench(a: BenchArgs) -> CliResult {
         },
         &manifest,
         (height, width),
-    );
+    )?;
     let bundle = Bundle::load_with(&a.bundle, device, &options)?;
     let m = bundle.manifest();
     for &batch in &a.batch {

@@ -58,21 +58,27 @@ pub fn load_options(
 /// `options` for a command that runs a bundle at one resolution and exits:
 /// only that artifact is loaded (the others' files are still verified), and
 /// without the load-time warm-up passes, which pay off only in a process that
-/// serves many requests. A resolution the bundle lacks changes nothing, so
-/// that the forward reports it as it would otherwise.
+/// serves many requests. A resolution the bundle lacks is refused before
+/// anything loads, as the forward would refuse it.
 pub fn one_resolution(
     options: vit_msn::bundle::LoadOptions,
     manifest: &vit_msn::manifest::Manifest,
     (height, width): (i64, i64),
-) -> vit_msn::bundle::LoadOptions {
+) -> Result<vit_msn::bundle::LoadOptions, vit_msn::Error> {
     if !manifest.has_resolution(height, width) {
-        return options;
+        return Err(vit_msn::Error::input(
+            "pixel_values",
+            format!(
+                "resolution {height}x{width} was not compiled; this bundle has {}",
+                manifest.resolutions().join(", ")
+            ),
+        ));
     }
-    vit_msn::bundle::LoadOptions {
+    Ok(vit_msn::bundle::LoadOptions {
         resolutions: Some(vec![(height, width)]),
         warm_up: false,
         ..options
-    }
+    })
 }
 
 /// Loads a bundle for a command that runs images at the size its
@@ -85,7 +91,7 @@ pub fn load_for_images(
     let manifest = vit_msn::manifest::Manifest::read(dir)?;
     let pp = manifest.preprocessing()?;
     let at = (i64::from(pp.height), i64::from(pp.width));
-    let options = one_resolution(options, &manifest, at);
+    let options = one_resolution(options, &manifest, at)?;
     Ok(vit_msn::Bundle::load_with(dir, device, &options)?)
 }
 

@@ -161,7 +161,7 @@ pub fn run(a: RunArgs) -> CliResult {
                     (i64::from(pp.height), i64::from(pp.width))
                 }
             };
-            let options = one_resolution(options, &manifest, at);
+            let options = one_resolution(options, &manifest, at)?;
             let bundle = Bundle::load_with(dir, device, &options)?;
             let target = Target::bundle(&bundle)?;
             run_images(&target, &images, &a, size)
@@ -340,7 +340,7 @@ fn run_tensors(
     let pixel_values = get("pixel_values")
         .ok_or_else(|| format!("{}: no `pixel_values` tensor", inputs.display()))?;
     let options = match pixel_values.size()[..] {
-        [_, _, h, w] => one_resolution(options, &Manifest::read(dir)?, (h, w)),
+        [_, _, h, w] => one_resolution(options, &Manifest::read(dir)?, (h, w))?,
         _ => options,
     };
     let bundle = Bundle::load_with(dir, device, &options)?;
