@@ -179,11 +179,8 @@ impl Bundle {
             for &(height, width) in wanted {
                 if !manifest.has_resolution(height, width) {
                     return Err(Error::input(
-                        "resolution",
-                        format!(
-                            "{height}x{width} was not compiled; this bundle has {}",
-                            manifest.resolutions().join(", ")
-                        ),
+                        "resolutions",
+                        manifest.not_compiled(height, width),
                     ));
                 }
             }
@@ -406,10 +403,7 @@ impl Bundle {
                 loaded.join(", ")
             )
         } else {
-            format!(
-                "resolution {height}x{width} was not compiled; this bundle has {}",
-                self.manifest.resolutions().join(", ")
-            )
+            self.manifest.not_compiled(height, width)
         };
         Err(Error::input("pixel_values", message))
     }

@@ -272,6 +272,14 @@ impl Manifest {
             .any(|a| (a.height, a.width) == (height, width))
     }
 
+    /// What to say when `height`×`width` was asked for and not compiled.
+    pub fn not_compiled(&self, height: i64, width: i64) -> String {
+        format!(
+            "resolution {height}x{width} was not compiled; this bundle has {}",
+            self.resolutions().join(", ")
+        )
+    }
+
     pub fn resolutions(&self) -> Vec<String> {
         self.artifacts
             .iter()

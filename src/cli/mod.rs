@@ -68,10 +68,7 @@ pub fn one_resolution(
     if !manifest.has_resolution(height, width) {
         return Err(vit_msn::Error::input(
             "pixel_values",
-            format!(
-                "resolution {height}x{width} was not compiled; this bundle has {}",
-                manifest.resolutions().join(", ")
-            ),
+            manifest.not_compiled(height, width),
         ));
     }
     Ok(vit_msn::bundle::LoadOptions {
