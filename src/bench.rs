@@ -15,6 +15,10 @@ pub struct BatchResult {
     pub batch: i64,
     pub median_ms: f64,
     pub p90_ms: f64,
+    /// The fastest pass: on a shared machine, the figure least touched by
+    /// other work. Absent in baselines saved before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_ms: Option<f64>,
     pub images_per_s: f64,
     /// Peak resident set size of the process so far (VmHWM), in MiB.
     pub peak_rss_mib: f64,
@@ -154,6 +158,7 @@ pub fn time_batch(
         batch,
         median_ms,
         p90_ms: quantile(&times, 0.9),
+        min_ms: times.first().copied(),
         images_per_s: batch as f64 * 1000.0 / median_ms,
         peak_rss_mib: peak_rss_mib(),
     })
@@ -347,6 +352,7 @@ mod tests {
                     batch,
                     median_ms,
                     p90_ms: median_ms,
+                    min_ms: None,
                     images_per_s: 0.0,
                     peak_rss_mib: 0.0,
                 })

@@ -842,6 +842,13 @@ fn bench_baselines_are_compared_like_with_like() {
     let base: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&saved).unwrap()).unwrap();
     assert!(base["model"].as_str().unwrap().contains("hidden size 32"));
+    let r = &base["results"][0];
+    let (min, median, p90) = (
+        r["min_ms"].as_f64().unwrap(),
+        r["median_ms"].as_f64().unwrap(),
+        r["p90_ms"].as_f64().unwrap(),
+    );
+    assert!(0.0 < min && min <= median && median <= p90, "{r}");
     let variant = |name: &str, edit: &dyn Fn(&mut serde_json::Value)| {
         let mut v = base.clone();
         edit(&mut v);
@@ -919,9 +926,10 @@ fn bench_baselines_are_compared_like_with_like() {
     }
 
     // Batch sizes the baseline lacks are named; the others are compared. A
-    // baseline saved before `model` was recorded is still read.
+    // baseline saved before `model` and `min_ms` were recorded is still read.
     let old = variant("old", &|v| {
         v.as_object_mut().unwrap().remove("model");
+        v["results"][0].as_object_mut().unwrap().remove("min_ms");
     });
     let (code, _, err) = compare(&old, "1,2", "1000000%");
     assert_eq!(code, Some(0), "{err}");
