@@ -3,7 +3,7 @@ prints a table: median ms at batch 1, median ms per image at batch 8, each
 with the fastest pass in brackets, and the ratio of the medians to
 transformers f32.
 
-    .venv/bin/python benches/side_by_side.py [--threads 2] [--iters 15] [--rounds 3] [--shape small|tiny|base]
+    .venv/bin/python benches/side_by_side.py [--threads 2] [--iters 15] [--rounds 5] [--shape small|tiny|base]
         [--task backbone|classifier]
     (make side-by-side installs onnxruntime and onnx first)
 
@@ -78,7 +78,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--iters", type=int, default=15)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
     ap.add_argument("--task", choices=sorted(MODELS), default="backbone",
                     help="classifier: ViTMSNForImageClassification with 1000 labels in every stack")
