@@ -13,6 +13,7 @@
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-/tmp}
+mkdir -p "$out"
 device=${CHECK_DEVICE:-cuda}
 batches=${CHECK_BATCHES:-1,256}
 iters=${CHECK_ITERS:-50}
