@@ -24,6 +24,8 @@ extern "C" {
         rows: i64,
         err: *mut *mut c_char,
     ) -> c_int;
+    fn vmsn_rt_artifact_unfuse_onednn_linears(a: *mut VmsnArtifact, err: *mut *mut c_char)
+        -> c_int;
     fn vmsn_rt_artifact_forward(
         a: *mut VmsnArtifact,
         inputs: *const *mut torch_sys::C_tensor,
@@ -104,6 +106,17 @@ impl Artifact {
         let mut err = std::ptr::null_mut();
         // SAFETY: `raw` is live, and `&mut self` keeps other threads out.
         let n = unsafe { vmsn_rt_artifact_prepack_linears(self.raw, rows, &mut err) };
+        usize::try_from(n).map_err(|_| take_error(err))
+    }
+
+    /// Rewrites the graph's oneDNN linears (`mkldnn::_linear_pointwise`) into
+    /// `aten::linear`, with GELU after it where oneDNN fused one: the same
+    /// computation through ATen's GEMM, for a CPU on which oneDNN has no
+    /// kernel for the artifact's dtype. Returns how many were rewritten.
+    pub fn unfuse_onednn_linears(&mut self) -> std::result::Result<usize, String> {
+        let mut err = std::ptr::null_mut();
+        // SAFETY: `raw` is live, and `&mut self` keeps other threads out.
+        let n = unsafe { vmsn_rt_artifact_unfuse_onednn_linears(self.raw, &mut err) };
         usize::try_from(n).map_err(|_| take_error(err))
     }
 

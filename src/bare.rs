@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use tch::{CModule, Device, IValue, Kind, Tensor};
 
 use crate::bundle::first_line;
+use crate::cpu::{Cpu, CpuFeature};
 use crate::describe::describe;
 use crate::error::{Error, Result};
 use crate::fsutil::{check_regular_file, read_regular_text};
@@ -43,6 +44,27 @@ fn arity(schema: &str) -> usize {
         .count()
 }
 
+/// A vit-msn artifact whose kernels need a CPU feature this CPU lacks is
+/// refused at load: a bundle rewrites such linears at load, a bare file
+/// cannot be.
+fn check_cpu_features(path: &Path, description: Option<&serde_json::Value>) -> Result<()> {
+    let wanted: Vec<CpuFeature> = description
+        .and_then(|d| d.get("cpu_features"))
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
+        .unwrap_or_default();
+    match Cpu::detect().missing(&wanted).first() {
+        None => Ok(()),
+        Some(f) => Err(Error::Artifact {
+            path: path.display().to_string(),
+            message: format!(
+                "compiled with {f}, which needs {}, and this CPU lacks it ({}): run it from its bundle (`vit-msn run --bundle`), which falls back to aten::linear, or recompile with --linear aten",
+                f.needs(),
+                Cpu::detect().summary()
+            ),
+        }),
+    }
+}
+
 impl BareArtifact {
     pub fn load(path: &Path) -> Result<Self> {
         let d = describe(path)?;
@@ -56,6 +78,7 @@ impl BareArtifact {
                 ),
             });
         }
+        check_cpu_features(path, d.vit_msn.as_ref())?;
         check_regular_file(path)?;
         // From the path: libtorch reads the archive record by record, where
         // tch's load-from-buffer would hold extra copies of the file.

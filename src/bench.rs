@@ -38,6 +38,12 @@ pub struct Report {
     pub height: i64,
     pub width: i64,
     pub iters: usize,
+    /// The CPU it ran on ([`crate::cpu::Cpu::summary`]); absent in older baselines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<String>,
+    /// The CPU features the bundle's kernels use (the manifest's).
+    #[serde(default)]
+    pub cpu_features: Vec<crate::cpu::CpuFeature>,
     pub results: Vec<BatchResult>,
 }
 
@@ -239,6 +245,14 @@ pub fn comparable(
     if baseline.device != current.device {
         return mismatch("device", &baseline.device, &current.device);
     }
+    if let (Some(theirs), Some(ours)) = (&baseline.cpu, &current.cpu) {
+        // Only a note: a baseline is often carried to a similar machine.
+        if theirs != ours {
+            eprintln!(
+                "note: the baseline was measured on another CPU ({theirs}); this one is {ours}"
+            );
+        }
+    }
     if let (Some(theirs), Some(ours)) = (&baseline.model, &current.model) {
         if theirs != ours {
             return Err(Error::file(
@@ -346,6 +360,8 @@ mod tests {
             height: 224,
             width: 224,
             iters: 5,
+            cpu: None,
+            cpu_features: Vec::new(),
             results: medians
                 .iter()
                 .map(|&(batch, median_ms)| BatchResult {

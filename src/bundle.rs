@@ -11,6 +11,7 @@ use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 
 use crate::artifact::{Artifact, RawOutput};
+use crate::cpu::{Cpu, CpuFeature};
 use crate::cuda_graph::CudaGraph;
 use crate::describe::{embedded_description, ARTIFACT_EXTRA_FILE};
 use crate::device::{check_available, device_name, parse_dtype};
@@ -141,6 +142,14 @@ fn load_open_file(
     .map_err(|e| first_line(&e))
 }
 
+/// The oneDNN kernel a `dtype` artifact's linears may use that this CPU
+/// lacks, if any: their linears are then rewritten to aten::linear at load.
+/// Decided by the dtype, not the manifest's `cpu_features`, since bundles
+/// written before the manifest recorded them use the kernel too.
+fn onednn_fallback(dtype: &str, device: Device) -> Option<CpuFeature> {
+    CpuFeature::for_onednn_linear(dtype).filter(|f| device == Device::Cpu && !Cpu::detect().has(*f))
+}
+
 impl Bundle {
     /// Reads and checks the manifest, verifies every artifact's sha256, loads
     /// each on `device` and warms it up (see [`LoadOptions`] for loading
@@ -185,6 +194,10 @@ impl Bundle {
                 }
             }
         }
+        let fallback = onednn_fallback(&manifest.dtype, device);
+        if device == Device::Cpu {
+            crate::cpu::warn_if_slow(&manifest.dtype, fallback);
+        }
         let mut artifacts = Vec::new();
         for entry in &manifest.artifacts {
             let path = dir.join(&entry.file);
@@ -213,7 +226,10 @@ impl Bundle {
                 continue;
             }
             let mut module = load_open_file(&file, &path, device).map_err(bad)?;
-            if device == Device::Cpu && options.prepack_linears {
+            if fallback.is_some() {
+                // oneDNN has no kernel for this dtype here: ATen's GEMM instead.
+                module.unfuse_onednn_linears().map_err(bad)?;
+            } else if device == Device::Cpu && options.prepack_linears {
                 let patch = manifest.model.patch_size.max(1);
                 let tokens = (entry.height / patch) * (entry.width / patch) + 1;
                 // Only an optimisation: a node whose weight could not be
@@ -747,8 +763,13 @@ pub fn replace_artifact_waiting(
             )));
         }
     }
-    let module = load_open_file(&file, new_artifact, Device::Cpu)
+    let mut module = load_open_file(&file, new_artifact, Device::Cpu)
         .map_err(|e| refuse(format!("does not load: {e}")))?;
+    if onednn_fallback(&manifest.dtype, Device::Cpu).is_some() {
+        module
+            .unfuse_onednn_linears()
+            .map_err(|e| refuse(format!("does not load: {e}")))?;
+    }
     let entry = &manifest.artifacts[index];
     let kind = parse_dtype(&manifest.dtype)?;
     let batch = 2;
@@ -816,6 +837,13 @@ pub fn replace_artifact_waiting(
         let file = &manifest.artifacts[index].file;
         std::fs::write(staged.join(file), &bytes).map_err(|e| Error::io(&staged.join(file), e))?;
         manifest.artifacts[index].sha256 = sha256_hex(&bytes);
+        // The bundle now needs what the new file's kernels need, too.
+        let theirs = own.as_ref().and_then(|d| d.get("cpu_features")).cloned();
+        if let Some(Ok(theirs)) = theirs.map(serde_json::from_value::<Vec<CpuFeature>>) {
+            manifest.cpu_features.extend(theirs);
+            manifest.cpu_features.sort();
+            manifest.cpu_features.dedup();
+        }
         let text =
             serde_json::to_string_pretty(&manifest).map_err(|e| Error::file(dir, e.to_string()))?;
         std::fs::write(staged.join(MANIFEST_FILE), text).map_err(|e| Error::io(&staged, e))?;
@@ -911,6 +939,13 @@ fn torch_error(e: tch::TchError) -> Error {
 /// `builtins.ValueError: ...` from a `raise`), which is the one worth showing.
 pub fn first_line(message: &str) -> String {
     let first = message.lines().next().unwrap_or("");
+    // oneDNN's own words name neither the CPU nor a remedy.
+    if message.contains("could not create a primitive descriptor") {
+        return format!(
+            "oneDNN has no kernel for this artifact's operations in its dtype on this CPU ({}): bf16 and f16 linears need AVX-512 or AVX2-VNNI-2; load it from its bundle, which falls back to aten::linear, or recompile without --linear onednn",
+            crate::cpu::Cpu::detect().summary()
+        );
+    }
     if first.contains("failed in the TorchScript interpreter") {
         if let Some((kind, cause)) = message.lines().rev().find_map(exception_line) {
             let kind = kind.strip_prefix("builtins.").unwrap_or(kind);

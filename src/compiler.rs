@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use crate::bundle::sha256_hex;
+use crate::cpu::{Cpu, CpuFeature};
 use crate::device;
 use crate::error::{Error, Result};
 use crate::fsutil::{
@@ -17,6 +18,7 @@ use crate::manifest::{
     MANIFEST_FILE,
 };
 use vit_msn_graph::compile::dtype_name;
+use vit_msn_graph::encoder::LinearBackend;
 use vit_msn_graph::{CompileOptions, Task};
 
 /// Compiles `model_dir` into a bundle at `out`, staged in a temporary folder
@@ -43,7 +45,57 @@ pub fn compile_bundle(model_dir: &Path, out: &Path, opts: &CompileOptions) -> Re
     result
 }
 
+/// The GEMM the linears use, and the CPU features that ties the artifacts
+/// to. By default: oneDNN in f32, whose kernels run on every x86-64 CPU;
+/// oneDNN in bf16 where this CPU has its bf16 inner product (AVX-512 or
+/// AVX2-VNNI-2), recorded, so that a runtime on a CPU without it falls back
+/// to aten::linear; aten::linear otherwise (f16, CUDA, AVX2-only CPUs).
+/// `--linear onednn` in bf16 or f16 is refused where this CPU cannot trace
+/// it, before anything loads.
+fn resolve_linear(opts: &CompileOptions) -> Result<(LinearBackend, Vec<CpuFeature>)> {
+    let dtype = dtype_name(opts.kind);
+    let on_cpu = opts.device == tch::Device::Cpu;
+    let cpu = Cpu::detect();
+    let backend = opts.linear.unwrap_or(match dtype {
+        "f32" if on_cpu => LinearBackend::OneDnn,
+        "bf16" if on_cpu && cpu.has(CpuFeature::OnednnBf16) => LinearBackend::OneDnn,
+        _ => LinearBackend::Aten,
+    });
+    if backend != LinearBackend::OneDnn {
+        return Ok((backend, Vec::new()));
+    }
+    if !on_cpu {
+        return Err(Error::input(
+            "linear",
+            "the oneDNN linear runs on the CPU only; CUDA artifacts use aten",
+        ));
+    }
+    let Some(feature) = CpuFeature::for_onednn_linear(dtype) else {
+        return Ok((backend, Vec::new()));
+    };
+    if !cpu.has(feature) {
+        return Err(Error::input(
+            "linear",
+            format!(
+                "oneDNN's {dtype} linear needs {}, which this CPU lacks ({}); leave out --linear onednn: the default, aten, runs on every CPU",
+                feature.needs(),
+                cpu.summary()
+            ),
+        ));
+    }
+    Ok((backend, vec![feature]))
+}
+
 fn build_bundle(model_dir: &Path, staged: &Path, opts: &CompileOptions) -> Result<Manifest> {
+    let (linear, cpu_features) = resolve_linear(opts)?;
+    if opts.device == tch::Device::Cpu {
+        crate::cpu::warn_if_slow(dtype_name(opts.kind), None);
+    }
+    let opts = &CompileOptions {
+        linear: Some(linear),
+        cpu_features: cpu_features.iter().map(|f| f.name().to_owned()).collect(),
+        ..opts.clone()
+    };
     let compiled = vit_msn_graph::compile(model_dir, staged, opts)?;
     let model = &compiled.model;
     let specs = |v: &[vit_msn_graph::compile::TensorSpec]| -> Vec<TensorSpec> {
@@ -107,6 +159,7 @@ fn build_bundle(model_dir: &Path, staged: &Path, opts: &CompileOptions) -> Resul
         },
         dtype: dtype_name(opts.kind).into(),
         device: device::device_name(opts.device),
+        cpu_features,
         preprocessing: Some(preprocessing.to_json()),
         artifacts,
         source: Source {

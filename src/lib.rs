@@ -20,6 +20,7 @@ pub mod bench;
 pub mod bundle;
 #[cfg(feature = "compiler")]
 pub mod compiler;
+pub mod cpu;
 pub mod cuda_graph;
 pub mod describe;
 pub mod device;

@@ -5,6 +5,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::cpu::CpuFeature;
 use crate::error::{Error, Result};
 use crate::image::MAX_TARGET_SIDE;
 
@@ -33,6 +34,11 @@ pub struct Manifest {
     pub dtype: String,
     /// `cpu` or `cuda:N`.
     pub device: String,
+    /// CPU features the artifacts' kernels use (see [`crate::cpu`]); empty
+    /// for artifacts that run on every x86-64 CPU. The runtime falls back to
+    /// portable kernels on a CPU that lacks one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpu_features: Vec<CpuFeature>,
     /// How images are turned into `pixel_values` for this bundle, when known.
     #[serde(default)]
     pub preprocessing: Option<Value>,

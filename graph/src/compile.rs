@@ -25,8 +25,12 @@ pub struct CompileOptions {
     pub device: Device,
     /// Overrides the task that `architectures` names.
     pub task: Option<Task>,
-    /// GEMM backend for the linears; `None` picks oneDNN on CPU in f32/bf16, else aten.
+    /// GEMM backend for the linears; `None` picks oneDNN on the CPU in f32
+    /// (its kernels run on every x86-64 CPU), else aten.
     pub linear: Option<LinearBackend>,
+    /// CPU features the chosen kernels need, as the runtime names them,
+    /// recorded in each artifact's description.
+    pub cpu_features: Vec<String>,
 }
 
 /// One tensor of an artifact's signature. `-1` marks the batch dimension.
@@ -116,14 +120,15 @@ pub fn compile(model_dir: &Path, out_dir: &Path, opts: &CompileOptions) -> Resul
         .map(|&(h, w)| tch::no_grad(|| model.vit.embeddings.position_table(h, w)))
         .collect();
     model.vs.set_kind(opts.kind);
-    // oneDNN's inner product has no f16 kernel on these CPUs; f32 and bf16 use it.
+    // oneDNN's bf16 and f16 inner products need AVX-512 (or AVX2-VNNI-2);
+    // its f32 one runs on every x86-64 CPU.
     let backend = opts.linear.unwrap_or(match (opts.device, opts.kind) {
-        (Device::Cpu, Kind::Float | Kind::BFloat16) => LinearBackend::OneDnn,
+        (Device::Cpu, Kind::Float) => LinearBackend::OneDnn,
         _ => LinearBackend::Aten,
     });
-    if backend == LinearBackend::OneDnn && (opts.device != Device::Cpu || opts.kind == Kind::Half) {
+    if backend == LinearBackend::OneDnn && opts.device != Device::Cpu {
         return Err(Error::Invalid(
-            "the oneDNN linear runs on the CPU in f32 or bf16 only".into(),
+            "the oneDNN linear runs on the CPU only".into(),
         ));
     }
     model.vit.fuse(backend);
@@ -185,6 +190,7 @@ pub fn compile(model_dir: &Path, out_dir: &Path, opts: &CompileOptions) -> Resul
             "task": model.task,
             "dtype": dtype,
             "device": device_name(opts.device),
+            "cpu_features": opts.cpu_features,
             "height": h,
             "width": w,
             "inputs": artifact.inputs,

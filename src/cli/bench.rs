@@ -6,6 +6,7 @@ use vit_msn::bench::{
     time_batch, Report,
 };
 use vit_msn::bundle::LoadOptions;
+use vit_msn::cpu::{cpu_features_text, Cpu};
 use vit_msn::fsutil::write_atomic;
 use vit_msn::manifest::Manifest;
 use vit_msn::Bundle;
@@ -115,6 +116,8 @@ pub fn bench(a: BenchArgs) -> CliResult {
         height,
         width,
         iters: a.iters,
+        cpu: (device == tch::Device::Cpu).then(|| Cpu::detect().summary()),
+        cpu_features: m.cpu_features.clone(),
         results: Vec::new(),
     };
     let not_compared = match &baseline {
@@ -143,6 +146,10 @@ pub fn bench(a: BenchArgs) -> CliResult {
             "({} {}x{} on {}, {} threads, {} timed passes each)",
             report.dtype, height, width, report.device, report.threads, a.iters
         );
+        if let Some(cpu) = &report.cpu {
+            println!("cpu: {cpu}");
+            println!("bundle uses: {}", cpu_features_text(&m.cpu_features));
+        }
     }
     let slower = match &baseline {
         Some((_, base)) => regressions(&report, base, max_regression),

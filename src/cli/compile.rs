@@ -37,7 +37,10 @@ pub struct CompileArgs {
     /// backbone or classification; default from the config's `architectures`.
     #[arg(long)]
     task: Option<String>,
-    /// GEMM for the linears: onednn (default on CPU; fuses GELU) or aten (MKL/cuBLAS).
+    /// GEMM for the linears: onednn (fuses GELU; the default on the CPU in
+    /// f32, and in bf16 where this CPU has oneDNN's bf16 kernel, AVX-512 or
+    /// AVX2-VNNI-2) or aten (MKL/cuBLAS; runs on every CPU, and the default
+    /// otherwise).
     #[arg(long)]
     linear: Option<String>,
 }
@@ -82,6 +85,7 @@ pub fn compile(a: CompileArgs) -> CliResult {
                 )))
             }
         },
+        cpu_features: Vec::new(),
     };
     // Tracing a large model takes a while: show that it is working, on a terminal.
     let spinner = if std::io::stderr().is_terminal() {

@@ -108,6 +108,7 @@ pub fn demo(a: DemoArgs) -> CliResult {
             device: Device::Cpu,
             task: None,
             linear: None,
+            cpu_features: Vec::new(),
         };
         let start = Instant::now();
         compile_bundle(&model_dir, &a.out, &opts)?;

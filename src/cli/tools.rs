@@ -6,6 +6,7 @@ use clap::Args;
 use serde_json::json;
 use tch::Tensor;
 use vit_msn::bundle::sha256_hex;
+use vit_msn::cpu::{cpu_features_text, Cpu};
 use vit_msn::describe::describe;
 use vit_msn::image::{preprocess_path, Preprocessing};
 use vit_msn::inputs::collect_images;
@@ -160,6 +161,7 @@ fn inspect_bundle(dir: &Path, as_json: bool) -> CliResult {
         .collect();
     if as_json {
         let mut v = serde_json::to_value(&m)?;
+        v["this_cpu"] = json!(Cpu::detect().summary());
         v["digests_ok"] = json!(digests
             .iter()
             .map(|(f, ok)| json!({ "file": f, "ok": ok }))
@@ -185,6 +187,8 @@ fn inspect_bundle(dir: &Path, as_json: bool) -> CliResult {
         md.image_size
     );
     println!("dtype:    {}    device: {}", m.dtype, m.device);
+    println!("cpu features used: {}", cpu_features_text(&m.cpu_features));
+    println!("this cpu: {}", Cpu::detect().summary());
     if !md.labels.is_empty() {
         println!(
             "labels:   {} ({})",

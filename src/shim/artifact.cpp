@@ -85,6 +85,45 @@ int vmsn_rt_artifact_prepack_linears(VmsnArtifact *a, int64_t rows, char **err) 
   return -1;
 }
 
+// Rewrites every `mkldnn::_linear_pointwise` into `aten::linear`, followed by
+// `aten::gelu` where the node fused one: the same arithmetic through ATen's
+// GEMM, which runs on every CPU, for a CPU on which oneDNN has no kernel for
+// the artifact's dtype. Returns how many nodes were rewritten, or -1 with
+// *err set (a post-op other than none or gelu, which vit-msn never writes).
+int vmsn_rt_artifact_unfuse_onednn_linears(VmsnArtifact *a, char **err) {
+  try {
+    auto graph = a->module.get_method("forward").graph();
+    static const auto pointwise = c10::Symbol::fromQualString("mkldnn::_linear_pointwise");
+    std::vector<torch::jit::Node *> found;
+    for (torch::jit::Node *node : graph->nodes())
+      if (node->kind() == pointwise) found.push_back(node);
+    for (torch::jit::Node *node : found) {
+      // (input, weight, bias, attr, scalars, algorithm)
+      if (node->inputs().size() != 6) throw std::runtime_error("unexpected _linear_pointwise schema");
+      auto attr = torch::jit::toIValue(node->input(3));
+      auto algorithm = torch::jit::toIValue(node->input(5));
+      if (!attr || !attr->isString()) throw std::runtime_error("_linear_pointwise with a non-constant post-op");
+      const std::string op = attr->toStringRef();
+      if (op != "none" && op != "gelu")
+        throw std::runtime_error("oneDNN linear with post-op `" + op + "` has no fallback");
+      torch::jit::WithInsertPoint guard(node);
+      torch::jit::Value *y = graph->insert(c10::aten::linear, {node->input(0), node->input(1), node->input(2)});
+      if (op == "gelu") {
+        std::string approximate = "none";
+        if (algorithm && algorithm->isString() && algorithm->toStringRef() == "tanh") approximate = "tanh";
+        y = graph->insert(c10::aten::gelu, {y}, {torch::jit::NamedValue("approximate", approximate)});
+      }
+      y->setType(node->output()->type());
+      node->output()->replaceAllUsesWith(y);
+      node->destroy();
+    }
+    return static_cast<int>(found.size());
+  } catch (const std::exception &e) {
+    set_error(err, e);
+  }
+  return -1;
+}
+
 // Runs forward without autograd. On success returns the number of outputs and
 // sets *tensors (malloc'ed array of new torch::Tensor*) and *names (malloc'ed
 // array of malloc'ed strings; NULL entries for positional outputs): a
