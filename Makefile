@@ -41,7 +41,7 @@ demo: libtorch
 	./target/release/vit-msn demo
 
 # A venv bootstrapped before these were on the list gets them here.
-$(FIXTURES)/COMPLETE: tests/fixtures/make_fixtures.py | $(BOOTSTRAP)
+$(FIXTURES)/COMPLETE: tests/fixtures/make_fixtures.py tests/bounds.json | $(BOOTSTRAP)
 	$(PY) -c 'import PIL, sklearn' 2>/dev/null || $(VENV)/bin/pip install $(IMAGE_PIP_PACKAGES) scikit-learn
 	rm -rf $(FIXTURES)
 	$(PY) tests/fixtures/make_fixtures.py $(FIXTURES)
@@ -55,9 +55,22 @@ $(IMAGE_FIXTURES)/COMPLETE: tests/fixtures/make_image_fixtures.py $(wildcard tes
 
 fixtures: $(FIXTURES)/COMPLETE $(IMAGE_FIXTURES)/COMPLETE
 
+# Run under these, any x86-64 machine computes as an AVX2-only CPU (AMD Zen 3) does.
+AVX2_ONLY := ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
+
 # The last line sums up every test binary's results: "test: N passed, N failed".
+# The parity suite runs twice: on this CPU, and as on an AVX2-only one.
 test: libtorch fixtures
 	mkdir -p target; set -o pipefail; cargo test --workspace 2>&1 | tee target/test.log
+	@echo "==> parity as on an AVX2-only CPU ($(AVX2_ONLY))"
+	set -o pipefail; $(AVX2_ONLY) cargo test --test parity 2>&1 | tee -a target/test.log
+	@echo "==> published shapes (small, base) in f32, f16 and bf16, every output, here and as on AVX2 (log in target/shapes.log)"
+	rm -f target/shapes.log; for d in f32 f16 bf16; do \
+	  $(PY) tests/sweep/published_shapes.py --only small,base --dtype $$d --all-outputs \
+	    --modes native,native-avx2,avx2 --bin target/debug/vit-msn >> target/shapes.log 2>&1 \
+	    || { tail -n 40 target/shapes.log; exit 1; }; \
+	done
+	@grep -E "shapes within" target/shapes.log | tail -n 3
 	$(MAKE) interop
 	@echo "==> random-config parity sweep (tests/sweep/config_sweep.py, log in target/sweep.log)"
 	$(PY) tests/sweep/config_sweep.py $(SWEEP_ARGS) --bin target/debug/vit-msn > target/sweep.log 2>&1 \
@@ -79,7 +92,8 @@ sweep: libtorch
 	$(PY) tests/sweep/config_sweep.py $(SWEEP_ARGS)
 
 # The published checkpoints' shapes (small, base, large, base-4, large-7) with
-# random weights against transformers; about 2.5 minutes, not part of `make test`.
+# random weights against transformers; about 2.5 minutes. `make test` runs small
+# and base.
 shapes: libtorch
 	cargo build --release
 	$(PY) tests/sweep/published_shapes.py $(SHAPES_ARGS)
@@ -115,9 +129,9 @@ side-by-side: libtorch
 startup: demo
 	$(PY) benches/startup.py
 
-# Builds a binary against PyTorch 2.11.0 / tch 0.24 for the GPU machines (see scripts/gpu-check.sh).
+# Builds a binary against PyTorch 2.11.0 / tch 0.24 for the GPU machines (tests/gpu/build.sh; tests/gpu/check.sh runs there).
 gpu-check:
-	bash scripts/gpu-check.sh build
+	bash tests/gpu/build.sh
 
 clean:
 	cargo clean

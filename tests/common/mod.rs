@@ -90,10 +90,23 @@ pub fn compile_case(case: &str, name: &str, extra: &[&str]) -> PathBuf {
 }
 
 pub fn vit_msn(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
+    vit_msn_env(args, &[])
+}
+
+/// Set on a child process, these make any x86-64 machine compute as an
+/// AVX2-only CPU (AMD Zen 3) does: oneDNN and ATen's kernels capped at AVX2.
+pub const AVX2_ONLY: &[(&str, &str)] = &[
+    ("ONEDNN_MAX_CPU_ISA", "AVX2"),
+    ("ATEN_CPU_CAPABILITY", "avx2"),
+];
+
+/// [`vit_msn`] with environment variables set for the child.
+pub fn vit_msn_env(args: &[&dyn AsRef<std::ffi::OsStr>], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(bin());
     for a in args {
         cmd.arg(a);
     }
+    cmd.envs(env.iter().copied());
     cmd.output().expect("run vit-msn")
 }
 
@@ -126,14 +139,58 @@ pub fn within(got: &Tensor, expected: &Tensor, tol: f64) -> (f64, f64, bool) {
     (diff, tol * scale, diff <= tol * scale)
 }
 
-/// Every expected tensor is present in `got` and within tolerance. Returns
-/// (name, max diff) per output for reporting.
+/// A parity bound per output: the primary one (last_hidden_state or
+/// logits, and a loss), hidden_states and attentions, each a fraction of
+/// max(1, max |ref|).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Bounds {
+    pub primary: f64,
+    pub hidden_states: f64,
+    pub attentions: f64,
+}
+
+impl Bounds {
+    pub fn for_output(&self, name: &str) -> f64 {
+        match name {
+            "hidden_states" => self.hidden_states,
+            "attentions" => self.attentions,
+            _ => self.primary,
+        }
+    }
+
+    /// A number (the same bound on every output) or
+    /// `{"primary", "hidden_states", "attentions"}`.
+    pub fn from_json(v: &serde_json::Value) -> Option<Bounds> {
+        if let Some(t) = v.as_f64() {
+            return Some(t.into());
+        }
+        Some(Bounds {
+            primary: v["primary"].as_f64()?,
+            hidden_states: v["hidden_states"].as_f64()?,
+            attentions: v["attentions"].as_f64()?,
+        })
+    }
+}
+
+impl From<f64> for Bounds {
+    fn from(t: f64) -> Self {
+        Bounds {
+            primary: t,
+            hidden_states: t,
+            attentions: t,
+        }
+    }
+}
+
+/// Every expected tensor is present in `got` and within its bound. Returns
+/// (name, max diff relative to max(1, max |ref|)) per output for reporting.
 pub fn check_outputs(
     got: &[(String, Tensor)],
     expected: &[(String, Tensor)],
-    tol: f64,
+    bounds: impl Into<Bounds>,
     label: &str,
 ) -> Vec<(String, f64)> {
+    let bounds = bounds.into();
     let mut report = Vec::new();
     assert!(!expected.is_empty(), "{label}: no expected outputs");
     for (name, want) in expected {
@@ -142,6 +199,7 @@ pub fn check_outputs(
             .find(|(n, _)| n == name)
             .map(|(_, t)| t)
             .unwrap_or_else(|| panic!("{label}: output `{name}` is missing"));
+        let tol = bounds.for_output(name);
         let (diff, bound, ok) = within(have, want, tol);
         assert!(
             ok,
@@ -200,9 +258,22 @@ fn case_spec(dir: &Path) -> serde_json::Value {
 /// `run_extra`), writing into `work`, and checks each output against the
 /// case's reference and tolerance.
 pub fn check_runs(case: &str, bundle: &Path, work: &Path, run_extra: &[&str]) {
+    check_runs_env(case, bundle, work, run_extra, &[]);
+}
+
+/// [`check_runs`] with environment variables set for each run; returns
+/// each run's stderr.
+pub fn check_runs_env(
+    case: &str,
+    bundle: &Path,
+    work: &Path,
+    run_extra: &[&str],
+    env: &[(&str, &str)],
+) -> Vec<String> {
+    let mut stderrs = Vec::new();
     let dir = case_dir(case);
     let spec = case_spec(&dir);
-    let tol = spec["tolerance"].as_f64().expect("tolerance");
+    let tol = Bounds::from_json(&spec["tolerance"]).expect("tolerance");
     let runs = spec["runs"].as_array().expect("runs");
     assert!(!runs.is_empty());
     for run in runs {
@@ -222,7 +293,7 @@ pub fn check_runs(case: &str, bundle: &Path, work: &Path, run_extra: &[&str]) {
             &device,
         ];
         run_args.extend(run_extra.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
-        let result = vit_msn(&run_args);
+        let result = vit_msn_env(&run_args, env);
         assert_ok(&result, &format!("{case}/{name}: run"));
         let report = check_outputs(
             &read(&out),
@@ -231,7 +302,9 @@ pub fn check_runs(case: &str, bundle: &Path, work: &Path, run_extra: &[&str]) {
             &format!("{case}/{name}"),
         );
         eprintln!("{case}/{name}: {report:?}");
+        stderrs.push(String::from_utf8_lossy(&result.stderr).into_owned());
     }
+    stderrs
 }
 
 /// Sets the sizes of every entry whose name contains `part` in a zip's
