@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 use tch::{CModule, Device, IValue, Kind, Tensor};
 
 use crate::bundle::first_line;
-use crate::cpu::{Cpu, CpuFeature};
+use crate::cpu::Cpu;
 use crate::describe::describe;
+use crate::describe::ArtifactDescription;
 use crate::error::{Error, Result};
 use crate::fsutil::{check_regular_file, read_regular_text};
 
@@ -23,7 +24,7 @@ pub struct BareArtifact {
     /// 1 (pixel_values) or 3 (with bool_masked_pos and head_mask).
     arity: usize,
     /// The file's own description, when vit-msn wrote it.
-    pub description: Option<serde_json::Value>,
+    pub description: Option<ArtifactDescription>,
 }
 
 /// What a bare artifact returned.
@@ -47,12 +48,9 @@ fn arity(schema: &str) -> usize {
 /// A vit-msn artifact whose kernels need a CPU feature this CPU lacks is
 /// refused at load: a bundle rewrites such linears at load, a bare file
 /// cannot be.
-fn check_cpu_features(path: &Path, description: Option<&serde_json::Value>) -> Result<()> {
-    let wanted: Vec<CpuFeature> = description
-        .and_then(|d| d.get("cpu_features"))
-        .and_then(|v| serde_json::from_value(v.clone()).ok())
-        .unwrap_or_default();
-    match Cpu::detect().missing(&wanted).first() {
+fn check_cpu_features(path: &Path, description: Option<&ArtifactDescription>) -> Result<()> {
+    let wanted = description.map_or(&[][..], |d| d.cpu_features.as_slice());
+    match Cpu::detect().missing(wanted).first() {
         None => Ok(()),
         Some(f) => Err(Error::Artifact {
             path: path.display().to_string(),
@@ -128,17 +126,12 @@ impl BareArtifact {
         if self.arity == 3 {
             let b = pixel_values.size()[0];
             let spec = |name: &str| {
-                self.description.as_ref().and_then(|d| {
-                    d["inputs"]
-                        .as_array()?
-                        .iter()
-                        .find(|i| i["name"] == name)
-                        .map(|i| {
-                            i["shape"]
-                                .as_array()
-                                .map(|s| s.iter().filter_map(|v| v.as_i64()).collect::<Vec<_>>())
-                        })
-                })?
+                self.description
+                    .as_ref()?
+                    .inputs
+                    .iter()
+                    .find(|i| i.name == name)
+                    .map(|i| i.shape.clone())
             };
             let mask = match bool_masked_pos {
                 Some(m) => m.ne(0),

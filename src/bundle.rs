@@ -13,7 +13,7 @@ use tch::{Device, Kind, Tensor};
 use crate::artifact::{Artifact, RawOutput};
 use crate::cpu::{Cpu, CpuFeature};
 use crate::cuda_graph::CudaGraph;
-use crate::describe::{embedded_description, ARTIFACT_EXTRA_FILE};
+use crate::describe::{embedded_description, ArtifactDescription, ARTIFACT_EXTRA_FILE};
 use crate::device::{check_available, device_name, parse_dtype};
 use crate::error::{Error, Result};
 use crate::fsutil::{check_regular_file, remove_stale_siblings, replace_dir, sibling_tmp};
@@ -107,13 +107,8 @@ impl Output {
     }
 }
 
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex(&Sha256::digest(bytes))
-}
-
-fn hex(digest: &[u8]) -> String {
-    digest.iter().map(|b| format!("{b:02x}")).collect()
-}
+use vit_msn_format::hex;
+pub use vit_msn_format::sha256_hex;
 
 /// The sha256 of an open file from its start, read in small blocks.
 fn sha256_of(mut file: &File) -> std::io::Result<String> {
@@ -651,16 +646,12 @@ impl Bundle {
 /// with more outputs, and a file without a description is not checked.
 fn check_against_description(
     entry: &ArtifactEntry,
-    own: &serde_json::Value,
+    own: &ArtifactDescription,
 ) -> std::result::Result<(), String> {
-    for (what, listed) in [("input", &entry.inputs), ("output", &entry.outputs)] {
-        let key = format!("{what}s");
-        let Some(theirs) = own
-            .get(&key)
-            .and_then(|v| serde_json::from_value::<Vec<TensorSpec>>(v.clone()).ok())
-        else {
-            continue;
-        };
+    for (what, listed, theirs) in [
+        ("input", &entry.inputs, &own.inputs),
+        ("output", &entry.outputs, &own.outputs),
+    ] {
         for spec in listed {
             if let Some(t) = theirs.iter().find(|t| t.name == spec.name) {
                 if t.shape != spec.shape {
@@ -755,7 +746,7 @@ pub fn replace_artifact_waiting(
     let own = embedded_description(&file);
     // A file of another dtype fails the probe with libtorch's opaque
     // message; its own description says why.
-    if let Some(dtype) = own.as_ref().and_then(|d| d.get("dtype")?.as_str()) {
+    if let Some(dtype) = own.as_ref().map(|d| d.dtype.as_str()) {
         if dtype != manifest.dtype {
             return Err(refuse(format!(
                 "it was compiled for {dtype}, and the bundle's artifacts are {} (its {ARTIFACT_EXTRA_FILE})",
@@ -838,9 +829,8 @@ pub fn replace_artifact_waiting(
         std::fs::write(staged.join(file), &bytes).map_err(|e| Error::io(&staged.join(file), e))?;
         manifest.artifacts[index].sha256 = sha256_hex(&bytes);
         // The bundle now needs what the new file's kernels need, too.
-        let theirs = own.as_ref().and_then(|d| d.get("cpu_features")).cloned();
-        if let Some(Ok(theirs)) = theirs.map(serde_json::from_value::<Vec<CpuFeature>>) {
-            manifest.cpu_features.extend(theirs);
+        if let Some(own) = &own {
+            manifest.cpu_features.extend(&own.cpu_features);
             manifest.cpu_features.sort();
             manifest.cpu_features.dedup();
         }

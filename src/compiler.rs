@@ -14,8 +14,7 @@ use crate::fsutil::{
 };
 use crate::image::Preprocessing;
 use crate::manifest::{
-    ArtifactEntry, FileDigest, Manifest, ModelInfo, Source, TensorSpec, FORMAT_VERSION,
-    MANIFEST_FILE,
+    ArtifactEntry, FileDigest, Manifest, ModelInfo, Source, FORMAT_VERSION, MANIFEST_FILE,
 };
 use vit_msn_graph::compile::dtype_name;
 use vit_msn_graph::encoder::LinearBackend;
@@ -93,20 +92,11 @@ fn build_bundle(model_dir: &Path, staged: &Path, opts: &CompileOptions) -> Resul
     }
     let opts = &CompileOptions {
         linear: Some(linear),
-        cpu_features: cpu_features.iter().map(|f| f.name().to_owned()).collect(),
+        cpu_features: cpu_features.clone(),
         ..opts.clone()
     };
     let compiled = vit_msn_graph::compile(model_dir, staged, opts)?;
     let model = &compiled.model;
-    let specs = |v: &[vit_msn_graph::compile::TensorSpec]| -> Vec<TensorSpec> {
-        v.iter()
-            .map(|s| TensorSpec {
-                name: s.name.clone(),
-                dtype: s.dtype.clone(),
-                shape: s.shape.clone(),
-            })
-            .collect()
-    };
     let mut artifacts = Vec::new();
     for art in &compiled.artifacts {
         let path = staged.join(&art.file);
@@ -116,8 +106,8 @@ fn build_bundle(model_dir: &Path, staged: &Path, opts: &CompileOptions) -> Resul
             width: art.width,
             file: art.file.clone(),
             sha256: sha256_hex(&bytes),
-            inputs: specs(&art.inputs),
-            outputs: specs(&art.outputs),
+            inputs: art.inputs.clone(),
+            outputs: art.outputs.clone(),
         });
     }
     let cfg = &model.config;

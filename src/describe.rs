@@ -9,8 +9,7 @@ use std::path::Path;
 use crate::artifact::{take_error, take_string};
 use crate::error::{Error, Result};
 
-/// Name of the JSON file stored inside each vit-msn artifact.
-pub const ARTIFACT_EXTRA_FILE: &str = "vit_msn.json";
+pub use vit_msn_format::{ArtifactDescription, ARTIFACT_EXTRA_FILE};
 
 extern "C" {
     fn vmsn_rt_describe(
@@ -26,7 +25,7 @@ pub struct ModuleDescription {
     /// e.g. `forward(__torch__.VitMsn self, Tensor pixel_values, ...) -> Dict(str, Tensor)`.
     pub forward_schema: String,
     /// The artifact's own description, for files vit-msn wrote.
-    pub vit_msn: Option<serde_json::Value>,
+    pub vit_msn: Option<ArtifactDescription>,
 }
 
 /// A shim string, or "" for none.
@@ -80,7 +79,7 @@ pub fn describe(path: &Path) -> Result<ModuleDescription> {
 /// the zip archive the file is (libtorch stores entries uncompressed), so
 /// loading a bundle can compare it with the manifest without loading the
 /// module a second time. None when the file has none or is not such a zip.
-pub fn embedded_description(file: &File) -> Option<serde_json::Value> {
+pub fn embedded_description(file: &File) -> Option<ArtifactDescription> {
     let len = file.metadata().ok()?.len();
     let read = |offset: u64, n: u64| -> Option<Vec<u8>> {
         let mut buf = vec![0; usize::try_from(n).ok()?];

@@ -124,22 +124,16 @@ fn dlopen_global(path: &Path) -> std::result::Result<(), String> {
     })
 }
 
-pub fn device_name(device: Device) -> String {
-    match device {
-        Device::Cuda(i) => format!("cuda:{i}"),
-        _ => "cpu".into(),
-    }
-}
+pub use vit_msn_format::device_name;
 
 /// `f32`, `f16`, `bf16` → the tensor kind.
 pub fn parse_dtype(s: &str) -> Result<Kind> {
-    match s {
-        "f32" | "float32" => Ok(Kind::Float),
-        "f16" | "float16" => Ok(Kind::Half),
-        "bf16" | "bfloat16" => Ok(Kind::BFloat16),
-        other => Err(Error::input(
-            "dtype",
-            format!("unknown dtype `{other}` (expected f32, f16 or bf16)"),
-        )),
-    }
+    vit_msn_format::Dtype::parse(s)
+        .map(vit_msn_format::Dtype::kind)
+        .ok_or_else(|| {
+            Error::input(
+                "dtype",
+                format!("unknown dtype `{s}` (expected f32, f16 or bf16)"),
+            )
+        })
 }

@@ -416,11 +416,19 @@ pub fn write_classifier(
                 dtype: m.dtype.clone(),
                 shape: vec![-1, labels.len() as i64],
             }];
-            let extra = serde_json::json!({
-                "producer": manifest.compiler, "task": "classification", "dtype": m.dtype, "device": m.device,
-                "height": entry.height, "width": entry.width, "inputs": entry.inputs, "outputs": outputs,
-            })
-            .to_string();
+            let extra = crate::describe::ArtifactDescription {
+                producer: manifest.compiler.clone(),
+                task: vit_msn_format::Task::Classification,
+                dtype: m.dtype.clone(),
+                device: m.device.clone(),
+                cpu_features: m.cpu_features.clone(),
+                height: entry.height,
+                width: entry.width,
+                inputs: entry.inputs.clone(),
+                outputs: outputs.clone(),
+            };
+            let extra =
+                serde_json::to_string(&extra).map_err(|e| Error::file(out, e.to_string()))?;
             let (src, dst) = (
                 cstring(&backbone.dir().join(&entry.file).to_string_lossy())?,
                 cstring(&target.to_string_lossy())?,

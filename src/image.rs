@@ -47,8 +47,9 @@ pub const MAX_IMAGE_PIXELS: u64 = 89_478_485;
 pub const MAX_DECODER_ALLOC: u64 = 3 << 29;
 /// Largest image file read, in bytes.
 pub const MAX_FILE_BYTES: u64 = 1 << 30;
-/// Largest `size` a preprocessor config may ask for.
-pub const MAX_TARGET_SIDE: u32 = 16384;
+/// Largest `size` a preprocessor config may ask for: the largest side a
+/// bundle may be compiled for.
+pub use vit_msn_format::bounds::MAX_SIDE as MAX_TARGET_SIDE;
 
 /// The extensions [`is_image_path`] accepts (compared case-insensitively).
 pub const IMAGE_EXTENSIONS: [&str; 8] = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"];

@@ -10,13 +10,8 @@ use crate::error::{Error, Result};
 use crate::image::MAX_TARGET_SIDE;
 
 /// Bounds on the model facts a manifest may state; see `Manifest::validate`.
-/// Far above any real ViT (ViT-22B: hidden 6144, 48 layers, 48 heads;
-/// hyperspectral inputs have a few hundred bands), and small enough that
-/// every product of them stays well inside i64.
-pub const MAX_HIDDEN_SIZE: i64 = 65536;
-pub const MAX_LAYERS: i64 = 4096;
-pub const MAX_HEADS: i64 = 4096;
-pub const MAX_CHANNELS: i64 = 1024;
+pub use vit_msn_format::bounds::{MAX_CHANNELS, MAX_HEADS, MAX_HIDDEN_SIZE, MAX_LAYERS};
+pub use vit_msn_format::TensorSpec;
 
 /// The manifest format this program writes and the newest it reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -76,14 +71,6 @@ pub struct ArtifactEntry {
     pub sha256: String,
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
-}
-
-/// One input or output. `-1` in `shape` is the batch dimension.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TensorSpec {
-    pub name: String,
-    pub dtype: String,
-    pub shape: Vec<i64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -3,18 +3,15 @@
 
 use std::path::Path;
 
-use serde::Serialize;
 use tch::{Device, Kind, Tensor};
+use vit_msn_format::bounds::{MAX_PATCHES, MAX_SIDE};
+pub use vit_msn_format::{ArtifactDescription, CpuFeature, TensorSpec, ARTIFACT_EXTRA_FILE};
 
 use crate::config::Task;
 use crate::encoder::LinearBackend;
 use crate::model::{Model, Wanted};
 use crate::trace::trace_and_save;
 use crate::Error;
-
-/// Name of the JSON file stored inside each `.pt` that describes it.
-/// Must match `vit_msn::describe::ARTIFACT_EXTRA_FILE`, which reads it.
-pub const ARTIFACT_EXTRA_FILE: &str = "vit_msn.json";
 
 #[derive(Debug, Clone)]
 pub struct CompileOptions {
@@ -28,20 +25,12 @@ pub struct CompileOptions {
     /// GEMM backend for the linears; `None` picks oneDNN on the CPU in f32
     /// (its kernels run on every x86-64 CPU), else aten.
     pub linear: Option<LinearBackend>,
-    /// CPU features the chosen kernels need, as the runtime names them,
-    /// recorded in each artifact's description.
-    pub cpu_features: Vec<String>,
+    /// CPU features the chosen kernels need, recorded in each artifact's
+    /// description (`vit_msn::compiler` works them out).
+    pub cpu_features: Vec<CpuFeature>,
 }
 
-/// One tensor of an artifact's signature. `-1` marks the batch dimension.
-#[derive(Debug, Clone, Serialize)]
-pub struct TensorSpec {
-    pub name: String,
-    pub dtype: String,
-    pub shape: Vec<i64>,
-}
-
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct Artifact {
     pub height: i64,
     pub width: i64,
@@ -55,21 +44,10 @@ pub struct Compiled {
     pub artifacts: Vec<Artifact>,
 }
 
+/// `f32`, `f16`, `bf16` or `bool`, as specs name a tensor kind.
 pub fn dtype_name(kind: Kind) -> &'static str {
-    match kind {
-        Kind::Half => "f16",
-        Kind::BFloat16 => "bf16",
-        Kind::Bool => "bool",
-        _ => "f32",
-    }
+    vit_msn_format::Dtype::name_of(kind)
 }
-
-/// Largest side of a resolution, as the runtime's image code resizes to.
-pub const MAX_SIDE: i64 = 16384;
-/// Most patches per image: 512×512 of them (8192² pixels at patch 16). The
-/// trace holds several (2, tokens, hidden) activations, so more would exhaust
-/// memory long before anyone could run the artifact.
-pub const MAX_PATCHES: i64 = 1 << 18;
 
 /// Loads `model_dir` and writes one artifact per resolution into `out_dir`.
 /// For CUDA, libtorch's CUDA support must already be loaded (the `vit-msn`
@@ -100,9 +78,10 @@ pub fn compile(model_dir: &Path, out_dir: &Path, opts: &CompileOptions) -> Resul
                 p = cfg.patch_size
             )));
         }
-        if h > MAX_SIDE || w > MAX_SIDE {
+        let max_side = i64::from(MAX_SIDE);
+        if h > max_side || w > max_side {
             return Err(Error::Invalid(format!(
-                "resolution {h}x{w}: each side must be at most {MAX_SIDE} pixels"
+                "resolution {h}x{w}: each side must be at most {max_side} pixels"
             )));
         }
         let patches = (h / cfg.patch_size) * (w / cfg.patch_size);
@@ -185,17 +164,18 @@ pub fn compile(model_dir: &Path, out_dir: &Path, opts: &CompileOptions) -> Resul
         let pixel_values = Tensor::randn([2, cfg.num_channels, h, w], opts_f);
         let bool_masked_pos = Tensor::zeros([2, patches], (Kind::Bool, opts.device));
         let head_mask = Tensor::ones([layers, heads], opts_f);
-        let extra = serde_json::json!({
-            "producer": concat!("vit-msn-graph ", env!("CARGO_PKG_VERSION")),
-            "task": model.task,
-            "dtype": dtype,
-            "device": device_name(opts.device),
-            "cpu_features": opts.cpu_features,
-            "height": h,
-            "width": w,
-            "inputs": artifact.inputs,
-            "outputs": artifact.outputs,
-        });
+        let extra = ArtifactDescription {
+            producer: concat!("vit-msn-graph ", env!("CARGO_PKG_VERSION")).into(),
+            task: model.task,
+            dtype: dtype.into(),
+            device: device_name(opts.device),
+            cpu_features: opts.cpu_features.clone(),
+            height: h,
+            width: w,
+            inputs: artifact.inputs.clone(),
+            outputs: artifact.outputs.clone(),
+        };
+        let extra = serde_json::to_string(&extra).map_err(|e| Error::Invalid(e.to_string()))?;
         let model_ref = &model;
         tch::no_grad(|| {
             trace_and_save(
@@ -215,7 +195,7 @@ pub fn compile(model_dir: &Path, out_dir: &Path, opts: &CompileOptions) -> Resul
                     )
                 },
                 ARTIFACT_EXTRA_FILE,
-                &extra.to_string(),
+                &extra,
             )
         })?;
         artifacts.push(artifact);
@@ -223,9 +203,4 @@ pub fn compile(model_dir: &Path, out_dir: &Path, opts: &CompileOptions) -> Resul
     Ok(Compiled { model, artifacts })
 }
 
-pub fn device_name(device: Device) -> String {
-    match device {
-        Device::Cuda(i) => format!("cuda:{i}"),
-        _ => "cpu".into(),
-    }
-}
+pub use vit_msn_format::device_name;

@@ -9,34 +9,14 @@ use serde_json::{Map, Value};
 use crate::activation::Activation;
 use crate::Error;
 
-/// More than any ViT (ViT-G/14 has 1.8 billion); refused before anything is
-/// allocated, so an absurd config is an error rather than an out-of-memory abort.
-pub const MAX_PARAMETERS: i64 = 1 << 32;
-/// Generic label names are made for `num_labels` without `id2label`.
-const MAX_LABELS: i64 = 1 << 24;
+// More than any ViT (ViT-G/14 has 1.8 billion parameters); refused before
+// anything is allocated, so an absurd config is an error rather than an
+// out-of-memory abort. Generic label names are made for `num_labels` without
+// `id2label`, hence a bound on labels too.
+use vit_msn_format::bounds::{MAX_CHANNELS, MAX_HEADS, MAX_HIDDEN_SIZE, MAX_LAYERS, MAX_SIDE};
+pub use vit_msn_format::bounds::{MAX_LABELS, MAX_PARAMETERS};
 
-/// Whether the artifact ends at the backbone or goes on to the classifier.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Task {
-    /// `ViTMSNModel`: outputs `last_hidden_state`.
-    Backbone,
-    /// `ViTMSNForImageClassification`: outputs `logits`.
-    Classification,
-}
-
-impl std::str::FromStr for Task {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self, Error> {
-        match s {
-            "backbone" => Ok(Task::Backbone),
-            "classification" | "classifier" => Ok(Task::Classification),
-            other => Err(Error::Invalid(format!(
-                "unknown task `{other}` (expected backbone or classification)"
-            ))),
-        }
-    }
-}
+pub use vit_msn_format::Task;
 
 /// Every `ViTMSNConfig` field, with transformers' defaults, plus the label
 /// fields of `PretrainedConfig`.
@@ -146,12 +126,12 @@ impl Config {
         // The runtime's manifest check (vit_msn::manifest) holds a bundle to
         // the same bounds, so nothing compiles that would not load.
         for (name, v, max) in [
-            ("hidden_size", self.hidden_size, 65536),
-            ("num_hidden_layers", self.num_hidden_layers, 4096),
-            ("num_attention_heads", self.num_attention_heads, 4096),
-            ("num_channels", self.num_channels, 1024),
-            ("image_size", self.image_size, 16384),
-            ("patch_size", self.patch_size, 16384),
+            ("hidden_size", self.hidden_size, MAX_HIDDEN_SIZE),
+            ("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS),
+            ("num_attention_heads", self.num_attention_heads, MAX_HEADS),
+            ("num_channels", self.num_channels, MAX_CHANNELS),
+            ("image_size", self.image_size, i64::from(MAX_SIDE)),
+            ("patch_size", self.patch_size, i64::from(MAX_SIDE)),
         ] {
             if v > max {
                 return Err(Error::Config(format!(

@@ -6,8 +6,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use safetensors::{Dtype, SafeTensors};
-use sha2::{Digest, Sha256};
 use tch::{nn::VarStore, Kind, Tensor};
 
 use crate::Error;
@@ -64,7 +62,8 @@ impl Checkpoint {
                 .unwrap_or_default()
                 .to_string_lossy()
                 .into_owned();
-            ckpt.files.push((file_name, hex_sha256(&bytes)));
+            ckpt.files
+                .push((file_name, vit_msn_format::sha256_hex(&bytes)));
         }
         Ok(ckpt)
     }
@@ -155,29 +154,25 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>, Error> {
         .collect()
 }
 
+/// A checkpoint's safetensors shard: floating-point tensors only, as f32.
 pub fn read_safetensors(path: &Path, bytes: &[u8]) -> Result<Vec<(String, Tensor)>, Error> {
-    let st = SafeTensors::deserialize(bytes)
-        .map_err(|e| Error::Weights(format!("{}: invalid safetensors: {e}", path.display())))?;
-    let mut out = Vec::new();
-    for (name, view) in st.tensors() {
-        let kind = match view.dtype() {
-            Dtype::F32 => Kind::Float,
-            Dtype::F16 => Kind::Half,
-            Dtype::BF16 => Kind::BFloat16,
-            Dtype::F64 => Kind::Double,
-            other => {
-                return Err(Error::Weights(format!(
-                    "{}: tensor `{name}` has dtype {other:?}; only F32, F16, BF16 and F64 are read",
-                    path.display()
-                )))
+    let bad = |m: String| Error::Weights(format!("{}: {m}", path.display()));
+    vit_msn_format::read_safetensors(bytes)
+        .map_err(bad)?
+        .into_iter()
+        .map(|(name, t)| {
+            if !t.is_floating_point() {
+                return Err(bad(format!(
+                    "tensor `{name}` has dtype {}; only F32, F16, BF16 and F64 are read",
+                    vit_msn_format::safetensors_dtype_name(t.kind())
+                )));
             }
-        };
-        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        let tensor = Tensor::f_from_data_size(view.data(), &shape, kind)
-            .map_err(|e| Error::Weights(format!("{}: tensor `{name}`: {e}", path.display())))?;
-        out.push((name, tensor.to_kind(Kind::Float)));
-    }
-    Ok(out)
+            let t = t
+                .f_to_kind(Kind::Float)
+                .map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+            Ok((name, t))
+        })
+        .collect()
 }
 
 /// A `torch.save` zip file holding a state dict (`pytorch_model.bin`), read by
@@ -259,11 +254,4 @@ extern "C" {
         ),
         err: *mut *mut std::ffi::c_char,
     ) -> std::ffi::c_int;
-}
-
-pub fn hex_sha256(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
