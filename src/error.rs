@@ -28,9 +28,17 @@ pub enum Error {
     Image { path: String, message: String },
     #[error("forward failed: {0}")]
     Forward(String),
-    #[cfg(feature = "compiler")]
+    /// The compiler's refusal (config, weights, tracing), as its message;
+    /// present whatever the features, so the type does not change with them.
     #[error("{0}")]
-    Compile(#[from] vit_msn_graph::Error),
+    Compile(String),
+}
+
+#[cfg(feature = "compiler")]
+impl From<vit_msn_graph::Error> for Error {
+    fn from(e: vit_msn_graph::Error) -> Self {
+        Error::Compile(e.to_string())
+    }
 }
 
 impl Error {
