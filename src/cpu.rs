@@ -225,6 +225,35 @@ impl Cpu {
     }
 }
 
+/// Physical cores of this machine (distinct core ids per package), the
+/// default for intra-op threads; logical CPUs where /proc does not say.
+pub fn physical_cores() -> i64 {
+    let logical = std::thread::available_parallelism()
+        .map(|n| n.get() as i64)
+        .unwrap_or(1);
+    let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") else {
+        return logical;
+    };
+    let mut cores = std::collections::BTreeSet::new();
+    let mut package = String::new();
+    for line in info.lines() {
+        if let Some((k, v)) = line.split_once(':') {
+            match k.trim() {
+                "physical id" => package = v.trim().to_owned(),
+                "core id" => {
+                    cores.insert((package.clone(), v.trim().to_owned()));
+                }
+                _ => {}
+            }
+        }
+    }
+    if cores.is_empty() {
+        logical
+    } else {
+        (cores.len() as i64).min(logical)
+    }
+}
+
 /// A bundle's features for `inspect` and `bench`: their names, or that it
 /// needs none.
 pub fn cpu_features_text(features: &[CpuFeature]) -> String {

@@ -14,9 +14,7 @@
 //! `default-features = false` to leave the compiler out.
 
 pub mod artifact;
-pub mod attention;
 pub mod bare;
-pub mod bench;
 pub mod bundle;
 #[cfg(feature = "compiler")]
 pub mod compiler;

@@ -1,7 +1,7 @@
 use std::path::{Path, PathBuf};
 
+use super::attention_map::{cls_attention, colormap, heat_grid, HeadChoice, LayerChoice};
 use clap::Args;
-use vit_msn::attention::{cls_attention, colormap, heat_grid, HeadChoice, LayerChoice};
 use vit_msn::bundle::LoadOptions;
 use vit_msn::fsutil::{check_output_file, write_atomic_with};
 use vit_msn::image::{load_image, preprocess_image};

@@ -1,10 +1,10 @@
 use std::path::PathBuf;
 
-use clap::Args;
-use vit_msn::bench::{
+use super::bench_report::{
     check_plan, comparable, model_summary, parse_fraction, percent, read_report, regressions,
     time_batch, Report,
 };
+use clap::Args;
 use vit_msn::bundle::LoadOptions;
 use vit_msn::cpu::{cpu_features_text, Cpu};
 use vit_msn::fsutil::write_atomic;

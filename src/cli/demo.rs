@@ -1,9 +1,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use super::attention_map::{HeadChoice, LayerChoice};
 use clap::Args;
 use tch::{Kind, Tensor};
-use vit_msn::attention::{HeadChoice, LayerChoice};
 use vit_msn::compiler::compile_bundle;
 use vit_msn::fsutil::write_atomic;
 use vit_msn::image::{preprocess_path, Preprocessing};

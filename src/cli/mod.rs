@@ -1,7 +1,9 @@
 //! The command line. Exit codes: 0 success, 1 failure, 2 usage error.
 
 mod attention;
+mod attention_map;
 mod bench;
+mod bench_report;
 mod bundle;
 mod compile;
 mod demo;
@@ -135,7 +137,7 @@ pub fn dispatch(cli: Cli) -> CliResult {
             return Err(usage(format!("--threads must be at most {MAX_THREADS}")))
         }
         Some(n) => n,
-        None => vit_msn::bench::physical_cores() as i32,
+        None => vit_msn::cpu::physical_cores() as i32,
     };
     tch::set_num_threads(threads);
     match cli.command {

@@ -2,7 +2,7 @@
 
 use tch::{Kind, Tensor};
 
-use crate::error::{Error, Result};
+use vit_msn::error::{Error, Result};
 
 /// Which layer's attention to show.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -6,8 +6,8 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use crate::error::{Error, Result};
-use crate::Bundle;
+use vit_msn::error::{Error, Result};
+use vit_msn::Bundle;
 
 /// One batch size's figures.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -38,12 +38,12 @@ pub struct Report {
     pub height: i64,
     pub width: i64,
     pub iters: usize,
-    /// The CPU it ran on ([`crate::cpu::Cpu::summary`]); absent in older baselines.
+    /// The CPU it ran on ([`vit_msn::cpu::Cpu::summary`]); absent in older baselines.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu: Option<String>,
     /// The CPU features the bundle's kernels use (the manifest's).
     #[serde(default)]
-    pub cpu_features: Vec<crate::cpu::CpuFeature>,
+    pub cpu_features: Vec<vit_msn::cpu::CpuFeature>,
     pub results: Vec<BatchResult>,
 }
 
@@ -140,7 +140,7 @@ pub fn time_batch(
             "batch",
             format!(
                 "cannot allocate a batch of {batch} at {height}x{width}: {}",
-                crate::bundle::first_line(&e.to_string())
+                vit_msn::bundle::first_line(&e.to_string())
             ),
         )
     };
@@ -196,7 +196,7 @@ pub fn regressions(current: &Report, baseline: &Report, max_regression: f64) -> 
 /// Reads a saved report, refusing one no comparison could use: medians must
 /// be positive and finite, each batch size listed once.
 pub fn read_report(path: &Path) -> Result<Report> {
-    let text = crate::fsutil::read_regular_text(path)?;
+    let text = vit_msn::fsutil::read_regular_text(path)?;
     let report: Report = serde_json::from_str(&text)
         .map_err(|e| Error::file(path, format!("not a vit-msn bench report: {e}")))?;
     for (i, r) in report.results.iter().enumerate() {
@@ -317,35 +317,6 @@ pub fn percent(fraction: f64) -> String {
     format!("{}%", s.trim_end_matches('0').trim_end_matches('.'))
 }
 
-/// Physical cores of this machine (distinct core ids per package), the
-/// default for intra-op threads; logical CPUs where /proc does not say.
-pub fn physical_cores() -> i64 {
-    let logical = std::thread::available_parallelism()
-        .map(|n| n.get() as i64)
-        .unwrap_or(1);
-    let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") else {
-        return logical;
-    };
-    let mut cores = std::collections::BTreeSet::new();
-    let mut package = String::new();
-    for line in info.lines() {
-        if let Some((k, v)) = line.split_once(':') {
-            match k.trim() {
-                "physical id" => package = v.trim().to_owned(),
-                "core id" => {
-                    cores.insert((package.clone(), v.trim().to_owned()));
-                }
-                _ => {}
-            }
-        }
-    }
-    if cores.is_empty() {
-        logical
-    } else {
-        (cores.len() as i64).min(logical)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -407,6 +378,5 @@ mod tests {
         assert!(parse_fraction("inf").is_err());
         assert_eq!(percent(parse_fraction("1.5").unwrap()), "1.5%");
         assert_eq!(percent(0.1), "10%");
-        assert!(physical_cores() >= 1);
     }
 }
