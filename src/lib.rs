@@ -16,6 +16,7 @@
 pub mod artifact;
 pub mod bare;
 pub mod bundle;
+pub mod classifier;
 #[cfg(feature = "compiler")]
 pub mod compiler;
 pub mod cpu;
@@ -23,7 +24,6 @@ pub mod cuda_graph;
 pub mod describe;
 pub mod device;
 pub mod error;
-pub mod fewshot;
 pub mod fsutil;
 pub mod image;
 pub mod inputs;

@@ -373,7 +373,7 @@ fn fit_refuses_numbers_that_break_the_head() {
 #[test]
 fn a_diverged_or_ambiguous_head_is_not_written() {
     use tch::{Kind, Tensor};
-    use vit_msn::fewshot::{write_classifier, FitReport, Head};
+    use vit_msn::classifier::{write_classifier, FitReport, Head};
 
     let bundle = common::compile_case("e2e_backbone", "fewshot-diverged-bundle", &[]);
     let backbone = vit_msn::Bundle::load(&bundle, vit_msn::Device::Cpu).unwrap();

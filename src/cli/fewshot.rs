@@ -4,14 +4,14 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 use tch::{Kind, Tensor};
 use vit_msn::bundle::LoadOptions;
-use vit_msn::fewshot::{
-    accuracy, check_epochs, check_temperature, check_weight_decay, embed, fit_linear,
-    fit_prototype, write_classifier, FitReport, LabelledImages,
-};
+use vit_msn::classifier::{check_temperature, write_classifier, FitReport};
 use vit_msn::fsutil::{check_output_dir, OutputDir};
 use vit_msn::image::preprocess_path;
 use vit_msn::{Device, Error};
 
+use super::fewshot_fit::{
+    accuracy, check_epochs, check_weight_decay, embed, fit_linear, fit_prototype, LabelledImages,
+};
 use super::{load_for_images, usage, CliResult};
 
 /// Low-shot classification: fit a head on a few labelled images, ship it as a classifier bundle.

@@ -8,6 +8,7 @@ mod bundle;
 mod compile;
 mod demo;
 mod fewshot;
+mod fewshot_fit;
 mod init;
 mod run;
 mod tools;
