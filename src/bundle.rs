@@ -16,8 +16,9 @@ use crate::cuda_graph::CudaGraph;
 use crate::describe::{embedded_description, ArtifactDescription, ARTIFACT_EXTRA_FILE};
 use crate::device::{check_available, device_name, parse_dtype};
 use crate::error::{Error, Result};
-use crate::fsutil::{check_regular_file, remove_stale_siblings, replace_dir, sibling_tmp};
-use crate::manifest::{ArtifactEntry, Manifest, TensorSpec, MANIFEST_FILE};
+use crate::fsutil::check_regular_file;
+use crate::manifest::{ArtifactEntry, Manifest, TensorSpec};
+use crate::writer::BundleWriter;
 
 /// A bundle loaded on one device: one TorchScript module per resolution.
 /// `Send + Sync`: share it across threads with `Arc`.
@@ -111,7 +112,7 @@ use vit_msn_format::hex;
 pub use vit_msn_format::sha256_hex;
 
 /// The sha256 of an open file from its start, read in small blocks.
-fn sha256_of(mut file: &File) -> std::io::Result<String> {
+pub(crate) fn sha256_of(mut file: &File) -> std::io::Result<String> {
     file.seek(SeekFrom::Start(0))?;
     let mut hasher = Sha256::new();
     std::io::copy(&mut file, &mut hasher)?;
@@ -812,44 +813,30 @@ pub fn replace_artifact_waiting(
     if let Some(own) = &own {
         check_against_description(entry, own).map_err(refuse)?;
     }
-    // Stage the whole bundle beside it: other files as hard links (or copies).
-    remove_stale_siblings(dir);
-    let staged = sibling_tmp(dir);
-    std::fs::create_dir_all(&staged).map_err(|e| Error::io(&staged, e))?;
-    let result = (|| {
-        for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-            let e = e.map_err(|e| Error::io(dir, e))?;
-            let name = e.file_name();
-            if name == MANIFEST_FILE || name.to_string_lossy() == manifest.artifacts[index].file {
-                continue;
-            }
-            stage_entry(&e.path(), &staged.join(&name))?;
-        }
-        let file = &manifest.artifacts[index].file;
-        std::fs::write(staged.join(file), &bytes).map_err(|e| Error::io(&staged.join(file), e))?;
-        manifest.artifacts[index].sha256 = sha256_hex(&bytes);
-        // The bundle now needs what the new file's kernels need, too.
-        if let Some(own) = &own {
-            manifest.cpu_features.extend(&own.cpu_features);
-            manifest.cpu_features.sort();
-            manifest.cpu_features.dedup();
-        }
-        let text =
-            serde_json::to_string_pretty(&manifest).map_err(|e| Error::file(dir, e.to_string()))?;
-        std::fs::write(staged.join(MANIFEST_FILE), text).map_err(|e| Error::io(&staged, e))?;
-        replace_dir(&staged, dir)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&staged);
+    // The whole bundle is rewritten beside itself: other files carried over.
+    let file = manifest.artifacts[index].file.clone();
+    let mut writer = BundleWriter::rewrite(dir, &[&file])?;
+    writer.write_artifact(
+        ArtifactEntry {
+            sha256: String::new(),
+            ..manifest.artifacts[index].clone()
+        },
+        &bytes,
+    )?;
+    // The bundle now needs what the new file's kernels need, too.
+    if let Some(own) = &own {
+        manifest.cpu_features.extend(&own.cpu_features);
+        manifest.cpu_features.sort();
+        manifest.cpu_features.dedup();
     }
-    result
+    writer.finish_locked(manifest).map(|_| ())
 }
 
 /// Puts a copy of `from` (a file, a symlink or a whole folder, such as the
 /// `cache/` that `fewshot fit` keeps in a backbone bundle) at `to`: files as
 /// hard links where the file system allows, else as copies. Anything else
 /// (a FIFO, a socket) is refused rather than silently dropped.
-fn stage_entry(from: &Path, to: &Path) -> Result<()> {
+pub(crate) fn stage_entry(from: &Path, to: &Path) -> Result<()> {
     let meta = std::fs::symlink_metadata(from).map_err(|e| Error::io(from, e))?;
     let kind = meta.file_type();
     if kind.is_dir() {
@@ -959,16 +946,4 @@ fn exception_line(line: &str) -> Option<(&str, &str)> {
         .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
     let is_exception = kind.ends_with("Error") || kind.ends_with("Exception");
     (is_name && is_exception && !cause.trim().is_empty()).then_some((kind, cause.trim()))
-}
-
-/// Moves the finished bundle `staged` to `out`, replacing an older bundle
-/// there under its lock, so a `bundle replace` running on it at the same time
-/// finishes first rather than being undone or undoing this.
-pub(crate) fn replace_bundle_dir(staged: &Path, out: &Path) -> Result<()> {
-    let _lock = if out.is_dir() {
-        Some(lock_bundle(out, DEFAULT_LOCK_WAIT)?)
-    } else {
-        None
-    };
-    replace_dir(staged, out)
 }

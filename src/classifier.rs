@@ -10,13 +10,10 @@ use serde::Serialize;
 use tch::Tensor;
 
 use crate::artifact::take_error;
-use crate::bundle::sha256_hex;
 use crate::error::{Error, Result};
-use crate::fsutil::{
-    check_output_dir, remove_stale_siblings, resolve_output_dir, sibling_tmp, write_atomic,
-    OutputDir,
-};
-use crate::manifest::{ArtifactEntry, Manifest, TensorSpec, MANIFEST_FILE};
+use crate::fsutil::resolve_output_dir;
+use crate::manifest::{ArtifactEntry, Manifest, TensorSpec};
+use crate::writer::BundleWriter;
 use crate::Bundle;
 
 extern "C" {
@@ -93,7 +90,6 @@ pub fn write_classifier(
     out: &Path,
 ) -> Result<()> {
     let out = &resolve_output_dir(out);
-    check_output_dir(out, OutputDir::Bundle, &[backbone.dir()])?;
     let m = backbone.manifest();
     let mut seen = BTreeSet::new();
     if let Some(twice) = labels.iter().find(|l| !seen.insert(l.as_str())) {
@@ -128,87 +124,68 @@ pub fn write_classifier(
             ),
         ));
     }
-    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    }
-    remove_stale_siblings(out);
-    let staged = sibling_tmp(out);
-    std::fs::create_dir_all(&staged).map_err(|e| Error::io(&staged, e))?;
-    let result = (|| {
-        let mut manifest: Manifest = m.clone();
-        manifest.task = "classification".into();
-        manifest.model.labels = labels.to_vec();
-        manifest.model.problem_type = Some("single_label_classification".into());
-        manifest.compiler = concat!("vit-msn ", env!("CARGO_PKG_VERSION"), " fewshot").into();
-        manifest.fewshot =
-            Some(serde_json::to_value(report).map_err(|e| Error::file(out, e.to_string()))?);
-        let mut artifacts = Vec::new();
-        for entry in &m.artifacts {
-            let target = staged.join(&entry.file);
-            let outputs = vec![TensorSpec {
-                name: "logits".into(),
-                dtype: m.dtype.clone(),
-                shape: vec![-1, labels.len() as i64],
-            }];
-            let extra = crate::describe::ArtifactDescription {
-                producer: manifest.compiler.clone(),
-                task: vit_msn_format::Task::Classification,
-                dtype: m.dtype.clone(),
-                device: m.device.clone(),
-                cpu_features: m.cpu_features.clone(),
-                height: entry.height,
-                width: entry.width,
-                inputs: entry.inputs.clone(),
-                outputs: outputs.clone(),
-            };
-            let extra =
-                serde_json::to_string(&extra).map_err(|e| Error::file(out, e.to_string()))?;
-            let (src, dst) = (
-                cstring(&backbone.dir().join(&entry.file).to_string_lossy())?,
-                cstring(&target.to_string_lossy())?,
-            );
-            let (name, contents) = (
-                cstring(crate::describe::ARTIFACT_EXTRA_FILE)?,
-                cstring(&extra)?,
-            );
-            let mut err: *mut c_char = std::ptr::null_mut();
-            // SAFETY: live tensors and NUL-terminated strings for the duration of the call.
-            let rc = unsafe {
-                vmsn_rt_compose_classifier(
-                    src.as_ptr(),
-                    weight.as_ptr(),
-                    bias.as_ptr(),
-                    head.scale,
-                    dst.as_ptr(),
-                    name.as_ptr(),
-                    contents.as_ptr(),
-                    &mut err,
-                )
-            };
-            if rc != 0 {
-                let message = take_error(err);
-                return Err(Error::Artifact {
-                    path: entry.file.clone(),
-                    message,
-                });
-            }
-            let bytes = std::fs::read(&target).map_err(|e| Error::io(&target, e))?;
-            artifacts.push(ArtifactEntry {
-                sha256: sha256_hex(&bytes),
-                outputs,
-                ..entry.clone()
+    let mut writer = BundleWriter::create(out, &[backbone.dir()])?;
+    let mut manifest: Manifest = m.clone();
+    manifest.task = "classification".into();
+    manifest.model.labels = labels.to_vec();
+    manifest.model.problem_type = Some("single_label_classification".into());
+    manifest.compiler = concat!("vit-msn ", env!("CARGO_PKG_VERSION"), " fewshot").into();
+    manifest.fewshot =
+        Some(serde_json::to_value(report).map_err(|e| Error::file(out, e.to_string()))?);
+    for entry in &m.artifacts {
+        let target = writer.artifact_path(&entry.file)?;
+        let outputs = vec![TensorSpec {
+            name: "logits".into(),
+            dtype: m.dtype.clone(),
+            shape: vec![-1, labels.len() as i64],
+        }];
+        let extra = crate::describe::ArtifactDescription {
+            producer: manifest.compiler.clone(),
+            task: vit_msn_format::Task::Classification,
+            dtype: m.dtype.clone(),
+            device: m.device.clone(),
+            cpu_features: m.cpu_features.clone(),
+            height: entry.height,
+            width: entry.width,
+            inputs: entry.inputs.clone(),
+            outputs: outputs.clone(),
+        };
+        let extra = serde_json::to_string(&extra).map_err(|e| Error::file(out, e.to_string()))?;
+        let (src, dst) = (
+            cstring(&backbone.dir().join(&entry.file).to_string_lossy())?,
+            cstring(&target.to_string_lossy())?,
+        );
+        let (name, contents) = (
+            cstring(crate::describe::ARTIFACT_EXTRA_FILE)?,
+            cstring(&extra)?,
+        );
+        let mut err: *mut c_char = std::ptr::null_mut();
+        // SAFETY: live tensors and NUL-terminated strings for the duration of the call.
+        let rc = unsafe {
+            vmsn_rt_compose_classifier(
+                src.as_ptr(),
+                weight.as_ptr(),
+                bias.as_ptr(),
+                head.scale,
+                dst.as_ptr(),
+                name.as_ptr(),
+                contents.as_ptr(),
+                &mut err,
+            )
+        };
+        if rc != 0 {
+            let message = take_error(err);
+            return Err(Error::Artifact {
+                path: entry.file.clone(),
+                message,
             });
         }
-        manifest.artifacts = artifacts;
-        let text =
-            serde_json::to_string_pretty(&manifest).map_err(|e| Error::file(out, e.to_string()))?;
-        write_atomic(&staged.join(MANIFEST_FILE), text.as_bytes())?;
-        crate::bundle::replace_bundle_dir(&staged, out)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&staged);
+        writer.add_artifact(ArtifactEntry {
+            outputs,
+            ..entry.clone()
+        })?;
     }
-    result
+    writer.finish(manifest).map(|_| ())
 }
 
 /// Whether every element is finite.

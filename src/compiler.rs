@@ -4,44 +4,127 @@
 
 use std::path::Path;
 
-use crate::bundle::sha256_hex;
 use crate::cpu::{Cpu, CpuFeature};
 use crate::device;
 use crate::error::{Error, Result};
-use crate::fsutil::{
-    check_output_dir, remove_stale_siblings, resolve_output_dir, sibling_tmp, write_atomic,
-    OutputDir,
-};
 use crate::image::Preprocessing;
-use crate::manifest::{
-    ArtifactEntry, FileDigest, Manifest, ModelInfo, Source, FORMAT_VERSION, MANIFEST_FILE,
-};
+use crate::manifest::{ArtifactEntry, FileDigest, Manifest, ModelInfo, Source, FORMAT_VERSION};
+use crate::writer::BundleWriter;
 use vit_msn_graph::compile::dtype_name;
 use vit_msn_graph::encoder::LinearBackend;
 use vit_msn_graph::{CompileOptions, Task};
 
-/// Compiles `model_dir` into a bundle at `out`, staged in a temporary folder
-/// beside it and renamed into place, so `out` is never half-written.
+/// Compiles `model_dir` into a bundle at `out`, through the bundle writer
+/// (staged beside it and renamed into place, so `out` is never half-written).
 pub fn compile_bundle(model_dir: &Path, out: &Path, opts: &CompileOptions) -> Result<Manifest> {
-    let out = &resolve_output_dir(out);
     if !model_dir.is_dir() {
         return Err(Error::file(model_dir, "not a model folder"));
     }
-    check_output_dir(out, OutputDir::Bundle, &[model_dir])?;
+    let mut writer = BundleWriter::create(out, &[model_dir])?;
     // Loads libtorch's CUDA support first when compiling for CUDA.
     device::check_available(opts.device)?;
-    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    let manifest = build_bundle(model_dir, &mut writer, opts)?;
+    writer.finish(manifest)
+}
+
+/// Packs TorchScript files traced elsewhere (graph/python/export.py), each
+/// carrying its own `vit_msn.json` description, into a bundle at `out` for
+/// the model in `model_dir`, through the same writer and manifest as
+/// [`compile_bundle`]. `producer` is recorded as the manifest's `compiler`.
+pub fn pack_bundle(
+    model_dir: &Path,
+    artifacts_dir: &Path,
+    out: &Path,
+    producer: &str,
+) -> Result<Manifest> {
+    if !model_dir.is_dir() {
+        return Err(Error::file(model_dir, "not a model folder"));
     }
-    remove_stale_siblings(out);
-    let staged = sibling_tmp(out);
-    std::fs::create_dir_all(&staged).map_err(|e| Error::io(&staged, e))?;
-    let result = build_bundle(model_dir, &staged, opts)
-        .and_then(|manifest| crate::bundle::replace_bundle_dir(&staged, out).map(|()| manifest));
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&staged);
+    let cfg = vit_msn_graph::Config::from_file(&model_dir.join("config.json"))?;
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(artifacts_dir)
+        .map_err(|e| Error::io(artifacts_dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "pt"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::file(artifacts_dir, "holds no .pt files to pack"));
     }
-    result
+    let mut described = Vec::new();
+    for path in files {
+        crate::fsutil::check_regular_file(&path)?;
+        let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+        let d = crate::describe::embedded_description(&file).ok_or_else(|| {
+            Error::file(&path, "has no readable extra/vit_msn.json description; pack takes files that describe themselves")
+        })?;
+        described.push((d, path));
+    }
+    // The trained resolution first, as compile lists it; then by file name.
+    let trained = (cfg.image_size, cfg.image_size);
+    described.sort_by_key(|(d, path)| ((d.height, d.width) != trained, path.clone()));
+    let mut writer = BundleWriter::create(out, &[model_dir, artifacts_dir])?;
+    let mut first: Option<crate::describe::ArtifactDescription> = None;
+    let mut cpu_features = Vec::new();
+    for (d, path) in described {
+        if let Some(f) = &first {
+            if (f.task, &f.dtype, &f.device) != (d.task, &d.dtype, &d.device) {
+                return Err(Error::file(
+                    &path,
+                    format!(
+                        "is a {} {} artifact for {}, the first one a {} {} artifact for {}; a bundle has one task, dtype and device",
+                        d.task.name(), d.dtype, d.device, f.task.name(), f.dtype, f.device
+                    ),
+                ));
+            }
+        }
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| Error::file(&path, "the file name is not valid UTF-8"))?;
+        writer.write_artifact(
+            ArtifactEntry {
+                height: d.height,
+                width: d.width,
+                file: name.to_owned(),
+                sha256: String::new(),
+                inputs: d.inputs.clone(),
+                outputs: d.outputs.clone(),
+            },
+            &bytes,
+        )?;
+        cpu_features.extend(d.cpu_features.iter().copied());
+        first.get_or_insert(d);
+    }
+    let Some(d) = first else {
+        return Err(Error::file(artifacts_dir, "holds no .pt files to pack"));
+    };
+    let weights = vit_msn_graph::weights::weight_files(model_dir)?
+        .iter()
+        .map(|p| {
+            let bytes = crate::fsutil::read_regular(p)?;
+            Ok(FileDigest {
+                file: p
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned(),
+                sha256: vit_msn_format::sha256_hex(&bytes),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut manifest = manifest_for(
+        model_dir,
+        &cfg,
+        d.task,
+        (&d.dtype, d.device.clone()),
+        weights,
+    )?;
+    manifest.compiler = producer.to_owned();
+    cpu_features.sort();
+    cpu_features.dedup();
+    manifest.cpu_features = cpu_features;
+    writer.finish(manifest)
 }
 
 /// The GEMM the linears use, and the CPU features that ties the artifacts
@@ -85,7 +168,13 @@ fn resolve_linear(opts: &CompileOptions) -> Result<(LinearBackend, Vec<CpuFeatur
     Ok((backend, vec![feature]))
 }
 
-fn build_bundle(model_dir: &Path, staged: &Path, opts: &CompileOptions) -> Result<Manifest> {
+/// Traces the artifacts into the writer's staging folder, records them, and
+/// returns the manifest to finish with.
+fn build_bundle(
+    model_dir: &Path,
+    writer: &mut BundleWriter,
+    opts: &CompileOptions,
+) -> Result<Manifest> {
     let (linear, cpu_features) = resolve_linear(opts)?;
     if opts.device == tch::Device::Cpu {
         crate::cpu::warn_if_slow(dtype_name(opts.kind), None);
@@ -95,28 +184,54 @@ fn build_bundle(model_dir: &Path, staged: &Path, opts: &CompileOptions) -> Resul
         cpu_features: cpu_features.clone(),
         ..opts.clone()
     };
-    let compiled = vit_msn_graph::compile(model_dir, staged, opts)?;
+    let compiled = vit_msn_graph::compile(model_dir, writer.staging(), opts)?;
     let model = &compiled.model;
-    let mut artifacts = Vec::new();
     for art in &compiled.artifacts {
-        let path = staged.join(&art.file);
-        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-        artifacts.push(ArtifactEntry {
+        writer.add_artifact(ArtifactEntry {
             height: art.height,
             width: art.width,
             file: art.file.clone(),
-            sha256: sha256_hex(&bytes),
+            sha256: String::new(),
             inputs: art.inputs.clone(),
             outputs: art.outputs.clone(),
-        });
+        })?;
     }
-    let cfg = &model.config;
-    let classifier = model.task == Task::Classification;
-    // What ViTImageProcessor would do for this model, normalised, so the
-    // runtime preprocesses exactly as the bundle was compiled for.
-    let preprocessing = match read_json_if_present(&model_dir.join("preprocessor_config.json"))? {
-        Some(v) => Preprocessing::from_json(&v)
-            .map_err(|e| Error::file(&model_dir.join("preprocessor_config.json"), e.to_string()))?,
+    let mut manifest = manifest_for(
+        model_dir,
+        &model.config,
+        model.task,
+        (dtype_name(opts.kind), device::device_name(opts.device)),
+        model
+            .weight_files
+            .iter()
+            .map(|(f, h)| FileDigest {
+                file: f.clone(),
+                sha256: h.clone(),
+            })
+            .collect(),
+    )?;
+    manifest.cpu_features = cpu_features;
+    manifest.source.unused_tensors = model.unused_tensors.clone();
+    Ok(manifest)
+}
+
+/// A manifest for artifacts made from `model_dir` (their entries are the
+/// writer's): the model facts from its config, and the preprocessing
+/// ViTImageProcessor would do for it, normalised, so the runtime
+/// preprocesses exactly as the bundle was made for.
+fn manifest_for(
+    model_dir: &Path,
+    cfg: &vit_msn_graph::Config,
+    task: Task,
+    (dtype, device): (&str, String),
+    weights: Vec<FileDigest>,
+) -> Result<Manifest> {
+    let classifier = task == Task::Classification;
+    let pp_path = model_dir.join("preprocessor_config.json");
+    let preprocessing = match read_json_if_present(&pp_path)? {
+        Some(v) => {
+            Preprocessing::from_json(&v).map_err(|e| Error::file(&pp_path, e.to_string()))?
+        }
         None => {
             let mut pp = Preprocessing::vit_msn_default();
             pp.height = cfg.image_size as u32;
@@ -124,15 +239,10 @@ fn build_bundle(model_dir: &Path, staged: &Path, opts: &CompileOptions) -> Resul
             pp
         }
     };
-    let manifest = Manifest {
+    Ok(Manifest {
         format_version: FORMAT_VERSION,
         compiler: concat!("vit-msn ", env!("CARGO_PKG_VERSION")).into(),
-        task: if classifier {
-            "classification"
-        } else {
-            "backbone"
-        }
-        .into(),
+        task: task.name().into(),
         model: ModelInfo {
             hidden_size: cfg.hidden_size,
             num_hidden_layers: cfg.num_hidden_layers,
@@ -147,29 +257,18 @@ fn build_bundle(model_dir: &Path, staged: &Path, opts: &CompileOptions) -> Resul
             },
             problem_type: cfg.problem_type.clone(),
         },
-        dtype: dtype_name(opts.kind).into(),
-        device: device::device_name(opts.device),
-        cpu_features,
+        dtype: dtype.into(),
+        device,
+        cpu_features: Vec::new(),
         preprocessing: Some(preprocessing.to_json()),
-        artifacts,
+        artifacts: Vec::new(),
         source: Source {
-            weights: model
-                .weight_files
-                .iter()
-                .map(|(f, h)| FileDigest {
-                    file: f.clone(),
-                    sha256: h.clone(),
-                })
-                .collect(),
-            unused_tensors: model.unused_tensors.clone(),
+            weights,
+            unused_tensors: Vec::new(),
         },
         config: cfg.raw.clone(),
         fewshot: None,
-    };
-    let text =
-        serde_json::to_string_pretty(&manifest).map_err(|e| Error::file(staged, e.to_string()))?;
-    write_atomic(&staged.join(MANIFEST_FILE), text.as_bytes())?;
-    Ok(manifest)
+    })
 }
 
 fn read_json_if_present(path: &Path) -> Result<Option<serde_json::Value>> {

@@ -30,6 +30,7 @@ pub mod inputs;
 pub mod loss;
 pub mod manifest;
 pub mod tensors;
+pub mod writer;
 
 pub use bundle::{Bundle, Output};
 pub use device::parse_device;

@@ -1022,3 +1022,96 @@ fn compile_over_a_bundle_waits_for_its_lock() {
     assert!(!staged_manifest.exists());
     Bundle::load(&bundle, Device::Cpu).unwrap();
 }
+
+/// `bundle pack` (what graph/python/export.py ends with) writes through the
+/// same writer as compile: the packed bundle holds the same manifest facts
+/// and runs to the reference; files without a description, of mixed dtypes,
+/// or none at all are refused and nothing is written.
+#[test]
+fn pack_writes_what_compile_writes_and_refuses_what_it_cannot_describe() {
+    let case = "base";
+    let spec: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::case_dir(case).join("case.json")).unwrap(),
+    )
+    .unwrap();
+    let args: Vec<&str> = spec["compile"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let compiled = compile_case(case, "bundle-errors-pack-src", &args);
+    let model = common::case_dir(case).join("model");
+    let work = scratch("bundle-errors-pack");
+    let traced = work.join("traced");
+    std::fs::create_dir_all(&traced).unwrap();
+    for a in &vit_msn::Manifest::read(&compiled).unwrap().artifacts {
+        std::fs::copy(compiled.join(&a.file), traced.join(&a.file)).unwrap();
+    }
+    let out = work.join("bundle");
+    let pack = |artifacts: &Path, out: &Path| {
+        vit_msn(&[
+            &"bundle",
+            &"pack",
+            &"--model",
+            &model,
+            &"--artifacts",
+            &artifacts,
+            &"--out",
+            &out,
+            &"--producer",
+            &"a test",
+        ])
+    };
+    common::assert_ok(&pack(&traced, &out), "bundle pack");
+    let (a, b) = (
+        vit_msn::Manifest::read(&compiled).unwrap(),
+        vit_msn::Manifest::read(&out).unwrap(),
+    );
+    assert_eq!(b.compiler, "a test");
+    assert_eq!(
+        serde_json::to_value(&a.model).unwrap(),
+        serde_json::to_value(&b.model).unwrap()
+    );
+    // The trained resolution first, as compile lists it; then by file name.
+    let mut listed = a.artifacts.clone();
+    listed[1..].sort_by(|x, y| x.file.cmp(&y.file));
+    assert_eq!(
+        serde_json::to_value(&listed).unwrap(),
+        serde_json::to_value(&b.artifacts).unwrap()
+    );
+    assert_eq!(
+        serde_json::to_value(&a.source.weights).unwrap(),
+        serde_json::to_value(&b.source.weights).unwrap()
+    );
+    assert_eq!(
+        (a.task, a.dtype, a.preprocessing),
+        (b.task, b.dtype, b.preprocessing)
+    );
+    common::check_runs(case, &out, &work, &[]);
+
+    let refused = |artifacts: &Path, needle: &str| {
+        let target = work.join("refused");
+        let result = pack(artifacts, &target);
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert_eq!(result.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(needle), "{stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        assert!(!target.exists());
+    };
+    let empty = work.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    refused(&empty, "holds no .pt files to pack");
+    let plain = work.join("plain");
+    std::fs::create_dir_all(&plain).unwrap();
+    std::fs::write(plain.join("model_32x32.pt"), b"not a TorchScript archive").unwrap();
+    refused(&plain, "has no readable extra/vit_msn.json description");
+    let bf16 = compile_case(
+        case,
+        "bundle-errors-pack-bf16",
+        &["--resolutions", "40", "--dtype", "bf16"],
+    );
+    std::fs::copy(bf16.join("model_40x40.pt"), plain.join("model_32x32.pt")).unwrap();
+    std::fs::copy(compiled.join("model_32x32.pt"), plain.join("a.pt")).unwrap();
+    refused(&plain, "a bundle has one task, dtype and device");
+}

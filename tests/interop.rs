@@ -26,7 +26,8 @@ fn export_case(case: &str, name: &str, extra: &[&str]) -> PathBuf {
     let out = scratch(&format!("interop-export-{name}")).join("bundle");
     let model = case_dir(case).join("model");
     let mut cmd = std::process::Command::new(root().join(".venv/bin/python"));
-    cmd.arg(root().join("graph/python/export.py"))
+    cmd.env("VIT_MSN_BIN", common::bin())
+        .arg(root().join("graph/python/export.py"))
         .arg("--model")
         .arg(&model)
         .arg("--out")

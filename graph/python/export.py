@@ -1,33 +1,29 @@
 """Exports a transformers ViT-MSN folder (fine-tuned or not, backbone or
 classifier) to a vit-msn bundle with torch.jit.trace: the same inputs,
 outputs, manifest and layout as `vit-msn compile` writes, so the Rust runtime,
-`vit-msn run` and C++ programs use either interchangeably.
+`vit-msn run` and C++ programs use either interchangeably. The traced files
+carry their own description; `vit-msn bundle pack` writes the bundle, with the
+one writer and manifest the compiler uses.
 
     python graph/python/export.py --model HF_DIR --out BUNDLE_DIR
         [--resolutions 224,384,160x192] [--outputs hidden_states,attentions]
-        [--dtype f32|f16|bf16] [--task backbone|classification]
+        [--dtype f32|f16|bf16] [--task backbone|classification] [--bin target/release/vit-msn]
 
 Each artifact: forward(pixel_values, bool_masked_pos, head_mask) -> Dict[str, Tensor]
 with `last_hidden_state` or `logits`, then any requested outputs.
 """
 import argparse
-import hashlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 
 import torch
 from transformers import ViTMSNConfig, ViTMSNForImageClassification, ViTMSNModel
 
-FORMAT_VERSION = 1
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
-DEFAULT_PREPROCESSING = {
-    "do_resize": True, "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-    "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
-    "image_processor_type": "ViTImageProcessor",
-}
 
 
 class Artifact(torch.nn.Module):
@@ -75,11 +71,6 @@ def parse_resolution(s):
     return h, w
 
 
-def sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def side(config, name):
     """image_size / patch_size as one integer; transformers also takes a
     [height, width] list, which must be square here as in `vit-msn compile`."""
@@ -91,7 +82,7 @@ def side(config, name):
     return int(size)
 
 
-def export(model_dir, out, resolutions, outputs, dtype_name, task):
+def export(model_dir, out, resolutions, outputs, dtype_name, task, binary):
     with open(os.path.join(model_dir, "config.json")) as f:
         raw_config = json.load(f)
     config = ViTMSNConfig.from_pretrained(model_dir)
@@ -116,19 +107,10 @@ def export(model_dir, out, resolutions, outputs, dtype_name, task):
     hidden, attentions = "hidden_states" in outputs, "attentions" in outputs
     resolutions = resolutions or [(image_size, image_size)]
     layers, heads, d = config.num_hidden_layers, config.num_attention_heads, config.hidden_size
-    labels = [config.id2label[i] for i in range(config.num_labels)] if classifier else []
-    pre_path = os.path.join(model_dir, "preprocessor_config.json")
-    if os.path.exists(pre_path):
-        with open(pre_path) as f:
-            preprocessing = json.load(f)
-    else:
-        preprocessing = dict(DEFAULT_PREPROCESSING, size={"height": image_size, "width": image_size})
-
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    staged = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    # The traced files go to a scratch folder; `vit-msn bundle pack` writes
+    # the bundle (manifest, digests, staging and rename) as compile does.
+    staged = tempfile.mkdtemp(prefix="vit-msn-export-")
     try:
-        artifacts = []
         for h, w in resolutions:
             patches = (h // patch_size) * (w // patch_size)
             tokens = patches + 1
@@ -151,42 +133,26 @@ def export(model_dir, out, resolutions, outputs, dtype_name, task):
             wrapper = Artifact(model, classifier, interpolate, hidden, attentions).eval()
             with torch.no_grad():
                 traced = torch.jit.trace(wrapper, example, strict=False, check_trace=False)
-            file = f"model_{h}x{w}.pt"
             description = {"producer": "vit-msn export.py", "task": task, "dtype": name, "device": "cpu",
                            "height": h, "width": w, "inputs": inputs, "outputs": outs}
-            torch.jit.save(traced, os.path.join(staged, file), _extra_files={"vit_msn.json": json.dumps(description)})
-            artifacts.append({"height": h, "width": w, "file": file, "sha256": sha256(os.path.join(staged, file)),
-                              "inputs": inputs, "outputs": outs})
-        weights = [n for n in sorted(os.listdir(model_dir))
-                   if n.endswith((".safetensors", ".bin")) or n.endswith(".index.json")]
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "compiler": f"vit-msn export.py (torch {torch.__version__})",
-            "task": task,
-            "model": {"hidden_size": d, "num_hidden_layers": layers, "num_attention_heads": heads,
-                      "num_channels": config.num_channels, "patch_size": patch_size,
-                      "image_size": image_size, "labels": labels,
-                      "problem_type": raw_config.get("problem_type")},
-            "dtype": dtype_name,
-            "device": "cpu",
-            "preprocessing": preprocessing,
-            "artifacts": artifacts,
-            "source": {"weights": [{"file": n, "sha256": sha256(os.path.join(model_dir, n))} for n in weights],
-                       "unused_tensors": []},
-            "config": raw_config,
-        }
-        with open(os.path.join(staged, "manifest.json"), "w") as f:
-            json.dump(manifest, f, indent=2)
-        old = None
-        if os.path.exists(out):
-            old = staged + ".old"
-            os.rename(out, old)
-        os.rename(staged, out)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+            torch.jit.save(traced, os.path.join(staged, f"model_{h}x{w}.pt"),
+                           _extra_files={"vit_msn.json": json.dumps(description)})
+        r = subprocess.run([binary, "bundle", "pack", "--model", model_dir, "--artifacts", staged, "--out", out,
+                            "--producer", f"vit-msn export.py (torch {torch.__version__})"],
+                           capture_output=True, text=True)
+        if r.returncode:
+            raise ValueError(r.stderr.strip().removeprefix("error: ") or f"{binary} bundle pack failed")
+    finally:
         shutil.rmtree(staged, ignore_errors=True)
-        raise
+
+
+def default_binary():
+    """VIT_MSN_BIN, else the release build of this checkout, else `vit-msn` on PATH."""
+    if os.environ.get("VIT_MSN_BIN"):
+        return os.environ["VIT_MSN_BIN"]
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    built = os.path.join(root, "target", "release", "vit-msn")
+    return built if os.path.exists(built) else (shutil.which("vit-msn") or built)
 
 
 def main():
@@ -197,6 +163,8 @@ def main():
     ap.add_argument("--outputs", default="")
     ap.add_argument("--dtype", default="f32", choices=sorted(DTYPES))
     ap.add_argument("--task", choices=["backbone", "classification"])
+    ap.add_argument("--bin", default=None, help="the vit-msn binary that packs the bundle (default: "
+                    "$VIT_MSN_BIN, else target/release/vit-msn, else vit-msn on PATH)")
     a = ap.parse_args()
     try:
         resolutions = [parse_resolution(r) for r in a.resolutions.split(",") if r.strip()]
@@ -204,7 +172,7 @@ def main():
         unknown = outputs - {"hidden_states", "attentions"}
         if unknown:
             raise ValueError(f"unknown output(s) {sorted(unknown)}")
-        export(a.model, a.out, resolutions, outputs, a.dtype, a.task)
+        export(a.model, a.out, resolutions, outputs, a.dtype, a.task, a.bin or default_binary())
     except (OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -18,30 +18,38 @@ pub struct Checkpoint {
     pub files: Vec<(String, String)>,
 }
 
+/// The weight files of a model folder, in the order they are read: the
+/// first of `model.safetensors`, `model.safetensors.index.json`,
+/// `pytorch_model.bin`, `pytorch_model.bin.index.json` that exists, an
+/// index standing for the shards it names.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, Error> {
+    let candidates = [
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+        "pytorch_model.bin.index.json",
+    ];
+    let found = candidates
+        .iter()
+        .map(|name| dir.join(name))
+        .find(|p| p.is_file());
+    let Some(path) = found else {
+        return Err(Error::Weights(format!(
+            "{}: no weights file (looked for {})",
+            dir.display(),
+            candidates.join(", ")
+        )));
+    };
+    if path.to_string_lossy().ends_with(".index.json") {
+        shard_files(&path)
+    } else {
+        Ok(vec![path])
+    }
+}
+
 impl Checkpoint {
     pub fn from_dir(dir: &Path) -> Result<Self, Error> {
-        let candidates = [
-            "model.safetensors",
-            "model.safetensors.index.json",
-            "pytorch_model.bin",
-            "pytorch_model.bin.index.json",
-        ];
-        let found = candidates
-            .iter()
-            .map(|name| dir.join(name))
-            .find(|p| p.is_file());
-        let Some(path) = found else {
-            return Err(Error::Weights(format!(
-                "{}: no weights file (looked for {})",
-                dir.display(),
-                candidates.join(", ")
-            )));
-        };
-        let shards = if path.to_string_lossy().ends_with(".index.json") {
-            shard_files(&path)?
-        } else {
-            vec![path]
-        };
+        let shards = weight_files(dir)?;
         let mut ckpt = Checkpoint {
             tensors: BTreeMap::new(),
             files: Vec::new(),

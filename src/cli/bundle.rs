@@ -5,7 +5,7 @@ use vit_msn::bundle::replace_artifact_waiting;
 
 use super::{resolution_arg, CliResult};
 
-/// Change a compiled bundle.
+/// Change a compiled bundle, or pack traced files into one.
 #[derive(Args)]
 pub struct BundleArgs {
     #[command(subcommand)]
@@ -15,6 +15,29 @@ pub struct BundleArgs {
 #[derive(Subcommand)]
 enum BundleCommand {
     Replace(ReplaceArgs),
+    Pack(PackArgs),
+}
+
+/// Pack TorchScript files traced elsewhere into a bundle: each `.pt` in
+/// --artifacts must carry vit-msn's `extra/vit_msn.json` description (as
+/// graph/python/export.py writes it); the manifest is made from the model
+/// folder, exactly as `vit-msn compile` makes it.
+#[derive(Args)]
+#[command(after_help = "Examples:
+  vit-msn bundle pack --model my-finetuned --artifacts traced/ --out artifacts/ft")]
+struct PackArgs {
+    /// The Hugging Face folder the files were traced from (config.json, weights).
+    #[arg(long)]
+    model: PathBuf,
+    /// Folder of traced .pt files, one per resolution.
+    #[arg(long)]
+    artifacts: PathBuf,
+    /// Bundle folder to write (replaced atomically if it exists).
+    #[arg(long)]
+    out: PathBuf,
+    /// What made the files, recorded as the manifest's `compiler`.
+    #[arg(long, default_value = "vit-msn bundle pack")]
+    producer: String,
 }
 
 /// Swap one resolution's artifact for a new TorchScript file (e.g. one exported
@@ -53,6 +76,11 @@ pub fn bundle(a: BundleArgs) -> CliResult {
             let wait = std::time::Duration::from_secs(r.wait);
             replace_artifact_waiting(&r.bundle, h, w, &r.artifact, wait)?;
             eprintln!("replaced {h}x{w} in {}", r.bundle.display());
+            Ok(())
+        }
+        BundleCommand::Pack(p) => {
+            vit_msn::compiler::pack_bundle(&p.model, &p.artifacts, &p.out, &p.producer)?;
+            eprintln!("wrote {}", p.out.display());
             Ok(())
         }
     }
