@@ -1,11 +1,10 @@
 //! Loading a compiled bundle and running its forward pass.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
-use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
@@ -18,7 +17,11 @@ use crate::device::{check_available, device_name, parse_dtype};
 use crate::error::{Error, Result};
 use crate::fsutil::check_regular_file;
 use crate::manifest::{ArtifactEntry, Manifest, TensorSpec};
-use crate::writer::BundleWriter;
+use crate::memory::check_memory;
+
+pub use crate::error::first_line;
+pub use crate::replace::{replace_artifact, replace_artifact_waiting};
+pub use crate::writer::DEFAULT_LOCK_WAIT;
 
 /// A bundle loaded on one device: one TorchScript module per resolution.
 /// `Send + Sync`: share it across threads with `Arc`.
@@ -124,7 +127,7 @@ pub(crate) fn sha256_of(mut file: &File) -> std::io::Result<String> {
 /// file is renamed over `path` meanwhile. libtorch then reads the archive
 /// record by record: loading from an in-memory buffer through tch would hold
 /// three extra copies of the file at once (about 260 MB for vit-msn-small).
-fn load_open_file(
+pub(crate) fn load_open_file(
     file: &File,
     path: &Path,
     device: Device,
@@ -142,7 +145,7 @@ fn load_open_file(
 /// lacks, if any: their linears are then rewritten to aten::linear at load.
 /// Decided by the dtype, not the manifest's `cpu_features`, since bundles
 /// written before the manifest recorded them use the kernel too.
-fn onednn_fallback(dtype: &str, device: Device) -> Option<CpuFeature> {
+pub(crate) fn onednn_fallback(dtype: &str, device: Device) -> Option<CpuFeature> {
     CpuFeature::for_onednn_linear(dtype).filter(|f| device == Device::Cpu && !Cpu::detect().has(*f))
 }
 
@@ -258,7 +261,7 @@ impl Bundle {
             };
             // The manifest's sizes are bounded, but a large resolution may
             // still not fit here: refuse it before allocating the input.
-            self.check_memory(entry, 1).map_err(failed)?;
+            check_memory(&self.manifest, entry, (self.kind, self.device), 1).map_err(failed)?;
             let c = self.manifest.model.num_channels;
             let pixel_values = Tensor::f_zeros(
                 [1, c, entry.height, entry.width],
@@ -382,7 +385,7 @@ impl Bundle {
         }
         let found = self.compiled(size[2], size[3])?;
         // Before touching the values: a batch that cannot fit fails here, cleanly.
-        self.check_memory(&found.0, size[0])?;
+        check_memory(&self.manifest, &found.0, (self.kind, self.device), size[0])?;
         let all_finite = pixel_values
             .f_isfinite()
             .and_then(|t| t.f_all())
@@ -428,84 +431,7 @@ impl Bundle {
             return Err(Error::input("pixel_values", "the batch is empty"));
         }
         let (entry, _) = self.compiled(height, width)?;
-        self.check_memory(entry, batch)
-    }
-
-    /// A rough peak working set of one sample through `entry`, in bytes: the
-    /// input and its cast, one layer's activations (q/k/v, MLP, residuals,
-    /// and the heads × tokens² attention scores where the graph holds them)
-    /// and every output with its f32 copy. Saturating
-    /// u128 arithmetic: `intermediate_size` and the output shapes come from
-    /// the manifest unchecked, and an absurd estimate must refuse, not wrap.
-    fn bytes_per_sample(&self, entry: &ArtifactEntry) -> u128 {
-        let n = |v: i64| u128::try_from(v.max(1)).unwrap_or(1);
-        let m = &self.manifest.model;
-        let tokens = n(entry.height / m.patch_size) * n(entry.width / m.patch_size) + 1;
-        let d = n(m.hidden_size);
-        let inter = self
-            .manifest
-            .config
-            .get("intermediate_size")
-            .and_then(|v| v.as_i64())
-            .map_or(4 * d, n);
-        let elem = if self.kind == Kind::Float { 4 } else { 2 };
-        let pixels = n(m.num_channels) * n(entry.height) * n(entry.width) * (4 + elem);
-        // The compiler's graphs hold attention scores only when they return
-        // them (else SDPA works in blocks); export.py traces eager attention.
-        let holds_scores = entry.outputs.iter().any(|o| o.name == "attentions")
-            || self.manifest.compiler.contains("export.py");
-        let scores = if holds_scores {
-            n(m.num_attention_heads)
-                .saturating_mul(tokens)
-                .saturating_mul(tokens)
-        } else {
-            0
-        };
-        let layer = tokens
-            .saturating_mul((7 * d).saturating_add(inter))
-            .saturating_add(scores);
-        let outputs = entry
-            .outputs
-            .iter()
-            .map(|o| {
-                o.shape
-                    .iter()
-                    .fold(1u128, |acc, &x| acc.saturating_mul(n(x)))
-            })
-            .fold(0u128, u128::saturating_add);
-        pixels
-            .saturating_add(layer.saturating_mul(elem))
-            .saturating_add(outputs.saturating_mul(elem + 4))
-    }
-
-    /// Refuses a batch whose estimated working set exceeds the memory the
-    /// system says is available (CPU only).
-    fn check_memory(&self, entry: &ArtifactEntry, batch: i64) -> Result<()> {
-        if self.device != Device::Cpu {
-            return Ok(());
-        }
-        let need = self
-            .bytes_per_sample(entry)
-            .saturating_mul(u128::try_from(batch).unwrap_or(0));
-        // Ordinary batches skip the /proc read on the forward path.
-        if need < 1 << 29 {
-            return Ok(());
-        }
-        let Some(available) = available_memory() else {
-            return Ok(());
-        };
-        if need > available as u128 {
-            let gib = |b: u128| b as f64 / (1u64 << 30) as f64;
-            return Err(Error::input(
-                "pixel_values",
-                format!(
-                    "a batch of {batch} needs about {:.1} GiB and {:.1} GiB is available; use smaller batches",
-                    gib(need),
-                    gib(available as u128)
-                ),
-            ));
-        }
-        Ok(())
+        check_memory(&self.manifest, entry, (self.kind, self.device), batch)
     }
 
     fn check_mask(&self, mask: Option<&Tensor>, batch: i64, patches: i64) -> Result<Tensor> {
@@ -645,7 +571,7 @@ impl Bundle {
 /// hand-edited manifest (layers, heads, classes) still describes it. Only
 /// tensors both name are compared: `bundle replace` may swap in a file
 /// with more outputs, and a file without a description is not checked.
-fn check_against_description(
+pub(crate) fn check_against_description(
     entry: &ArtifactEntry,
     own: &ArtifactDescription,
 ) -> std::result::Result<(), String> {
@@ -667,17 +593,6 @@ fn check_against_description(
     Ok(())
 }
 
-/// `MemAvailable` from /proc/meminfo, in bytes.
-fn available_memory() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    line.split_whitespace()
-        .nth(1)?
-        .parse::<u64>()
-        .ok()
-        .map(|kb| kb * 1024)
-}
-
 /// A forward's result as named tensors: a dict by its keys; a tuple, list or
 /// single tensor by the manifest's output order.
 pub fn outputs_by_name(specs: &[TensorSpec], result: Vec<RawOutput>) -> Vec<(String, Tensor)> {
@@ -691,259 +606,8 @@ pub fn outputs_by_name(specs: &[TensorSpec], result: Vec<RawOutput>) -> Vec<(Str
         .collect()
 }
 
-/// How long [`replace_artifact`] (and a compile or few-shot fit over an
-/// existing bundle) waits for another process changing the same bundle
-/// before it gives up.
-pub const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(120);
-
-/// Swaps the artifact compiled for `height`×`width` for `new_artifact`, after
-/// checking that the new file loads, accepts the bundle's inputs, returns
-/// the manifest's outputs at their shapes (a probe run at batch 2) and, when
-/// it describes itself, was compiled for this slot's dtype and specs. The
-/// bundle is rewritten whole beside itself (sub-folders such as `cache/`
-/// included) and renamed into place; on any refusal it is left untouched.
-/// Waits up to [`DEFAULT_LOCK_WAIT`] while another process changes it.
-pub fn replace_artifact(dir: &Path, height: i64, width: i64, new_artifact: &Path) -> Result<()> {
-    replace_artifact_waiting(dir, height, width, new_artifact, DEFAULT_LOCK_WAIT)
-}
-
-/// [`replace_artifact`], waiting at most `wait` for the bundle's lock
-/// (`Duration::ZERO`: fail at once when another process holds it).
-pub fn replace_artifact_waiting(
-    dir: &Path,
-    height: i64,
-    width: i64,
-    new_artifact: &Path,
-    wait: Duration,
-) -> Result<()> {
-    let dir = &crate::fsutil::resolve_output_dir(dir);
-    // Held until the new bundle is in place: the manifest read below must
-    // still be the bundle's when the rewritten one lands.
-    let _lock = lock_bundle(dir, wait)?;
-    let mut manifest = Manifest::read(dir)?;
-    let index = manifest
-        .artifacts
-        .iter()
-        .position(|a| a.height == height && a.width == width)
-        .ok_or_else(|| {
-            Error::input(
-                "resolution",
-                format!(
-                    "{height}x{width} is not in the bundle, which has {}",
-                    manifest.resolutions().join(", ")
-                ),
-            )
-        })?;
-    // The bytes copied into the bundle are those of the file that was probed.
-    check_regular_file(new_artifact)?;
-    let mut file = File::open(new_artifact).map_err(|e| Error::io(new_artifact, e))?;
-    let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes)
-        .map_err(|e| Error::io(new_artifact, e))?;
-    let refuse = |m: String| Error::Artifact {
-        path: new_artifact.display().to_string(),
-        message: m,
-    };
-    let own = embedded_description(&file);
-    // A file of another dtype fails the probe with libtorch's opaque
-    // message; its own description says why.
-    if let Some(dtype) = own.as_ref().map(|d| d.dtype.as_str()) {
-        if dtype != manifest.dtype {
-            return Err(refuse(format!(
-                "it was compiled for {dtype}, and the bundle's artifacts are {} (its {ARTIFACT_EXTRA_FILE})",
-                manifest.dtype
-            )));
-        }
-    }
-    let mut module = load_open_file(&file, new_artifact, Device::Cpu)
-        .map_err(|e| refuse(format!("does not load: {e}")))?;
-    if onednn_fallback(&manifest.dtype, Device::Cpu).is_some() {
-        module
-            .unfuse_onednn_linears()
-            .map_err(|e| refuse(format!("does not load: {e}")))?;
-    }
-    let entry = &manifest.artifacts[index];
-    let kind = parse_dtype(&manifest.dtype)?;
-    let batch = 2;
-    let probe: Vec<Tensor> = entry
-        .inputs
-        .iter()
-        .map(|spec| {
-            let shape: Vec<i64> = spec
-                .shape
-                .iter()
-                .map(|&d| if d < 0 { batch } else { d })
-                .collect();
-            match spec.name.as_str() {
-                "bool_masked_pos" => Tensor::zeros(shape.as_slice(), (Kind::Bool, Device::Cpu)),
-                "head_mask" => Tensor::ones(shape.as_slice(), (kind, Device::Cpu)),
-                _ => Tensor::zeros(shape.as_slice(), (kind, Device::Cpu)),
-            }
-        })
-        .collect();
-    let probe: Vec<&Tensor> = probe.iter().collect();
-    let result = module.forward(&probe).map_err(|e| {
-        refuse(format!(
-            "its forward does not accept the bundle's inputs: {}",
-            first_line(&e)
-        ))
-    })?;
-    let named = outputs_by_name(&entry.outputs, result);
-    for spec in &entry.outputs {
-        let want: Vec<i64> = spec
-            .shape
-            .iter()
-            .map(|&d| if d < 0 { batch } else { d })
-            .collect();
-        match named.iter().find(|(n, _)| *n == spec.name) {
-            None => return Err(refuse(format!("returns no `{}`", spec.name))),
-            Some((_, t)) if t.size() != want => {
-                return Err(refuse(format!(
-                    "returns `{}` of shape {:?} at batch {batch}; the manifest says {want:?}",
-                    spec.name,
-                    t.size()
-                )))
-            }
-            Some(_) => {}
-        }
-    }
-    // The probe passes a file compiled for another resolution with as many
-    // patches (64x16 for 32x32), which loading would then refuse: make the
-    // check loading makes.
-    if let Some(own) = &own {
-        check_against_description(entry, own).map_err(refuse)?;
-    }
-    // The whole bundle is rewritten beside itself: other files carried over.
-    let file = manifest.artifacts[index].file.clone();
-    let mut writer = BundleWriter::rewrite(dir, &[&file])?;
-    writer.write_artifact(
-        ArtifactEntry {
-            sha256: String::new(),
-            ..manifest.artifacts[index].clone()
-        },
-        &bytes,
-    )?;
-    // The bundle now needs what the new file's kernels need, too.
-    if let Some(own) = &own {
-        manifest.cpu_features.extend(&own.cpu_features);
-        manifest.cpu_features.sort();
-        manifest.cpu_features.dedup();
-    }
-    writer.finish_locked(manifest).map(|_| ())
-}
-
-/// Puts a copy of `from` (a file, a symlink or a whole folder, such as the
-/// `cache/` that `fewshot fit` keeps in a backbone bundle) at `to`: files as
-/// hard links where the file system allows, else as copies. Anything else
-/// (a FIFO, a socket) is refused rather than silently dropped.
-pub(crate) fn stage_entry(from: &Path, to: &Path) -> Result<()> {
-    let meta = std::fs::symlink_metadata(from).map_err(|e| Error::io(from, e))?;
-    let kind = meta.file_type();
-    if kind.is_dir() {
-        std::fs::create_dir(to).map_err(|e| Error::io(to, e))?;
-        for e in std::fs::read_dir(from).map_err(|e| Error::io(from, e))? {
-            let e = e.map_err(|e| Error::io(from, e))?;
-            stage_entry(&e.path(), &to.join(e.file_name()))?;
-        }
-        Ok(())
-    } else if kind.is_symlink() {
-        let target = std::fs::read_link(from).map_err(|e| Error::io(from, e))?;
-        std::os::unix::fs::symlink(target, to).map_err(|e| Error::io(to, e))
-    } else if kind.is_file() {
-        if std::fs::hard_link(from, to).is_err() {
-            std::fs::copy(from, to).map_err(|e| Error::io(to, e))?;
-        }
-        Ok(())
-    } else {
-        Err(Error::file(
-            from,
-            "is not a file or folder, and a bundle rewrite would lose it; move it out of the bundle first",
-        ))
-    }
-}
-
-/// An exclusive `flock` on the bundle folder itself, held while it is
-/// changed; released when the returned file is dropped. Nothing is left
-/// beside the bundle. The folder is replaced by rename, so a lock won on a
-/// folder that is no longer at `dir` (the previous holder swapped in a new
-/// one) is let go and taken again on the folder now there.
-pub(crate) fn lock_bundle(dir: &Path, wait: Duration) -> Result<File> {
-    use std::os::unix::fs::MetadataExt;
-    let deadline = Instant::now() + wait;
-    loop {
-        let folder = File::open(dir).map_err(|e| Error::io(dir, e))?;
-        if !folder.metadata().map_err(|e| Error::io(dir, e))?.is_dir() {
-            return Err(Error::file(dir, "is not a bundle folder"));
-        }
-        loop {
-            // SAFETY: flock on a file descriptor this function owns.
-            if unsafe { libc::flock(folder.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-                break;
-            }
-            let err = std::io::Error::last_os_error();
-            let busy = matches!(err.raw_os_error(), Some(libc::EWOULDBLOCK | libc::EINTR));
-            if !busy {
-                return Err(Error::io(dir, err));
-            }
-            if Instant::now() >= deadline {
-                return Err(Error::file(
-                    dir,
-                    format!(
-                        "another process is changing this bundle (waited {} s); try again when it has finished",
-                        wait.as_secs_f64()
-                    ),
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let locked = folder.metadata().map_err(|e| Error::io(dir, e))?;
-        let now = std::fs::metadata(dir).map_err(|e| Error::io(dir, e))?;
-        if (locked.dev(), locked.ino()) == (now.dev(), now.ino()) {
-            return Ok(folder);
-        }
-    }
-}
-
 /// A libtorch error on the forward path (a batch too large for the GPU, say)
 /// as a forward failure.
 fn torch_error(e: tch::TchError) -> Error {
     Error::Forward(first_line(&e.to_string()))
-}
-
-/// libtorch messages carry a C++ backtrace after the first line; errors
-/// raised inside a TorchScript graph put the cause on the last line of the
-/// interpreter's traceback instead (`RuntimeError: ...` from an op,
-/// `builtins.ValueError: ...` from a `raise`), which is the one worth showing.
-pub fn first_line(message: &str) -> String {
-    let first = message.lines().next().unwrap_or("");
-    // oneDNN's own words name neither the CPU nor a remedy.
-    if message.contains("could not create a primitive descriptor") {
-        return format!(
-            "oneDNN has no kernel for this artifact's operations in its dtype on this CPU ({}): bf16 and f16 linears need AVX-512 or AVX2-VNNI-2; load it from its bundle, which falls back to aten::linear, or recompile without --linear onednn",
-            crate::cpu::Cpu::detect().summary()
-        );
-    }
-    if first.contains("failed in the TorchScript interpreter") {
-        if let Some((kind, cause)) = message.lines().rev().find_map(exception_line) {
-            let kind = kind.strip_prefix("builtins.").unwrap_or(kind);
-            return if kind == "RuntimeError" {
-                format!("in the TorchScript graph: {cause}")
-            } else {
-                format!("in the TorchScript graph: {kind}: {cause}")
-            };
-        }
-    }
-    first.to_owned()
-}
-
-/// `(kind, message)` of a traceback's exception line, `Kind: message` with a
-/// dotted name at the start of the line; traceback lines are indented or
-/// start with words ("Traceback of TorchScript, ...").
-fn exception_line(line: &str) -> Option<(&str, &str)> {
-    let (kind, cause) = line.split_once(": ")?;
-    let is_name = kind
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
-    let is_exception = kind.ends_with("Error") || kind.ends_with("Exception");
-    (is_name && is_exception && !cause.trim().is_empty()).then_some((kind, cause.trim()))
 }

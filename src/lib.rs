@@ -29,6 +29,8 @@ pub mod image;
 pub mod inputs;
 pub mod loss;
 pub mod manifest;
+mod memory;
+pub mod replace;
 pub mod tensors;
 pub mod writer;
 

@@ -12,11 +12,13 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use crate::bundle::{lock_bundle, sha256_of, DEFAULT_LOCK_WAIT};
+use crate::bundle::sha256_of;
 use crate::error::{Error, Result};
 use crate::fsutil::{
     check_output_dir, remove_stale_siblings, replace_dir, resolve_output_dir, sibling_tmp,
@@ -56,7 +58,7 @@ impl BundleWriter {
             if name == MANIFEST_FILE || except.contains(&name_text.as_ref()) {
                 continue;
             }
-            crate::bundle::stage_entry(&e.path(), &writer.staged.join(&name))?;
+            stage_entry(&e.path(), &writer.staged.join(&name))?;
         }
         Ok(writer)
     }
@@ -177,6 +179,83 @@ impl Drop for BundleWriter {
     fn drop(&mut self) {
         if !self.finished {
             let _ = std::fs::remove_dir_all(&self.staged);
+        }
+    }
+}
+
+/// How long [`replace_artifact`] (and a compile or few-shot fit over an
+/// existing bundle) waits for another process changing the same bundle
+/// before it gives up.
+pub const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(120);
+
+/// Puts a copy of `from` (a file, a symlink or a whole folder, such as the
+/// `cache/` that `fewshot fit` keeps in a backbone bundle) at `to`: files as
+/// hard links where the file system allows, else as copies. Anything else
+/// (a FIFO, a socket) is refused rather than silently dropped.
+pub(crate) fn stage_entry(from: &Path, to: &Path) -> Result<()> {
+    let meta = std::fs::symlink_metadata(from).map_err(|e| Error::io(from, e))?;
+    let kind = meta.file_type();
+    if kind.is_dir() {
+        std::fs::create_dir(to).map_err(|e| Error::io(to, e))?;
+        for e in std::fs::read_dir(from).map_err(|e| Error::io(from, e))? {
+            let e = e.map_err(|e| Error::io(from, e))?;
+            stage_entry(&e.path(), &to.join(e.file_name()))?;
+        }
+        Ok(())
+    } else if kind.is_symlink() {
+        let target = std::fs::read_link(from).map_err(|e| Error::io(from, e))?;
+        std::os::unix::fs::symlink(target, to).map_err(|e| Error::io(to, e))
+    } else if kind.is_file() {
+        if std::fs::hard_link(from, to).is_err() {
+            std::fs::copy(from, to).map_err(|e| Error::io(to, e))?;
+        }
+        Ok(())
+    } else {
+        Err(Error::file(
+            from,
+            "is not a file or folder, and a bundle rewrite would lose it; move it out of the bundle first",
+        ))
+    }
+}
+
+/// An exclusive `flock` on the bundle folder itself, held while it is
+/// changed; released when the returned file is dropped. Nothing is left
+/// beside the bundle. The folder is replaced by rename, so a lock won on a
+/// folder that is no longer at `dir` (the previous holder swapped in a new
+/// one) is let go and taken again on the folder now there.
+pub(crate) fn lock_bundle(dir: &Path, wait: Duration) -> Result<File> {
+    use std::os::unix::fs::MetadataExt;
+    let deadline = Instant::now() + wait;
+    loop {
+        let folder = File::open(dir).map_err(|e| Error::io(dir, e))?;
+        if !folder.metadata().map_err(|e| Error::io(dir, e))?.is_dir() {
+            return Err(Error::file(dir, "is not a bundle folder"));
+        }
+        loop {
+            // SAFETY: flock on a file descriptor this function owns.
+            if unsafe { libc::flock(folder.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                break;
+            }
+            let err = std::io::Error::last_os_error();
+            let busy = matches!(err.raw_os_error(), Some(libc::EWOULDBLOCK | libc::EINTR));
+            if !busy {
+                return Err(Error::io(dir, err));
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::file(
+                    dir,
+                    format!(
+                        "another process is changing this bundle (waited {} s); try again when it has finished",
+                        wait.as_secs_f64()
+                    ),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let locked = folder.metadata().map_err(|e| Error::io(dir, e))?;
+        let now = std::fs::metadata(dir).map_err(|e| Error::io(dir, e))?;
+        if (locked.dev(), locked.ino()) == (now.dev(), now.ino()) {
+            return Ok(folder);
         }
     }
 }
