@@ -47,7 +47,7 @@ $(FIXTURES)/COMPLETE: tests/fixtures/make_fixtures.py tests/bounds.json | $(BOOT
 	$(PY) tests/fixtures/make_fixtures.py $(FIXTURES)
 	touch $@
 
-$(IMAGE_FIXTURES)/COMPLETE: tests/fixtures/make_image_fixtures.py $(wildcard tests/data/photos/*) | $(BOOTSTRAP)
+$(IMAGE_FIXTURES)/COMPLETE: tests/fixtures/make_image_fixtures.py $(wildcard src/cli/demo_photos/*) | $(BOOTSTRAP)
 	$(PY) -c 'import PIL, skimage' 2>/dev/null || $(VENV)/bin/pip install $(IMAGE_PIP_PACKAGES)
 	rm -rf $(IMAGE_FIXTURES)
 	$(PY) tests/fixtures/make_image_fixtures.py $(IMAGE_FIXTURES)

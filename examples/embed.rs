@@ -1,5 +1,5 @@
 //! An application that links only the runtime: load a bundle, classify an image.
-//!   cargo run --release --example embed -- artifacts/demo tests/data/photos/chelsea.jpg
+//!   cargo run --release --example embed -- artifacts/demo src/cli/demo_photos/chelsea.jpg
 use vit_msn::{image::preprocess_path, Bundle, Device};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

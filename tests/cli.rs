@@ -9,7 +9,7 @@ use common::{assert_ok, case_dir, read, root, scratch, vit_msn};
 use tch::{Kind, Tensor};
 
 fn photos() -> PathBuf {
-    root().join("tests/data/photos")
+    root().join("src/cli/demo_photos")
 }
 
 fn compile(case: &str, name: &str, extra: &[&str]) -> PathBuf {

@@ -266,7 +266,7 @@ fn fewshot_errors() {
     let one_class = dir.join("train").join("only");
     std::fs::create_dir_all(&one_class).unwrap();
     std::fs::copy(
-        root().join("tests/data/photos/camera.png"),
+        root().join("src/cli/demo_photos/camera.png"),
         one_class.join("a.png"),
     )
     .unwrap();
@@ -288,7 +288,7 @@ fn fewshot_errors() {
         &"--bundle",
         &classifier,
         &"--train",
-        &root().join("tests/data"),
+        &root().join("src/cli"),
     ]);
     assert_eq!(out.status.code(), Some(1));
     let out = vit_msn(&[
@@ -308,7 +308,7 @@ fn fewshot_errors() {
 
 /// Two classes (`a`, `b`) of two test photos each, in `dir/train`.
 fn photo_classes(dir: &Path) -> PathBuf {
-    let photos = root().join("tests/data/photos");
+    let photos = root().join("src/cli/demo_photos");
     let train = dir.join("train");
     for (class, files) in [
         ("a", ["astronaut.jpg", "camera.png"]),
@@ -423,7 +423,7 @@ fn non_utf8_class_folders_are_refused() {
     use std::os::unix::ffi::OsStrExt;
 
     let dir = scratch("fewshot-non-utf8");
-    let photos = root().join("tests/data/photos");
+    let photos = root().join("src/cli/demo_photos");
     let bad = dir.join("bad");
     // Both names read lossily as `caf�`.
     for (name, file) in [

@@ -473,7 +473,7 @@ fn refuses_unreadable_paths_and_bad_channel_counts() {
     let missing = dir.join("no-such-image.png");
     assert!(refused(&missing, 3).contains("cannot read"));
     assert!(refused(&dir, 3).contains("directory"));
-    let photo = root().join("tests/data/photos/chelsea.jpg");
+    let photo = root().join("src/cli/demo_photos/chelsea.jpg");
     for channels in [0, 2, 4] {
         assert!(refused(&photo, channels).contains("channels"));
     }
@@ -576,7 +576,7 @@ fn image_paths_by_extension() {
 
 #[test]
 fn committed_photos_are_small_and_decode() {
-    let dir = root().join("tests/data/photos");
+    let dir = root().join("src/cli/demo_photos");
     let mut n = 0;
     for entry in std::fs::read_dir(&dir).expect("photos folder") {
         let path = entry.expect("entry").path();

@@ -199,7 +199,7 @@ m = ViTMSNForImageClassification.from_pretrained(sys.argv[1], torchscript=True).
 torch.jit.trace(m, torch.randn(1, 3, 64, 64)).save(sys.argv[2])
 "#;
     assert_ok(&python(trace, &[&model, &pt]), "trace");
-    let photos = root().join("tests/data/photos");
+    let photos = root().join("src/cli/demo_photos");
     let bare = vit_msn(&[
         &"run",
         &"--artifact",
@@ -290,7 +290,7 @@ m = ViTMSNModel.from_pretrained(sys.argv[1], torchscript=True).eval()
 torch.jit.trace(m, torch.randn(1, 3, 64, 64)).save(sys.argv[2])
 "#;
     assert_ok(&python(trace, &[&model, &pt]), "trace");
-    let photos = root().join("tests/data/photos");
+    let photos = root().join("src/cli/demo_photos");
     let embeddings = |args: &[&dyn AsRef<std::ffi::OsStr>], name: &str| {
         let file = dir.join(format!("{name}.safetensors"));
         let mut full: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"run"];
@@ -399,7 +399,7 @@ fn embed_example_classifies() {
     let bundle = compile_case("finetuned", "interop-embed", &[]);
     let out = std::process::Command::new(&exe)
         .arg(&bundle)
-        .arg(root().join("tests/data/photos/chelsea.jpg"))
+        .arg(root().join("src/cli/demo_photos/chelsea.jpg"))
         .output()
         .unwrap();
     assert_ok(&out, "embed example");

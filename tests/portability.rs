@@ -169,7 +169,7 @@ fn onednn_bf16_bundle_falls_back_and_bare_file_is_refused_at_load() {
         assert!(w[0].contains("run as aten::linear"), "{stderr}");
     }
     // The bare file cannot be rewritten: refused at load, in one line.
-    let photo = common::root().join("tests/data/photos/coffee.jpg");
+    let photo = common::root().join("src/cli/demo_photos/coffee.jpg");
     let result = vit_msn_env(
         &[
             &"run",

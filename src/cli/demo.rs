@@ -25,27 +25,27 @@ const LABELS: [&str; 6] = [
 ];
 
 /// Small real photos (scikit-image's public-domain / CC0 samples, see
-/// tests/data/photos/README.md), built into the binary so the demo needs no files.
+/// src/cli/demo_photos/README.md), built into the binary so the demo needs no files.
 const PHOTOS: [(&str, &[u8]); 5] = [
     (
         "chelsea.jpg",
-        include_bytes!("../../tests/data/photos/chelsea.jpg"),
+        include_bytes!("demo_photos/chelsea.jpg"),
     ),
     (
         "coffee.jpg",
-        include_bytes!("../../tests/data/photos/coffee.jpg"),
+        include_bytes!("demo_photos/coffee.jpg"),
     ),
     (
         "astronaut.jpg",
-        include_bytes!("../../tests/data/photos/astronaut.jpg"),
+        include_bytes!("demo_photos/astronaut.jpg"),
     ),
     (
         "rocket.jpg",
-        include_bytes!("../../tests/data/photos/rocket.jpg"),
+        include_bytes!("demo_photos/rocket.jpg"),
     ),
     (
         "camera.png",
-        include_bytes!("../../tests/data/photos/camera.png"),
+        include_bytes!("demo_photos/camera.png"),
     ),
 ];
 
