@@ -7,7 +7,7 @@ use std::path::Path;
 use criterion::{criterion_group, criterion_main, Criterion};
 use tch::{Device, Kind, Tensor};
 use vit_msn_graph::untrained::write_untrained_checkpoint;
-use vit_msn_graph::{CompileOptions, Wanted};
+use vit_msn_graph::{CompileOptions, Config, Wanted};
 
 /// Compiles an untrained backbone of the given shape at 224 into target/.
 fn bundle_dir(name: &str, hidden: i64, heads: i64) -> std::path::PathBuf {
@@ -17,10 +17,7 @@ fn bundle_dir(name: &str, hidden: i64, heads: i64) -> std::path::PathBuf {
     let model = root.join("model");
     let bundle = root.join("bundle");
     let _ = std::fs::remove_dir_all(&root);
-    let config = serde_json::json!({
-        "architectures": ["ViTMSNModel"], "hidden_size": hidden, "num_hidden_layers": 12,
-        "num_attention_heads": heads, "intermediate_size": 4 * hidden, "image_size": 224, "patch_size": 16,
-    });
+    let config = Config::preset(hidden, 12, heads, 16).raw;
     write_untrained_checkpoint(&model, &config, 0).expect("write checkpoint");
     let opts = CompileOptions {
         resolutions: vec![],

@@ -476,7 +476,11 @@ fn outputs_that_would_lose_data_are_refused() {
 
     // An output file that is one of the command's inputs.
     let photo = dir.join("photo.jpg");
-    std::fs::copy(common::root().join("src/cli/demo_photos/coffee.jpg"), &photo).unwrap();
+    std::fs::copy(
+        common::root().join("src/cli/demo_photos/coffee.jpg"),
+        &photo,
+    )
+    .unwrap();
     let before = std::fs::read(&photo).unwrap();
     refused(
         &[

@@ -110,7 +110,7 @@ pub fn compile(model_dir: &Path, out_dir: &Path, opts: &CompileOptions) -> Resul
             "the oneDNN linear runs on the CPU only".into(),
         ));
     }
-    model.vit.fuse(backend);
+    let traced = model.fused(backend);
 
     let dtype = dtype_name(opts.kind);
     let (layers, heads) = (cfg.num_hidden_layers, cfg.num_attention_heads);
@@ -176,7 +176,6 @@ pub fn compile(model_dir: &Path, out_dir: &Path, opts: &CompileOptions) -> Resul
             outputs: artifact.outputs.clone(),
         };
         let extra = serde_json::to_string(&extra).map_err(|e| Error::Invalid(e.to_string()))?;
-        let model_ref = &model;
         tch::no_grad(|| {
             trace_and_save(
                 &out_dir.join(&artifact.file),
@@ -186,7 +185,7 @@ pub fn compile(model_dir: &Path, out_dir: &Path, opts: &CompileOptions) -> Resul
                     ("head_mask", &head_mask),
                 ],
                 || {
-                    model_ref.forward(
+                    traced.forward(
                         &pixel_values,
                         &bool_masked_pos,
                         &head_mask,

@@ -44,6 +44,45 @@ pub struct Config {
     pub raw: Value,
 }
 
+/// The published checkpoints' shapes (`facebook/vit-msn-*`, backbones
+/// trained at 224), as `config.json` holds them; the demo, `vit-msn init`'s
+/// users and the benches start from these.
+impl Config {
+    pub fn vit_msn_small() -> Config {
+        Self::preset(384, 12, 6, 16)
+    }
+
+    pub fn vit_msn_base() -> Config {
+        Self::preset(768, 12, 12, 16)
+    }
+
+    pub fn vit_msn_large() -> Config {
+        Self::preset(1024, 24, 16, 16)
+    }
+
+    pub fn vit_msn_base_4() -> Config {
+        Self::preset(768, 12, 12, 4)
+    }
+
+    pub fn vit_msn_large_7() -> Config {
+        Self::preset(1024, 24, 16, 7)
+    }
+
+    /// A ViT-MSN config of this shape (MLP 4× wide), otherwise transformers'
+    /// defaults, as a backbone.
+    pub fn preset(hidden: i64, layers: i64, heads: i64, patch: i64) -> Config {
+        let raw = serde_json::json!({
+            "model_type": "vit_msn",
+            "architectures": ["ViTMSNModel"],
+            "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "intermediate_size": 4 * hidden, "hidden_act": "gelu", "layer_norm_eps": 1e-6,
+            "image_size": 224, "patch_size": patch, "num_channels": 3, "qkv_bias": true,
+        });
+        // Every preset is within the bounds (tested below), so this cannot fail.
+        Config::from_value(raw).expect("a preset is a valid config")
+    }
+}
+
 impl Config {
     pub fn from_file(path: &Path) -> Result<Self, Error> {
         // A config is a few kilobytes; refuse to read a huge file into memory.
@@ -341,4 +380,32 @@ fn read_labels(obj: &Map<String, Value>) -> Result<Vec<String>, Error> {
         )));
     }
     Ok((0..n).map(|i| format!("LABEL_{i}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets() {
+        let small = Config::vit_msn_small();
+        assert_eq!(
+            (
+                small.hidden_size,
+                small.num_attention_heads,
+                small.intermediate_size
+            ),
+            (384, 6, 1536)
+        );
+        assert_eq!(small.task_from_architectures(), Some(Task::Backbone));
+        for c in [
+            Config::vit_msn_base(),
+            Config::vit_msn_large(),
+            Config::vit_msn_base_4(),
+            Config::vit_msn_large_7(),
+        ] {
+            assert_eq!(c.image_size, 224);
+        }
+        assert_eq!(Config::vit_msn_large_7().patch_size, 7);
+    }
 }

@@ -40,25 +40,79 @@ fn project(
 /// A weight and its bias, concatenated from several checkpoint linears.
 type FusedLinear = (Tensor, Option<Tensor>);
 
-/// `attention.attention`: separate query/key/value linears in the checkpoint,
-/// fused into one projection before tracing.
+/// The attention implementations transformers offers (`attn_implementation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionImpl {
+    /// Explicit softmax(q·kᵀ/√d)·v: returns the probabilities.
+    Eager,
+    /// `scaled_dot_product_attention`: no probabilities, less memory.
+    Sdpa,
+}
+
+/// Multi-head attention of (B, heads, rows, head_dim) queries, keys and
+/// values, each head scaled by `per_head` (1, heads, 1, 1). The head mask
+/// scales each head's probabilities in the reference; since it is one scalar
+/// per head, scaling each head's context is the same, which lets SDPA run.
+/// Returns the context, and the probabilities after the head mask for eager.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    per_head: &Tensor,
+    imp: AttentionImpl,
+) -> (Tensor, Option<Tensor>) {
+    match imp {
+        AttentionImpl::Eager => {
+            let head_dim = q.size()[3];
+            let scores = q.matmul(&k.transpose(-1, -2)) / (head_dim as f64).sqrt();
+            let probs = scores.softmax(-1, Kind::Float).type_as(q) * per_head;
+            (probs.matmul(v), Some(probs))
+        }
+        AttentionImpl::Sdpa => {
+            let context = Tensor::scaled_dot_product_attention::<Tensor>(
+                q, k, v, None, 0.0, false, None, false,
+            );
+            (context * per_head, None)
+        }
+    }
+}
+
+/// What a traced forward computes, decided once from the task and the
+/// outputs asked for, and handed down from the model to each layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    /// Return every layer's input and the last layer's output.
+    pub hidden_states: bool,
+    /// Eager attention, returning its probabilities; else SDPA.
+    pub attention: AttentionImpl,
+    /// The last layer computes the CLS token's row only (a classifier
+    /// without optional outputs reads nothing else).
+    pub cls_only_last: bool,
+}
+
+/// `attention.attention`: separate query/key/value linears in the checkpoint.
 pub struct SelfAttention {
     query: nn::Linear,
     key: nn::Linear,
     value: nn::Linear,
-    /// query|key|value, for every token.
-    qkv: Option<FusedLinear>,
-    /// key|value, for the layer that computes the query of the CLS token only.
-    kv: Option<FusedLinear>,
-    backend: LinearBackend,
     heads: i64,
     head_dim: i64,
+}
+
+/// A [`SelfAttention`] as it is traced: its projections fused into one GEMM.
+pub struct FusedSelfAttention<'a> {
+    loaded: &'a SelfAttention,
+    /// query|key|value, for every token.
+    qkv: FusedLinear,
+    /// key|value, for the layer that computes the query of the CLS token only.
+    kv: FusedLinear,
+    backend: LinearBackend,
 }
 
 /// What one attention call computed.
 pub struct AttentionOutput {
     pub context: Tensor,
-    /// Softmax probabilities after the head mask, when asked for.
+    /// Softmax probabilities after the head mask, for eager attention.
     pub probs: Option<Tensor>,
 }
 
@@ -73,85 +127,57 @@ impl SelfAttention {
             query: nn::linear(p / "query", d, d, lin),
             key: nn::linear(p / "key", d, d, lin),
             value: nn::linear(p / "value", d, d, lin),
-            qkv: None,
-            kv: None,
-            backend: LinearBackend::Aten,
             heads: cfg.num_attention_heads,
             head_dim: cfg.head_dim(),
         }
     }
 
-    /// Concatenates the projections, once the weights are loaded. Only the
-    /// tensors a trace uses become constants of the artifact.
-    pub fn fuse(&mut self, backend: LinearBackend) {
-        self.backend = backend;
-        self.qkv = Some(concat(&[&self.query, &self.key, &self.value]));
-        self.kv = Some(concat(&[&self.key, &self.value]));
+    /// The traced form, from the loaded (and cast) weights. Only the tensors
+    /// a trace uses become constants of the artifact.
+    pub fn fused(&self, backend: LinearBackend) -> FusedSelfAttention<'_> {
+        FusedSelfAttention {
+            loaded: self,
+            qkv: concat(&[&self.query, &self.key, &self.value]),
+            kv: concat(&[&self.key, &self.value]),
+            backend,
+        }
     }
+}
 
+impl FusedSelfAttention<'_> {
     /// `x` (B, T, D), `head_mask` (heads,) → context (B, Q, D), where the
     /// queries Q are all T tokens, or only the CLS token when `cls_only`.
-    ///
-    /// The head mask scales each head's probabilities in the reference; since
-    /// it is one scalar per head, scaling each head's context is the same and
-    /// lets scaled_dot_product_attention run when probabilities are not wanted.
     pub fn forward(
         &self,
         x: &Tensor,
         head_mask: &Tensor,
-        want_probs: bool,
+        imp: AttentionImpl,
         cls_only: bool,
     ) -> Result<AttentionOutput, Error> {
-        let (Some(qkv), Some(kv)) = (&self.qkv, &self.kv) else {
-            return Err(Error::Trace(
-                "SelfAttention::fuse must run before forward".into(),
-            ));
-        };
+        let a = self.loaded;
         let tokens = x.size()[1];
         // (B, rows, n·D) → n tensors of (B, heads, rows, head_dim).
         let split = |y: Tensor, rows: i64, n: i64| {
-            y.view([-1, rows, n, self.heads, self.head_dim])
+            y.view([-1, rows, n, a.heads, a.head_dim])
                 .permute([2, 0, 3, 1, 4])
         };
+        let proj = |x: &Tensor, (w, b): (&Tensor, Option<&Tensor>)| {
+            project(x, w, b, self.backend, PostOp::None)
+        };
         let (q, k, v) = if cls_only {
-            let cls = x.narrow(1, 0, 1);
-            let q = project(
-                &cls,
-                &self.query.ws,
-                self.query.bs.as_ref(),
-                self.backend,
-                PostOp::None,
-            )?;
-            let kv = split(
-                project(x, &kv.0, kv.1.as_ref(), self.backend, PostOp::None)?,
-                tokens,
-                2,
-            );
+            let q = proj(&x.narrow(1, 0, 1), (&a.query.ws, a.query.bs.as_ref()))?;
+            let kv = split(proj(x, (&self.kv.0, self.kv.1.as_ref()))?, tokens, 2);
             (split(q, 1, 1).get(0), kv.get(0), kv.get(1))
         } else {
-            let qkv = split(
-                project(x, &qkv.0, qkv.1.as_ref(), self.backend, PostOp::None)?,
-                tokens,
-                3,
-            );
+            let qkv = split(proj(x, (&self.qkv.0, self.qkv.1.as_ref()))?, tokens, 3);
             (qkv.get(0), qkv.get(1), qkv.get(2))
         };
         let queries = q.size()[2];
-        let per_head = head_mask.view([1, self.heads, 1, 1]);
-        let (context, probs) = if want_probs {
-            let scores = q.matmul(&k.transpose(-1, -2)) / (self.head_dim as f64).sqrt();
-            let probs = scores.softmax(-1, Kind::Float).type_as(&q) * &per_head;
-            (probs.matmul(&v), Some(probs))
-        } else {
-            let context = Tensor::scaled_dot_product_attention::<Tensor>(
-                &q, &k, &v, None, 0.0, false, None, false,
-            );
-            (context * &per_head, None)
-        };
-        let context =
-            context
-                .permute([0, 2, 1, 3])
-                .reshape([-1, queries, self.heads * self.head_dim]);
+        let per_head = head_mask.view([1, a.heads, 1, 1]);
+        let (context, probs) = attention(&q, &k, &v, &per_head, imp);
+        let context = context
+            .permute([0, 2, 1, 3])
+            .reshape([-1, queries, a.heads * a.head_dim]);
         Ok(AttentionOutput { context, probs })
     }
 }
@@ -172,6 +198,12 @@ pub struct Layer {
     intermediate: nn::Linear,
     output: nn::Linear,
     act: Activation,
+}
+
+/// A [`Layer`] as it is traced.
+pub struct FusedLayer<'a> {
+    loaded: &'a Layer,
+    attention: FusedSelfAttention<'a>,
     backend: LinearBackend,
 }
 
@@ -191,15 +223,19 @@ impl Layer {
             intermediate: nn::linear(p / "intermediate" / "dense", d, cfg.intermediate_size, lin),
             output: nn::linear(p / "output" / "dense", cfg.intermediate_size, d, lin),
             act,
-            backend: LinearBackend::Aten,
         }
     }
 
-    pub fn fuse(&mut self, backend: LinearBackend) {
-        self.backend = backend;
-        self.attention.fuse(backend);
+    pub fn fused(&self, backend: LinearBackend) -> FusedLayer<'_> {
+        FusedLayer {
+            loaded: self,
+            attention: self.attention.fused(backend),
+            backend,
+        }
     }
+}
 
+impl FusedLayer<'_> {
     fn dense(&self, x: &Tensor, lin: &nn::Linear, post: PostOp) -> Result<Tensor, Error> {
         project(x, &lin.ws, lin.bs.as_ref(), self.backend, post)
     }
@@ -211,35 +247,33 @@ impl Layer {
         &self,
         x: &Tensor,
         head_mask: &Tensor,
-        want_probs: bool,
+        imp: AttentionImpl,
         cls_only: bool,
     ) -> Result<LayerOutput, Error> {
-        let attn = self.attention.forward(
-            &x.apply(&self.layernorm_before),
-            head_mask,
-            want_probs,
-            cls_only,
-        )?;
+        let l = self.loaded;
+        let attn =
+            self.attention
+                .forward(&x.apply(&l.layernorm_before), head_mask, imp, cls_only)?;
         let residual = if cls_only {
             x.narrow(1, 0, 1)
         } else {
             x.shallow_clone()
         };
-        let h = residual + self.dense(&attn.context, &self.attention_output, PostOp::None)?;
-        let normed = h.apply(&self.layernorm_after);
+        let h = residual + self.dense(&attn.context, &l.attention_output, PostOp::None)?;
+        let normed = h.apply(&l.layernorm_after);
         // GELU rides along with oneDNN's GEMM as a post-op; others run after.
-        let mlp = match (self.backend, self.act) {
+        let mlp = match (self.backend, l.act) {
             (LinearBackend::OneDnn, Activation::Gelu) => {
-                self.dense(&normed, &self.intermediate, PostOp::Gelu)?
+                self.dense(&normed, &l.intermediate, PostOp::Gelu)?
             }
             (LinearBackend::OneDnn, Activation::GeluPytorchTanh) => {
-                self.dense(&normed, &self.intermediate, PostOp::GeluTanh)?
+                self.dense(&normed, &l.intermediate, PostOp::GeluTanh)?
             }
-            _ => self
+            _ => l
                 .act
-                .forward(&self.dense(&normed, &self.intermediate, PostOp::None)?),
+                .forward(&self.dense(&normed, &l.intermediate, PostOp::None)?),
         };
-        let y = &h + self.dense(&mlp, &self.output, PostOp::None)?;
+        let y = &h + self.dense(&mlp, &l.output, PostOp::None)?;
         Ok(LayerOutput {
             hidden: y,
             probs: attn.probs,
@@ -252,10 +286,15 @@ pub struct Encoder {
     layers: Vec<Layer>,
 }
 
+/// An [`Encoder`] as it is traced.
+pub struct FusedEncoder<'a> {
+    layers: Vec<FusedLayer<'a>>,
+}
+
 /// What one layer computed.
 pub struct LayerOutput {
     pub hidden: Tensor,
-    /// Its attention probabilities after the head mask, when asked for.
+    /// Its attention probabilities after the head mask, for eager attention.
     pub probs: Option<Tensor>,
 }
 
@@ -275,38 +314,39 @@ impl Encoder {
         Self { layers }
     }
 
-    pub fn fuse(&mut self, backend: LinearBackend) {
-        self.layers.iter_mut().for_each(|l| l.fuse(backend));
+    pub fn fused(&self, backend: LinearBackend) -> FusedEncoder<'_> {
+        FusedEncoder {
+            layers: self.layers.iter().map(|l| l.fused(backend)).collect(),
+        }
     }
+}
 
-    /// `head_mask` is (layers, heads). With `cls_only_last`, the last layer
-    /// computes the CLS token's output only (see [`Layer::forward`]).
+impl FusedEncoder<'_> {
+    /// `head_mask` is (layers, heads).
     pub fn forward(
         &self,
         x: Tensor,
         head_mask: &Tensor,
-        want_hidden: bool,
-        want_probs: bool,
-        cls_only_last: bool,
+        plan: Plan,
     ) -> Result<EncoderOutput, Error> {
         let mut hidden_states = Vec::new();
         let mut attentions = Vec::new();
         let mut x = x;
         for (i, layer) in self.layers.iter().enumerate() {
-            if want_hidden {
+            if plan.hidden_states {
                 hidden_states.push(x.shallow_clone());
             }
             let last = i + 1 == self.layers.len();
             let out = layer.forward(
                 &x,
                 &head_mask.get(i as i64),
-                want_probs,
-                cls_only_last && last,
+                plan.attention,
+                plan.cls_only_last && last,
             )?;
             attentions.extend(out.probs);
             x = out.hidden;
         }
-        if want_hidden {
+        if plan.hidden_states {
             hidden_states.push(x.shallow_clone());
         }
         Ok(EncoderOutput {

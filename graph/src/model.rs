@@ -6,7 +6,7 @@ use tch::{nn, Device, Tensor};
 
 use crate::config::{Config, Task};
 use crate::embeddings::Embeddings;
-use crate::encoder::{Encoder, LinearBackend};
+use crate::encoder::{AttentionImpl, Encoder, FusedEncoder, LinearBackend, Plan};
 use crate::weights::Checkpoint;
 use crate::Error;
 
@@ -45,41 +45,41 @@ impl VitMsnModel {
         })
     }
 
-    /// Fuses each layer's query/key/value projections; run after the weights
-    /// are loaded and cast.
-    pub fn fuse(&mut self, backend: LinearBackend) {
-        self.encoder.fuse(backend);
+    /// The traced form, from the loaded (and cast) weights: each layer's
+    /// query/key/value projections fused, the linears on `backend`.
+    pub fn fused(&self, backend: LinearBackend) -> FusedVitMsnModel<'_> {
+        FusedVitMsnModel {
+            loaded: self,
+            encoder: self.encoder.fused(backend),
+        }
     }
+}
 
-    /// With `cls_only`, `last_hidden_state` holds the CLS token only, and the
-    /// last layer skips the work that only the other tokens' outputs need.
-    /// It cannot be combined with optional outputs, which need every token.
+/// A [`VitMsnModel`] as it is traced.
+pub struct FusedVitMsnModel<'a> {
+    loaded: &'a VitMsnModel,
+    encoder: FusedEncoder<'a>,
+}
+
+impl FusedVitMsnModel<'_> {
+    /// With `plan.cls_only_last`, `last_hidden_state` holds the CLS token
+    /// only, and the last layer skips the work that only the other tokens'
+    /// outputs need.
     pub fn forward(
         &self,
         pixel_values: &Tensor,
         bool_masked_pos: &Tensor,
         head_mask: &Tensor,
         position_table: &Tensor,
-        wanted: Wanted,
-        cls_only: bool,
+        plan: Plan,
     ) -> Result<ModelOutput, Error> {
-        if cls_only && (wanted.hidden_states || wanted.attentions) {
-            return Err(Error::Trace(
-                "the CLS-only graph has no hidden_states or attentions to return".into(),
-            ));
-        }
-        let x = self
+        let m = self.loaded;
+        let x = m
             .embeddings
             .forward(pixel_values, bool_masked_pos, position_table);
-        let enc = self.encoder.forward(
-            x,
-            head_mask,
-            wanted.hidden_states,
-            wanted.attentions,
-            cls_only,
-        )?;
+        let enc = self.encoder.forward(x, head_mask, plan)?;
         Ok(ModelOutput {
-            last_hidden_state: enc.last.apply(&self.layernorm),
+            last_hidden_state: enc.last.apply(&m.layernorm),
             hidden_states: enc.hidden_states,
             attentions: enc.attentions,
         })
@@ -163,6 +163,37 @@ impl Model {
         })
     }
 
+    /// What a trace computes for `wanted`: a classifier reads the CLS token
+    /// alone, so unless every token's states or attentions are returned, the
+    /// last layer computes only it.
+    pub fn plan(&self, wanted: Wanted) -> Plan {
+        Plan {
+            hidden_states: wanted.hidden_states,
+            attention: if wanted.attentions {
+                AttentionImpl::Eager
+            } else {
+                AttentionImpl::Sdpa
+            },
+            cls_only_last: self.classifier.is_some() && !wanted.hidden_states && !wanted.attentions,
+        }
+    }
+
+    /// The traced form (see [`VitMsnModel::fused`]).
+    pub fn fused(&self, backend: LinearBackend) -> FusedModel<'_> {
+        FusedModel {
+            loaded: self,
+            vit: self.vit.fused(backend),
+        }
+    }
+}
+
+/// A [`Model`] as it is traced.
+pub struct FusedModel<'a> {
+    loaded: &'a Model,
+    vit: FusedVitMsnModel<'a>,
+}
+
+impl FusedModel<'_> {
     /// The primary output (`last_hidden_state` or `logits`) and the optional ones.
     pub fn forward(
         &self,
@@ -172,23 +203,20 @@ impl Model {
         position_table: &Tensor,
         wanted: Wanted,
     ) -> Result<Vec<(&'static str, Tensor)>, Error> {
-        // The classifier reads the CLS token alone; unless every token's
-        // states or attentions are returned, the last layer computes only it.
-        let cls_only = self.classifier.is_some() && !wanted.hidden_states && !wanted.attentions;
+        let m = self.loaded;
         let out = self.vit.forward(
             pixel_values,
             bool_masked_pos,
             head_mask,
             position_table,
-            wanted,
-            cls_only,
+            m.plan(wanted),
         )?;
         let attentions = wanted.attentions.then(|| match out.attentions.as_slice() {
-            [] => no_attentions(&out.last_hidden_state, self.config.num_attention_heads),
+            [] => no_attentions(&out.last_hidden_state, m.config.num_attention_heads),
             layers => Tensor::stack(layers, 0),
         });
         let mut named = Vec::new();
-        match &self.classifier {
+        match &m.classifier {
             Some(classifier) => named.push((
                 "logits",
                 out.last_hidden_state.select(1, 0).apply(classifier),

@@ -10,6 +10,7 @@ use vit_msn::image::{preprocess_path, Preprocessing};
 use vit_msn::manifest::parse_resolution;
 use vit_msn::{Bundle, Device, Error};
 use vit_msn_graph::untrained::write_untrained_checkpoint;
+use vit_msn_graph::Config;
 use vit_msn_graph::{CompileOptions, Wanted};
 
 use super::attention::write_attention_map;
@@ -27,26 +28,11 @@ const LABELS: [&str; 6] = [
 /// Small real photos (scikit-image's public-domain / CC0 samples, see
 /// src/cli/demo_photos/README.md), built into the binary so the demo needs no files.
 const PHOTOS: [(&str, &[u8]); 5] = [
-    (
-        "chelsea.jpg",
-        include_bytes!("demo_photos/chelsea.jpg"),
-    ),
-    (
-        "coffee.jpg",
-        include_bytes!("demo_photos/coffee.jpg"),
-    ),
-    (
-        "astronaut.jpg",
-        include_bytes!("demo_photos/astronaut.jpg"),
-    ),
-    (
-        "rocket.jpg",
-        include_bytes!("demo_photos/rocket.jpg"),
-    ),
-    (
-        "camera.png",
-        include_bytes!("demo_photos/camera.png"),
-    ),
+    ("chelsea.jpg", include_bytes!("demo_photos/chelsea.jpg")),
+    ("coffee.jpg", include_bytes!("demo_photos/coffee.jpg")),
+    ("astronaut.jpg", include_bytes!("demo_photos/astronaut.jpg")),
+    ("rocket.jpg", include_bytes!("demo_photos/rocket.jpg")),
+    ("camera.png", include_bytes!("demo_photos/camera.png")),
 ];
 
 /// Build, compile and run the embedded default: an UNTRAINED classifier of the
@@ -82,14 +68,14 @@ pub fn demo(a: DemoArgs) -> CliResult {
         "so its labels are placeholders and its predictions are meaningless. The pipeline is real."
     );
     if a.rebuild || !a.out.join("manifest.json").is_file() {
-        let config = serde_json::json!({
-            "model_type": "vit_msn",
-            "architectures": ["ViTMSNForImageClassification"],
-            "hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6,
-            "intermediate_size": 1536, "hidden_act": "gelu", "layer_norm_eps": 1e-6,
-            "image_size": 224, "patch_size": 16, "num_channels": 3, "qkv_bias": true,
-            "id2label": LABELS.iter().enumerate().map(|(i, l)| (i.to_string(), serde_json::json!(l))).collect::<serde_json::Map<_, _>>(),
-        });
+        let mut config = Config::vit_msn_small().raw;
+        config["architectures"] = serde_json::json!(["ViTMSNForImageClassification"]);
+        config["id2label"] = LABELS
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (i.to_string(), serde_json::json!(l)))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
         write_untrained_checkpoint(&model_dir, &config, 0)?;
         // The facebook/vit-msn-* processor settings, so that transformers'
         // ViTImageProcessor.from_pretrained reads the same folder the same way.
