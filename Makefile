@@ -101,14 +101,21 @@ shapes: libtorch
 # Each cargo-fuzz target (tests/fuzz) for FUZZ_SECONDS. cargo fuzz wants nightly
 # flags: RUSTC_BOOTSTRAP lets the stable toolchain take them; no sanitizer (the
 # targets are Rust over libtorch, and the point is panics and aborts); an input
-# that runs over 60 s counts as a hang.
+# that runs over 60 s counts as a hang. A run starts from the committed seeds
+# (tests/fuzz/seeds/<target>) and past failures (tests/fuzz/regressions/<target>);
+# libFuzzer writes what it finds into the first folder, tests/fuzz/corpus/<target>,
+# a working corpus that git ignores. `cargo test --test fuzz_regressions` replays
+# the seeds and regressions without cargo fuzz.
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS := manifest config safetensors pytorch_bin masks image torchscript
 fuzz: libtorch
 	command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --version 0.13.2 --locked
 	cd tests/fuzz && for t in $(FUZZ_TARGETS); do \
 	  echo "==> fuzz $$t for $(FUZZ_SECONDS) s"; \
-	  LD_LIBRARY_PATH=$(CURDIR)/.libtorch/lib RUSTC_BOOTSTRAP=1 cargo fuzz run -s none --fuzz-dir . $$t -- \
+	  mkdir -p corpus/$$t; \
+	  dirs="$$PWD/corpus/$$t $$PWD/seeds/$$t"; \
+	  if [ -d regressions/$$t ]; then dirs="$$dirs $$PWD/regressions/$$t"; fi; \
+	  LD_LIBRARY_PATH=$(CURDIR)/.libtorch/lib RUSTC_BOOTSTRAP=1 cargo fuzz run -s none --fuzz-dir . $$t $$dirs -- \
 	    -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096 -timeout=60 || exit 1; \
 	done
 

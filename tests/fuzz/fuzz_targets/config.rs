@@ -1,12 +1,8 @@
-//! Any bytes as config.json: a typed error or a validated config.
+//! The `config` fuzz target; its body is ../targets/config.rs, which
+//! tests/fuzz_regressions.rs also runs on the seeds and regressions.
 #![no_main]
-use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| {
-    if let Ok(value) = serde_json::from_slice::<serde_json::Value>(data) {
-        if let Ok(cfg) = vit_msn_graph::Config::from_value(value) {
-            // What the graph derives from a valid config must not panic either.
-            let _ = (cfg.head_dim(), cfg.num_labels(), cfg.activation());
-        }
-    }
-});
+#[path = "../targets/config.rs"]
+mod target;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| target::run(data));

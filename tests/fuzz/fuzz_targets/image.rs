@@ -1,17 +1,8 @@
-//! Any bytes as an image file, through decoding and preprocessing.
+//! The `image` fuzz target; its body is ../targets/image.rs, which
+//! tests/fuzz_regressions.rs also runs on the seeds and regressions.
 #![no_main]
-use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| {
-    let path = std::path::Path::new("fuzz-image");
-    let channels = if data.first().is_some_and(|b| b & 1 == 1) { 1 } else { 3 };
-    if let Ok(img) = vit_msn::image::decode_bytes(data, path, channels) {
-        let mut pp = vit_msn::image::Preprocessing::vit_msn_default();
-        (pp.height, pp.width) = (32, 32);
-        if channels == 1 {
-            pp.image_mean = vec![0.5];
-            pp.image_std = vec![0.5];
-        }
-        let _ = vit_msn::image::preprocess_image(&img, &pp);
-    }
-});
+#[path = "../targets/image.rs"]
+mod target;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| target::run(data));

@@ -1,9 +1,8 @@
-//! Any bytes as manifest.json: a typed error or a manifest, never a panic.
+//! The `manifest` fuzz target; its body is ../targets/manifest.rs, which
+//! tests/fuzz_regressions.rs also runs on the seeds and regressions.
 #![no_main]
-use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| {
-    if let Ok(text) = std::str::from_utf8(data) {
-        let _ = vit_msn::Manifest::parse(text, std::path::Path::new("manifest.json"));
-    }
-});
+#[path = "../targets/manifest.rs"]
+mod target;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| target::run(data));
