@@ -17,6 +17,8 @@ use crate::describe::describe;
 use crate::describe::ArtifactDescription;
 use crate::error::{Error, Result};
 use crate::fsutil::{check_regular_file, read_regular_text};
+use crate::image::Preprocessing;
+use vit_msn_format::bounds::{MAX_CHANNELS, MAX_HEADS, MAX_LAYERS, MAX_SIDE};
 
 pub struct BareArtifact {
     path: PathBuf,
@@ -222,6 +224,97 @@ impl BareArtifact {
             Primary::LastHiddenState(primary)
         })
     }
+}
+
+/// What running images through a bare artifact needs to know of its model:
+/// from the Hugging Face folder it was traced from when one is given, else
+/// ViT-MSN's defaults. Sizes are bounded as a bundle manifest's are, since
+/// mask and head-mask sizes are computed from them.
+pub struct ModelFacts {
+    /// `labels` (a JSON list, map or config), else the folder's `id2label`.
+    pub labels: Vec<String>,
+    /// The folder's `preprocessor_config.json`, else ViT-MSN's at its `image_size`.
+    pub preprocessing: Preprocessing,
+    pub channels: i64,
+    pub patch_size: Option<i64>,
+    /// (layers, heads), where the config gives both.
+    pub heads: Option<(i64, i64)>,
+    /// `problem_type` is multi_label_classification.
+    pub multi_label: bool,
+}
+
+impl ModelFacts {
+    pub fn read(model_dir: Option<&Path>, labels: Option<&Path>) -> Result<Self> {
+        let config_path = model_dir.map(|d| d.join("config.json"));
+        let config = match &config_path {
+            Some(p) => Some(read_json(p)?),
+            None => None,
+        };
+        let has_id2label = config.as_ref().is_some_and(|c| c.get("id2label").is_some());
+        let labels = match (labels, &config_path) {
+            (Some(file), _) => read_labels(file)?,
+            // A backbone's config may have no id2label: then no names.
+            (None, Some(path)) if has_id2label => read_labels(path)?,
+            _ => Vec::new(),
+        };
+        let int = |key: &str, max: i64| -> Result<Option<i64>> {
+            let (Some(v), Some(path)) = (config.as_ref().and_then(|c| c.get(key)), &config_path)
+            else {
+                return Ok(None);
+            };
+            // Sizes may be a square [height, width] list, as transformers takes them.
+            let n = match v.as_array().map(Vec::as_slice) {
+                Some([h, w]) if matches!(key, "image_size" | "patch_size") && h == w => h.as_i64(),
+                _ => v.as_i64(),
+            };
+            // A model may have no layers, as in transformers.
+            let min = if key == "num_hidden_layers" { 0 } else { 1 };
+            match n {
+                Some(n) if (min..=max).contains(&n) => Ok(Some(n)),
+                _ => Err(Error::file(
+                    path,
+                    format!("`{key}` must be an integer in {min}..={max}, found {v}"),
+                )),
+            }
+        };
+        let side = i64::from(MAX_SIDE);
+        // In 1..=MAX_SIDE, so the cast is exact.
+        let image_size = int("image_size", side)?.unwrap_or(224) as u32;
+        let preprocessor = model_dir
+            .map(|d| d.join("preprocessor_config.json"))
+            .filter(|p| p.is_file());
+        let preprocessing = match preprocessor {
+            Some(p) => Preprocessing::from_json(&read_json(&p)?)?,
+            None => Preprocessing {
+                height: image_size,
+                width: image_size,
+                ..Preprocessing::vit_msn_default()
+            },
+        };
+        let heads = match (
+            int("num_hidden_layers", MAX_LAYERS)?,
+            int("num_attention_heads", MAX_HEADS)?,
+        ) {
+            (Some(l), Some(h)) => Some((l, h)),
+            _ => None,
+        };
+        Ok(ModelFacts {
+            labels,
+            preprocessing,
+            channels: int("num_channels", MAX_CHANNELS)?.unwrap_or(3),
+            patch_size: int("patch_size", side)?,
+            heads,
+            multi_label: config
+                .as_ref()
+                .and_then(|c| c.get("problem_type")?.as_str())
+                == Some("multi_label_classification"),
+        })
+    }
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = read_regular_text(path)?;
+    serde_json::from_str(&text).map_err(|e| Error::file(path, format!("not valid JSON: {e}")))
 }
 
 /// Class names from a JSON file: a list, an `{"0": "cat"}` map, or a

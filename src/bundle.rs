@@ -159,8 +159,20 @@ impl Bundle {
 
     /// [`Bundle::load`] with options.
     pub fn load_with(dir: impl AsRef<Path>, device: Device, options: &LoadOptions) -> Result<Self> {
+        let manifest = Manifest::read(dir.as_ref())?;
+        Self::load_manifest(dir, manifest, device, options)
+    }
+
+    /// [`Bundle::load_with`] for a caller that has read the bundle's
+    /// manifest already (to decide what to load): the artifacts are verified
+    /// against that manifest, so what loads is what it describes.
+    pub fn load_manifest(
+        dir: impl AsRef<Path>,
+        manifest: Manifest,
+        device: Device,
+        options: &LoadOptions,
+    ) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
-        let manifest = Manifest::read(&dir)?;
         check_available(device)?;
         if manifest.device.starts_with("cuda") && crate::device::cuda_device_count() == 0 {
             return Err(Error::Device(format!(

@@ -102,7 +102,7 @@ pub fn bench(a: BenchArgs) -> CliResult {
         &manifest,
         (height, width),
     )?;
-    let bundle = Bundle::load_with(&a.bundle, device, &options)?;
+    let bundle = Bundle::load_manifest(&a.bundle, manifest, device, &options)?;
     let m = bundle.manifest();
     for &batch in &a.batch {
         bundle.check_batch(batch, height, width)?;

@@ -11,6 +11,7 @@ mod fewshot;
 mod fewshot_fit;
 mod init;
 mod run;
+mod run_images;
 mod tools;
 
 use clap::{Parser, Subcommand};
@@ -92,7 +93,9 @@ pub fn load_for_images(
     let pp = manifest.preprocessing()?;
     let at = (i64::from(pp.height), i64::from(pp.width));
     let options = one_resolution(options, &manifest, at)?;
-    Ok(vit_msn::Bundle::load_with(dir, device, &options)?)
+    Ok(vit_msn::Bundle::load_manifest(
+        dir, manifest, device, &options,
+    )?)
 }
 
 /// `--resolution(s)`: `N` or `HxW`.
