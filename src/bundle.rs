@@ -72,6 +72,28 @@ pub struct LoadOptions {
     pub warm_up: bool,
 }
 
+impl LoadOptions {
+    /// These options for a process that runs a bundle at one resolution and
+    /// exits (a command line): only that artifact is loaded (the others'
+    /// files are still verified), and without the load-time warm-up passes,
+    /// which pay off only in a process that serves many requests. A
+    /// resolution the bundle lacks is refused before anything loads, as the
+    /// forward would refuse it.
+    pub fn single_use(self, manifest: &Manifest, (height, width): (i64, i64)) -> Result<Self> {
+        if !manifest.has_resolution(height, width) {
+            return Err(Error::input(
+                "pixel_values",
+                manifest.not_compiled(height, width),
+            ));
+        }
+        Ok(Self {
+            resolutions: Some(vec![(height, width)]),
+            warm_up: false,
+            ..self
+        })
+    }
+}
+
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
@@ -161,6 +183,21 @@ impl Bundle {
     pub fn load_with(dir: impl AsRef<Path>, device: Device, options: &LoadOptions) -> Result<Self> {
         let manifest = Manifest::read(dir.as_ref())?;
         Self::load_manifest(dir, manifest, device, options)
+    }
+
+    /// Loads a bundle for a process that runs images at the size its
+    /// preprocessing resizes them to, and exits (see
+    /// [`LoadOptions::single_use`]).
+    pub fn load_for_images(
+        dir: impl AsRef<Path>,
+        device: Device,
+        options: LoadOptions,
+    ) -> Result<Self> {
+        let manifest = Manifest::read(dir.as_ref())?;
+        let pp = manifest.preprocessing()?;
+        let at = (i64::from(pp.height), i64::from(pp.width));
+        let options = options.single_use(&manifest, at)?;
+        Self::load_manifest(dir, manifest, device, &options)
     }
 
     /// [`Bundle::load_with`] for a caller that has read the bundle's

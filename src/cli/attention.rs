@@ -7,7 +7,7 @@ use vit_msn::fsutil::{check_output_file, write_atomic_with};
 use vit_msn::image::{load_image, preprocess_image};
 use vit_msn::{Bundle, Error};
 
-use super::{device_arg, load_for_images, usage, CliResult};
+use super::{device_arg, usage, CliResult};
 
 /// Draw where the CLS token looks: a heat map of its attention over the patches,
 /// on the image at the image's own size (PNG). The bundle must be compiled with
@@ -39,7 +39,7 @@ pub fn attention(a: AttentionArgs) -> CliResult {
     let layer: LayerChoice = a.layer.parse().map_err(usage)?;
     let head: HeadChoice = a.head.parse().map_err(usage)?;
     let device = device_arg(&a.device)?;
-    let bundle = load_for_images(&a.bundle, device, LoadOptions::default())?;
+    let bundle = vit_msn::Bundle::load_for_images(&a.bundle, device, LoadOptions::default())?;
     // An index past the model's layers or heads is a usage error, as for --head-mask.
     let model = &bundle.manifest().model;
     if let LayerChoice::Index(l) = layer {

@@ -11,7 +11,7 @@ use vit_msn::fsutil::write_atomic;
 use vit_msn::manifest::Manifest;
 use vit_msn::Bundle;
 
-use super::{device_arg, load_options, one_resolution, resolution_arg, usage, CliResult};
+use super::{device_arg, load_options, resolution_arg, usage, CliResult};
 
 /// Time a bundle's forward pass: median, p90 and fastest latency, images/s and peak
 /// RSS per batch size; compare with a saved baseline to catch slowdowns.
@@ -94,14 +94,11 @@ pub fn bench(a: BenchArgs) -> CliResult {
     };
     // --warmup passes stand in for the load-time ones, and the peak RSS is
     // that of the one artifact timed.
-    let options = one_resolution(
-        LoadOptions {
-            prepack_linears: !a.no_prepack,
-            ..load_options(a.cuda_graphs, device)?
-        },
-        &manifest,
-        (height, width),
-    )?;
+    let options = LoadOptions {
+        prepack_linears: !a.no_prepack,
+        ..load_options(a.cuda_graphs, device)?
+    }
+    .single_use(&manifest, (height, width))?;
     let bundle = Bundle::load_manifest(&a.bundle, manifest, device, &options)?;
     let m = bundle.manifest();
     for &batch in &a.batch {

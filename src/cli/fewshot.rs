@@ -12,7 +12,7 @@ use vit_msn::{Device, Error};
 use super::fewshot_fit::{
     accuracy, check_epochs, check_weight_decay, embed, fit_linear, fit_prototype, LabelledImages,
 };
-use super::{load_for_images, usage, CliResult};
+use super::{usage, CliResult};
 
 /// Low-shot classification: fit a head on a few labelled images, ship it as a classifier bundle.
 #[derive(Args)]
@@ -140,7 +140,8 @@ fn fit(a: FitArgs) -> CliResult {
     let mut inputs = vec![a.bundle.as_path(), a.train.as_path()];
     inputs.extend(a.val.as_deref());
     check_output_dir(&out, OutputDir::Bundle, &inputs)?;
-    let backbone = load_for_images(&a.bundle, Device::Cpu, LoadOptions::default())?;
+    let backbone =
+        vit_msn::Bundle::load_for_images(&a.bundle, Device::Cpu, LoadOptions::default())?;
     let train = LabelledImages::read(&a.train)?;
     if train.classes.len() < 2 {
         return Err(Error::file(
@@ -281,7 +282,7 @@ fn eval(a: EvalArgs) -> CliResult {
     if a.batch_size == 0 {
         return Err(usage("--batch-size must be at least 1"));
     }
-    let bundle = load_for_images(&a.bundle, Device::Cpu, LoadOptions::default())?;
+    let bundle = vit_msn::Bundle::load_for_images(&a.bundle, Device::Cpu, LoadOptions::default())?;
     let m = bundle.manifest();
     if !m.is_classifier() {
         return Err(Error::file(&a.bundle, "is a backbone bundle; eval needs a classifier").into());

@@ -59,45 +59,6 @@ pub fn load_options(
     })
 }
 
-/// `options` for a command that runs a bundle at one resolution and exits:
-/// only that artifact is loaded (the others' files are still verified), and
-/// without the load-time warm-up passes, which pay off only in a process that
-/// serves many requests. A resolution the bundle lacks is refused before
-/// anything loads, as the forward would refuse it.
-pub fn one_resolution(
-    options: vit_msn::bundle::LoadOptions,
-    manifest: &vit_msn::manifest::Manifest,
-    (height, width): (i64, i64),
-) -> Result<vit_msn::bundle::LoadOptions, vit_msn::Error> {
-    if !manifest.has_resolution(height, width) {
-        return Err(vit_msn::Error::input(
-            "pixel_values",
-            manifest.not_compiled(height, width),
-        ));
-    }
-    Ok(vit_msn::bundle::LoadOptions {
-        resolutions: Some(vec![(height, width)]),
-        warm_up: false,
-        ..options
-    })
-}
-
-/// Loads a bundle for a command that runs images at the size its
-/// preprocessing resizes to, and exits (see [`one_resolution`]).
-pub fn load_for_images(
-    dir: &std::path::Path,
-    device: tch::Device,
-    options: vit_msn::bundle::LoadOptions,
-) -> Result<vit_msn::Bundle, Box<dyn std::error::Error>> {
-    let manifest = vit_msn::manifest::Manifest::read(dir)?;
-    let pp = manifest.preprocessing()?;
-    let at = (i64::from(pp.height), i64::from(pp.width));
-    let options = one_resolution(options, &manifest, at)?;
-    Ok(vit_msn::Bundle::load_manifest(
-        dir, manifest, device, &options,
-    )?)
-}
-
 /// `--resolution(s)`: `N` or `HxW`.
 pub fn resolution_arg(text: &str) -> Result<(i64, i64), Box<dyn std::error::Error>> {
     vit_msn::manifest::parse_resolution(text).map_err(usage)

@@ -10,7 +10,7 @@ use vit_msn::tensors::{read_safetensors, write_safetensors};
 use vit_msn::{loss::loss, Bundle};
 
 use super::run_images::{compiled_size_for_images, run_images, Target};
-use super::{device_arg, load_options, one_resolution, resolution_arg, usage, CliResult};
+use super::{device_arg, load_options, resolution_arg, usage, CliResult};
 
 /// Run a bundle on images, or on tensors from a safetensors file.
 #[derive(Args)]
@@ -159,7 +159,7 @@ pub fn run(a: RunArgs) -> CliResult {
                     (i64::from(pp.height), i64::from(pp.width))
                 }
             };
-            let options = one_resolution(options, &manifest, at)?;
+            let options = options.single_use(&manifest, at)?;
             let bundle = Bundle::load_manifest(dir, manifest, device, &options)?;
             let target = Target::bundle(&bundle)?;
             run_images(&target, &images, &a, size)
@@ -191,7 +191,7 @@ fn run_tensors(
         .ok_or_else(|| format!("{}: no `pixel_values` tensor", inputs.display()))?;
     let manifest = Manifest::read(dir)?;
     let options = match pixel_values.size()[..] {
-        [_, _, h, w] => one_resolution(options, &manifest, (h, w))?,
+        [_, _, h, w] => options.single_use(&manifest, (h, w))?,
         _ => options,
     };
     let bundle = Bundle::load_manifest(dir, manifest, device, &options)?;
