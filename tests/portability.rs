@@ -277,3 +277,57 @@ fn inspect_and_bench_name_the_cpu_features() {
         "{text}"
     );
 }
+
+/// `--linear onednn` in f16, which oneDNN runs on AVX512-FP16 (or
+/// AVX2-VNNI-2) CPUs: within the f16 bounds here, and, falling back to
+/// aten::linear, as on an AVX2-only CPU. Elsewhere it is refused in one line.
+#[test]
+fn onednn_f16_where_the_cpu_has_it() {
+    if !Cpu::detect().has(CpuFeature::OnednnF16) {
+        let model = case_dir("artifact_f16").join("model");
+        let out = scratch("portability-onednn-f16-refused").join("bundle");
+        let result = vit_msn(&[
+            &"compile",
+            &"--model",
+            &model,
+            &"--out",
+            &out,
+            &"--dtype",
+            &"f16",
+            &"--linear",
+            &"onednn",
+        ]);
+        refused_in_one_line(&result, &["AVX512-FP16", "leave out --linear onednn"]);
+        eprintln!(
+            "skipped the f16 oneDNN parity runs: this CPU ({}) has no oneDNN f16 kernel",
+            Cpu::detect().summary()
+        );
+        return;
+    }
+    let bundle = compile_env(
+        "artifact_f16",
+        "portability-onednn-f16",
+        &["--linear", "onednn"],
+        &[],
+    );
+    assert_eq!(
+        Manifest::read(&bundle).unwrap().cpu_features,
+        [CpuFeature::OnednnF16]
+    );
+    check_runs_env(
+        "artifact_f16",
+        &bundle,
+        &scratch("portability-onednn-f16-run"),
+        &[],
+        &[],
+    );
+    for stderr in check_runs_env(
+        "artifact_f16",
+        &bundle,
+        &scratch("portability-onednn-f16-avx2"),
+        &[],
+        AVX2_ONLY,
+    ) {
+        assert!(stderr.contains("run as aten::linear"), "{stderr}");
+    }
+}
