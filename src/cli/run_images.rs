@@ -4,6 +4,7 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
+use serde::Serialize;
 use serde_json::json;
 use tch::{Kind, Tensor};
 use vit_msn::bare::{BareArtifact, ModelFacts, Primary};
@@ -280,7 +281,7 @@ pub fn run_images(
         );
     } else {
         for r in &results {
-            print_result(r);
+            println!("{r}");
         }
         if let Some(path) = &a.embeddings {
             println!(
@@ -316,7 +317,7 @@ fn classify(
     labels: &[String],
     k: usize,
     multi_label: bool,
-) -> serde_json::Value {
+) -> ImageResult {
     let classes = logits.size().last().copied().unwrap_or(0).max(0) as usize;
     let probs = if multi_label || classes == 1 {
         logits.to_kind(Kind::Float).sigmoid()
@@ -326,61 +327,98 @@ fn classify(
     // Never more than there are classes: topk would fail.
     let k = k.min(classes) as i64;
     let (p, idx) = probs.topk(k, -1, true, true);
-    let top: Vec<_> = (0..k)
+    let top_k = (0..k)
         .map(|j| {
             let index = idx.int64_value(&[j]);
-            json!({
-                "label": labels.get(index as usize).cloned().unwrap_or_else(|| format!("LABEL_{index}")),
-                "index": index,
-                "probability": p.double_value(&[j]),
-            })
+            Class {
+                index,
+                label: labels
+                    .get(index as usize)
+                    .cloned()
+                    .unwrap_or_else(|| format!("LABEL_{index}")),
+                probability: p.double_value(&[j]),
+            }
         })
         .collect();
-    let logits = Vec::<f32>::try_from(logits.to_kind(Kind::Float)).unwrap_or_default();
-    json!({ "image": path, "top_k": top, "logits": logits })
+    ImageResult::Classified {
+        image: path.to_path_buf(),
+        logits: Vec::<f32>::try_from(logits.to_kind(Kind::Float)).unwrap_or_default(),
+        top_k,
+    }
 }
 
-fn summarize(path: &Path, cls: &Tensor) -> serde_json::Value {
+fn summarize(path: &Path, cls: &Tensor) -> ImageResult {
     let v = Vec::<f32>::try_from(cls.to_kind(Kind::Float)).unwrap_or_default();
-    let norm = v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let l2_norm = v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
     let mean = v.iter().map(|x| *x as f64).sum::<f64>() / v.len().max(1) as f64;
-    json!({
-        "image": path,
-        "embedding": { "dim": v.len(), "l2_norm": norm, "mean": mean, "first": &v[..v.len().min(4)] },
-    })
+    ImageResult::Embedded {
+        image: path.to_path_buf(),
+        embedding: EmbeddingSummary {
+            dim: v.len(),
+            first: v[..v.len().min(4)].to_vec(),
+            l2_norm,
+            mean,
+        },
+    }
 }
 
-fn print_result(r: &serde_json::Value) {
-    let image = r["image"].as_str().unwrap_or("?");
-    if let Some(top) = r["top_k"].as_array() {
-        let parts: Vec<String> = top
-            .iter()
-            .map(|t| {
-                format!(
-                    "{} {:.3}",
-                    t["label"].as_str().unwrap_or("?"),
-                    t["probability"].as_f64().unwrap_or(0.0)
+/// One image's result: a line of text, or an entry of `--json`'s `results`
+/// (fields in alphabetical order, as earlier versions printed them).
+#[derive(Serialize)]
+#[serde(untagged)]
+enum ImageResult {
+    Classified {
+        image: PathBuf,
+        logits: Vec<f32>,
+        top_k: Vec<Class>,
+    },
+    Embedded {
+        embedding: EmbeddingSummary,
+        image: PathBuf,
+    },
+}
+
+#[derive(Serialize)]
+struct Class {
+    index: i64,
+    label: String,
+    probability: f64,
+}
+
+#[derive(Serialize)]
+struct EmbeddingSummary {
+    dim: usize,
+    first: Vec<f32>,
+    l2_norm: f64,
+    mean: f64,
+}
+
+impl std::fmt::Display for ImageResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ImageResult::Classified { image, top_k, .. } => {
+                let parts: Vec<String> = top_k
+                    .iter()
+                    .map(|t| format!("{} {:.3}", t.label, t.probability))
+                    .collect();
+                write!(f, "{}: {}", image.display(), parts.join(", "))
+            }
+            ImageResult::Embedded {
+                image,
+                embedding: e,
+            } => {
+                let first: Vec<String> = e.first.iter().map(|x| format!("{x:.3}")).collect();
+                write!(
+                    f,
+                    "{}: CLS embedding dim {} |x| {:.3} mean {:.4} [{}, ...]",
+                    image.display(),
+                    e.dim,
+                    e.l2_norm,
+                    e.mean,
+                    first.join(", ")
                 )
-            })
-            .collect();
-        println!("{image}: {}", parts.join(", "));
-    } else {
-        let e = &r["embedding"];
-        let first: Vec<String> = e["first"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .map(|x| format!("{:.3}", x.as_f64().unwrap_or(0.0)))
-                    .collect()
-            })
-            .unwrap_or_default();
-        println!(
-            "{image}: CLS embedding dim {} |x| {:.3} mean {:.4} [{}, ...]",
-            e["dim"],
-            e["l2_norm"].as_f64().unwrap_or(0.0),
-            e["mean"].as_f64().unwrap_or(0.0),
-            first.join(", ")
-        );
+            }
+        }
     }
 }
 
