@@ -18,6 +18,9 @@ use crate::error::{Error, Result};
 use crate::fsutil::check_regular_file;
 use crate::manifest::{ArtifactEntry, Manifest, TensorSpec};
 use crate::memory::check_memory;
+use vit_msn_format::hex;
+
+pub use vit_msn_format::sha256_hex;
 
 pub use crate::error::first_line;
 pub use crate::replace::{replace_artifact, replace_artifact_waiting};
@@ -132,9 +135,6 @@ impl Output {
         .collect()
     }
 }
-
-use vit_msn_format::hex;
-pub use vit_msn_format::sha256_hex;
 
 /// The sha256 of an open file from its start, read in small blocks.
 pub(crate) fn sha256_of(mut file: &File) -> std::io::Result<String> {

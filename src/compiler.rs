@@ -62,20 +62,22 @@ pub fn pack_bundle(
     // The trained resolution first, as compile lists it; then by file name.
     let trained = (cfg.image_size, cfg.image_size);
     described.sort_by_key(|(d, path)| ((d.height, d.width) != trained, path.clone()));
+    // The first file sets the task, dtype and device; `files` is not empty.
+    let (task, dtype, device) = {
+        let f = &described[0].0;
+        (f.task, f.dtype.clone(), f.device.clone())
+    };
     let mut writer = BundleWriter::create(out, &[model_dir, artifacts_dir])?;
-    let mut first: Option<crate::describe::ArtifactDescription> = None;
     let mut cpu_features = Vec::new();
     for (d, path) in described {
-        if let Some(f) = &first {
-            if (f.task, &f.dtype, &f.device) != (d.task, &d.dtype, &d.device) {
-                return Err(Error::file(
-                    &path,
-                    format!(
-                        "is a {} {} artifact for {}, the first one a {} {} artifact for {}; a bundle has one task, dtype and device",
-                        d.task.name(), d.dtype, d.device, f.task.name(), f.dtype, f.device
-                    ),
-                ));
-            }
+        if (d.task, &d.dtype, &d.device) != (task, &dtype, &device) {
+            return Err(Error::file(
+                &path,
+                format!(
+                    "is a {} {} artifact for {}, the first one a {} {dtype} artifact for {device}; a bundle has one task, dtype and device",
+                    d.task.name(), d.dtype, d.device, task.name()
+                ),
+            ));
         }
         let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
         let name = path
@@ -94,11 +96,7 @@ pub fn pack_bundle(
             &bytes,
         )?;
         cpu_features.extend(d.cpu_features.iter().copied());
-        first.get_or_insert(d);
     }
-    let Some(d) = first else {
-        return Err(Error::file(artifacts_dir, "holds no .pt files to pack"));
-    };
     let weights = vit_msn_graph::weights::weight_files(model_dir)?
         .iter()
         .map(|p| {
@@ -113,13 +111,7 @@ pub fn pack_bundle(
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let mut manifest = manifest_for(
-        model_dir,
-        &cfg,
-        d.task,
-        (&d.dtype, d.device.clone()),
-        weights,
-    )?;
+    let mut manifest = manifest_for(model_dir, &cfg, task, (&dtype, device), weights)?;
     manifest.compiler = producer.to_owned();
     cpu_features.sort();
     cpu_features.dedup();
