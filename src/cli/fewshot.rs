@@ -1,7 +1,8 @@
+use std::fmt;
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
-use serde_json::json;
+use serde::Serialize;
 use tch::{Kind, Tensor};
 use vit_msn::bundle::LoadOptions;
 use vit_msn::classifier::{check_temperature, write_classifier, FitReport};
@@ -214,23 +215,49 @@ fn fit(a: FitArgs) -> CliResult {
         report.weight_decay = Some(wd);
         fit_linear(&x, &y, classes, wd, a.epochs, a.seed)?
     };
-    let train_acc = accuracy(&head.predict(&x), &y);
+    let train_accuracy = accuracy(&head.predict(&x), &y);
     write_classifier(&backbone, &head, &train.classes, &report, &out)?;
-    println!(
-        "{} classes, {} training images, method {}",
-        classes,
-        paths.len(),
-        a.method
-    );
-    if let Some(wd) = report.weight_decay {
-        match report.validation_accuracy {
-            Some(v) => println!("weight decay {wd} (chosen on validation, accuracy {v:.3})"),
-            None => println!("weight decay {wd}"),
+    print!(
+        "{}",
+        FitSummary {
+            report,
+            train_accuracy,
+            out
         }
-    }
-    println!("training accuracy {train_acc:.3}");
-    println!("wrote the classifier bundle {}", out.display());
+    );
     Ok(())
+}
+
+/// What `fewshot fit` prints when the bundle is written.
+struct FitSummary {
+    /// As recorded in the bundle's manifest.
+    report: FitReport,
+    train_accuracy: f64,
+    out: PathBuf,
+}
+
+impl fmt::Display for FitSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let r = &self.report;
+        writeln!(
+            f,
+            "{} classes, {} training images, method {}",
+            r.classes.len(),
+            r.train_images,
+            r.method
+        )?;
+        if let Some(wd) = r.weight_decay {
+            match r.validation_accuracy {
+                Some(v) => writeln!(
+                    f,
+                    "weight decay {wd} (chosen on validation, accuracy {v:.3})"
+                )?,
+                None => writeln!(f, "weight decay {wd}")?,
+            }
+        }
+        writeln!(f, "training accuracy {:.3}", self.train_accuracy)?;
+        writeln!(f, "wrote the classifier bundle {}", self.out.display())
+    }
 }
 
 /// `BUNDLE-fewshot` beside the bundle; `--bundle .` names no folder, so its
@@ -329,53 +356,119 @@ fn eval(a: EvalArgs) -> CliResult {
         progress.inc(chunk.len() as u64);
     }
     progress.finish_and_clear();
-    let k = labels.len();
-    let mut confusion = vec![vec![0usize; k]; k];
-    for (t, p) in truth.iter().zip(&pred) {
-        confusion[*t as usize][*p as usize] += 1;
-    }
-    let correct: usize = (0..k).map(|i| confusion[i][i]).sum();
-    let acc = correct as f64 / truth.len() as f64;
-    let per_class: Vec<_> = (0..k)
-        .map(|i| {
-            let predicted: usize = (0..k).map(|r| confusion[r][i]).sum();
-            let actual: usize = confusion[i].iter().sum();
-            let ratio = |a: usize, b: usize| if b == 0 { None } else { Some(a as f64 / b as f64) };
-            json!({ "label": labels[i], "precision": ratio(confusion[i][i], predicted), "recall": ratio(confusion[i][i], actual), "support": actual })
-        })
-        .collect();
+    let report = EvalReport::new(a.bundle, a.test, labels.clone(), &truth, &pred);
     if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({
-                "bundle": a.bundle, "test": a.test, "images": truth.len(), "accuracy": acc,
-                "per_class": per_class, "labels": labels, "confusion_matrix": confusion,
-            }))?
-        );
-        return Ok(());
-    }
-    println!("accuracy {acc:.3} ({correct}/{} images)", truth.len());
-    println!(
-        "{:<20} {:>9} {:>9} {:>8}",
-        "class", "precision", "recall", "support"
-    );
-    for c in &per_class {
-        let f = |v: &serde_json::Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.3}"));
-        println!(
-            "{:<20} {:>9} {:>9} {:>8}",
-            c["label"].as_str().unwrap_or(""),
-            f(&c["precision"]),
-            f(&c["recall"]),
-            // A JSON value's Display ignores the width.
-            c["support"].to_string()
-        );
-    }
-    println!("confusion matrix (rows: true class, columns: predicted, in label order):");
-    for row in &confusion {
-        println!(
-            "  {}",
-            row.iter().map(|n| format!("{n:>4}")).collect::<String>()
-        );
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{report}");
     }
     Ok(())
+}
+
+/// What `fewshot eval` finds: printed as text, or as JSON with `--json`
+/// (fields in alphabetical order, the keys as earlier versions printed them).
+#[derive(Serialize)]
+struct EvalReport {
+    accuracy: f64,
+    bundle: PathBuf,
+    /// Rows: the true class; columns: the predicted one; in label order.
+    confusion_matrix: Vec<Vec<usize>>,
+    images: usize,
+    labels: Vec<String>,
+    per_class: Vec<ClassScores>,
+    test: PathBuf,
+}
+
+/// One class's precision and recall (none where nothing was predicted as,
+/// or is, that class) and how many test images it has.
+#[derive(Serialize)]
+struct ClassScores {
+    label: String,
+    precision: Option<f64>,
+    recall: Option<f64>,
+    support: usize,
+}
+
+impl EvalReport {
+    /// `truth` and `pred` are class indices into `labels`, one per image.
+    fn new(
+        bundle: PathBuf,
+        test: PathBuf,
+        labels: Vec<String>,
+        truth: &[i64],
+        pred: &[i64],
+    ) -> Self {
+        let k = labels.len();
+        let mut confusion = vec![vec![0usize; k]; k];
+        for (t, p) in truth.iter().zip(pred) {
+            confusion[*t as usize][*p as usize] += 1;
+        }
+        let correct: usize = (0..k).map(|i| confusion[i][i]).sum();
+        let ratio = |a: usize, b: usize| {
+            if b == 0 {
+                None
+            } else {
+                Some(a as f64 / b as f64)
+            }
+        };
+        let per_class = (0..k)
+            .map(|i| {
+                let predicted: usize = (0..k).map(|r| confusion[r][i]).sum();
+                let actual: usize = confusion[i].iter().sum();
+                ClassScores {
+                    label: labels[i].clone(),
+                    precision: ratio(confusion[i][i], predicted),
+                    recall: ratio(confusion[i][i], actual),
+                    support: actual,
+                }
+            })
+            .collect();
+        Self {
+            accuracy: correct as f64 / truth.len() as f64,
+            bundle,
+            confusion_matrix: confusion,
+            images: truth.len(),
+            labels,
+            per_class,
+            test,
+        }
+    }
+}
+
+impl fmt::Display for EvalReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let correct: usize = (0..self.labels.len())
+            .map(|i| self.confusion_matrix[i][i])
+            .sum();
+        writeln!(
+            f,
+            "accuracy {:.3} ({correct}/{} images)",
+            self.accuracy, self.images
+        )?;
+        writeln!(
+            f,
+            "{:<20} {:>9} {:>9} {:>8}",
+            "class", "precision", "recall", "support"
+        )?;
+        let score = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.3}"));
+        for c in &self.per_class {
+            writeln!(
+                f,
+                "{:<20} {:>9} {:>9} {:>8}",
+                c.label,
+                score(c.precision),
+                score(c.recall),
+                c.support
+            )?;
+        }
+        writeln!(
+            f,
+            "confusion matrix (rows: true class, columns: predicted, in label order):"
+        )?;
+        for row in &self.confusion_matrix {
+            let cells: String = row.iter().map(|n| format!("{n:>4}")).collect();
+            writeln!(f, "  {cells}")?;
+        }
+        Ok(())
+    }
 }
