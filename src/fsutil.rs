@@ -1,5 +1,10 @@
 //! Files on disk: written beside their target and renamed into place (never
 //! half-written), and read only when they are regular files (never blocked).
+//!
+//! The pieces the library's writers are built from. Commands use the entry
+//! points of [`crate::files`] (and [`crate::writer::BundleWriter`] for
+//! bundles), which decide what may be written where; this module stays
+//! public for tests of the pieces themselves.
 
 use std::path::{Path, PathBuf};
 
@@ -18,10 +23,9 @@ pub fn sibling_tmp(target: &Path) -> PathBuf {
     parent.join(format!(".{name}.tmp-{}", std::process::id()))
 }
 
-/// Calls `write` on a temporary path beside `target`, then renames it into place.
-/// A folder, FIFO or device at `target` is refused, never renamed over (a
-/// symlink is replaced, not what it points to).
-pub fn write_atomic_with(target: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+/// Errors when `target` is a folder, FIFO or device, which a file must never
+/// be renamed over (a symlink may be: it is replaced, not what it points to).
+pub fn check_replaceable_file(target: &Path) -> Result<()> {
     if let Ok(meta) = std::fs::symlink_metadata(target) {
         if !meta.is_file() && !meta.file_type().is_symlink() {
             return Err(Error::file(
@@ -30,6 +34,13 @@ pub fn write_atomic_with(target: &Path, write: impl FnOnce(&Path) -> Result<()>)
             ));
         }
     }
+    Ok(())
+}
+
+/// Calls `write` on a temporary path beside `target`, then renames it into
+/// place; a target [`check_replaceable_file`] refuses is left alone.
+pub fn write_atomic_with(target: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    check_replaceable_file(target)?;
     let tmp = sibling_tmp(target);
     let result =
         write(&tmp).and_then(|()| std::fs::rename(&tmp, target).map_err(|e| Error::io(target, e)));

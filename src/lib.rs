@@ -24,6 +24,7 @@ pub mod cuda_graph;
 pub mod describe;
 pub mod device;
 pub mod error;
+pub mod files;
 pub mod fsutil;
 pub mod image;
 pub mod inputs;

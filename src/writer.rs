@@ -46,6 +46,13 @@ impl BundleWriter {
         Self::stage(out)
     }
 
+    /// Errors when [`BundleWriter::create`] would refuse to write a bundle at
+    /// `out`: for a command to check before its slow part (`fewshot fit`
+    /// embeds images first), not after it.
+    pub fn check_target(out: &Path, inputs: &[&Path]) -> Result<()> {
+        check_output_dir(out, OutputDir::Bundle, inputs)
+    }
+
     /// Starts rewriting the existing bundle `dir` (whose lock the caller
     /// holds): every entry but the manifest and the files named in `except`
     /// is carried over, files as hard links where the file system allows.

@@ -3,7 +3,7 @@ use std::path::{Path, PathBuf};
 use super::attention_map::{cls_attention, colormap, heat_grid, HeadChoice, LayerChoice};
 use clap::Args;
 use vit_msn::bundle::LoadOptions;
-use vit_msn::fsutil::{check_output_file, write_atomic_with};
+use vit_msn::files::{check_result_file, write_result_file_with};
 use vit_msn::image::{load_image, preprocess_image};
 use vit_msn::{Bundle, Error};
 
@@ -58,7 +58,7 @@ pub fn attention(a: AttentionArgs) -> CliResult {
             )));
         }
     }
-    check_output_file(&a.out, &[&a.image])?;
+    check_result_file(&a.out, &[&a.image])?;
     write_attention_map(&bundle, &a.image, &a.out, layer, head)?;
     eprintln!("wrote {}", a.out.display());
     Ok(())
@@ -110,7 +110,7 @@ pub fn write_attention_map(
     }
     let img =
         image::RgbImage::from_raw(w, h, rgb).ok_or("attention map buffer has the wrong size")?;
-    write_atomic_with(out, |tmp| {
+    write_result_file_with(out, |tmp| {
         img.save_with_format(tmp, image::ImageFormat::Png)
             .map_err(|e| Error::file(out, e.to_string()))
     })?;

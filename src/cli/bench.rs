@@ -7,7 +7,7 @@ use super::bench_report::{
 use clap::Args;
 use vit_msn::bundle::LoadOptions;
 use vit_msn::cpu::{cpu_features_text, Cpu};
-use vit_msn::fsutil::write_atomic;
+use vit_msn::files::{check_replaceable_file, write_result_file};
 use vit_msn::manifest::Manifest;
 use vit_msn::Bundle;
 
@@ -71,16 +71,8 @@ pub fn bench(a: BenchArgs) -> CliResult {
     check_plan(&a.batch, a.iters, a.warmup).map_err(usage)?;
     let max_regression = parse_fraction(&a.max_regression).map_err(usage)?;
     if let Some(path) = &a.save_baseline {
-        // The refusal write_atomic would make, made before the run, not after it.
-        if std::fs::symlink_metadata(path)
-            .is_ok_and(|m| !m.is_file() && !m.file_type().is_symlink())
-        {
-            return Err(vit_msn::Error::file(
-                path,
-                "exists and is not a regular file; refusing to replace it",
-            )
-            .into());
-        }
+        // The refusal the write would make, made before the run, not after it.
+        check_replaceable_file(path)?;
     }
     let baseline = match &a.baseline {
         Some(path) => Some((path, read_report(path)?)),
@@ -156,7 +148,7 @@ pub fn bench(a: BenchArgs) -> CliResult {
     // --save-baseline X`, the slower numbers would become the next reference.
     if let Some(path) = &a.save_baseline {
         if slower.is_empty() {
-            write_atomic(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
+            write_result_file(path, serde_json::to_string_pretty(&report)?.as_bytes())?;
         } else {
             eprintln!(
                 "note: not saved to {}, since this run is slower than the baseline",

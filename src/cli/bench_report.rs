@@ -196,7 +196,7 @@ pub fn regressions(current: &Report, baseline: &Report, max_regression: f64) -> 
 /// Reads a saved report, refusing one no comparison could use: medians must
 /// be positive and finite, each batch size listed once.
 pub fn read_report(path: &Path) -> Result<Report> {
-    let text = vit_msn::fsutil::read_regular_text(path)?;
+    let text = vit_msn::files::read_input_text(path)?;
     let report: Report = serde_json::from_str(&text)
         .map_err(|e| Error::file(path, format!("not a vit-msn bench report: {e}")))?;
     for (i, r) in report.results.iter().enumerate() {

@@ -5,7 +5,7 @@ use super::attention_map::{HeadChoice, LayerChoice};
 use clap::Args;
 use tch::{Kind, Tensor};
 use vit_msn::compiler::compile_bundle;
-use vit_msn::fsutil::write_atomic;
+use vit_msn::files::write_result_file;
 use vit_msn::image::{preprocess_path, Preprocessing};
 use vit_msn::manifest::parse_resolution;
 use vit_msn::{Bundle, Device, Error};
@@ -80,7 +80,7 @@ pub fn demo(a: DemoArgs) -> CliResult {
         // The facebook/vit-msn-* processor settings, so that transformers'
         // ViTImageProcessor.from_pretrained reads the same folder the same way.
         let processor = Preprocessing::vit_msn_default().to_json().to_string();
-        write_atomic(
+        write_result_file(
             &model_dir.join("preprocessor_config.json"),
             processor.as_bytes(),
         )?;
@@ -114,7 +114,7 @@ pub fn demo(a: DemoArgs) -> CliResult {
     for (name, bytes) in PHOTOS {
         let path = photo_dir.join(name);
         if std::fs::read(&path).ok().as_deref() != Some(bytes) {
-            write_atomic(&path, bytes)?;
+            write_result_file(&path, bytes)?;
         }
         photos.push(path);
     }

@@ -6,8 +6,8 @@ use serde::Serialize;
 use tch::{Kind, Tensor};
 use vit_msn::bundle::LoadOptions;
 use vit_msn::classifier::{check_temperature, write_classifier, FitReport};
-use vit_msn::fsutil::{check_output_dir, OutputDir};
 use vit_msn::image::preprocess_path;
+use vit_msn::writer::BundleWriter;
 use vit_msn::{Device, Error};
 
 use super::fewshot_fit::{
@@ -140,7 +140,7 @@ fn fit(a: FitArgs) -> CliResult {
     // Before the slow part: the bundle written at the end may replace only an older bundle.
     let mut inputs = vec![a.bundle.as_path(), a.train.as_path()];
     inputs.extend(a.val.as_deref());
-    check_output_dir(&out, OutputDir::Bundle, &inputs)?;
+    BundleWriter::check_target(&out, &inputs)?;
     let backbone =
         vit_msn::Bundle::load_for_images(&a.bundle, Device::Cpu, LoadOptions::default())?;
     let train = LabelledImages::read(&a.train)?;

@@ -1,10 +1,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use vit_msn::fsutil::{
-    check_output_dir, remove_stale_siblings, replace_dir, resolve_output_dir, sibling_tmp,
-    OutputDir,
-};
+use vit_msn::files::{check_new_folder, read_input_file, write_new_folder};
 use vit_msn::Error;
 use vit_msn_graph::untrained::write_untrained_checkpoint;
 
@@ -34,9 +31,8 @@ pub struct InitArgs {
 }
 
 pub fn init(mut a: InitArgs) -> CliResult {
-    a.out = resolve_output_dir(&a.out);
     // Never over a folder with anything in it: it may hold a trained model.
-    check_output_dir(&a.out, OutputDir::New, &[&a.config])?;
+    a.out = check_new_folder(&a.out, &[&a.config])?;
     // As the compiler reads config.json: 16 MiB at most.
     let len = std::fs::metadata(&a.config)
         .map_err(|e| Error::io(&a.config, e))?
@@ -46,21 +42,13 @@ pub fn init(mut a: InitArgs) -> CliResult {
             Error::file(&a.config, format!("{len} bytes is too large for a config")).into(),
         );
     }
-    let bytes = vit_msn::fsutil::read_regular(&a.config)?;
+    let bytes = read_input_file(&a.config)?;
     let config: serde_json::Value = serde_json::from_slice(&bytes)
         .map_err(|e| Error::file(&a.config, format!("not JSON: {e}")))?;
-    if let Some(parent) = a.out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    }
-    remove_stale_siblings(&a.out);
-    let staged = sibling_tmp(&a.out);
-    let result = write_untrained_checkpoint(&staged, &config, a.seed)
-        .map_err(|e| Error::file(&a.config, e.to_string()))
-        .and_then(|()| replace_dir(&staged, &a.out));
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&staged);
-    }
-    result?;
+    write_new_folder(&a.out, |staged| {
+        write_untrained_checkpoint(staged, &config, a.seed)
+            .map_err(|e| Error::file(&a.config, e.to_string()))
+    })?;
     println!(
         "wrote {} (UNTRAINED weights, seed {})",
         a.out.display(),

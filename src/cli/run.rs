@@ -113,7 +113,7 @@ pub fn run(a: RunArgs) -> CliResult {
             .bundle
             .as_ref()
             .ok_or_else(|| usage("--inputs needs --bundle"))?;
-        vit_msn::fsutil::check_output_file(output, &[inputs])?;
+        vit_msn::files::check_result_file(output, &[inputs])?;
         return run_tensors(dir, device, options, inputs, output);
     }
     if a.image.is_empty() {
@@ -140,7 +140,7 @@ pub fn run(a: RunArgs) -> CliResult {
             )));
         }
         let inputs: Vec<&Path> = a.image.iter().map(PathBuf::as_path).collect();
-        vit_msn::fsutil::check_output_file(path, &inputs)?;
+        vit_msn::files::check_result_file(path, &inputs)?;
     }
     let images = collect_images(&a.image)?;
     match (&a.bundle, &a.artifact) {

@@ -59,7 +59,7 @@ pub fn preprocess(a: PreprocessArgs) -> CliResult {
         (pp.height, pp.width) = (h as u32, w as u32);
     }
     let inputs: Vec<&Path> = a.image.iter().map(PathBuf::as_path).collect();
-    vit_msn::fsutil::check_output_file(&a.output, &inputs)?;
+    vit_msn::files::check_result_file(&a.output, &inputs)?;
     let images = collect_images(&a.image)?;
     let px = images
         .iter()
