@@ -1,17 +1,21 @@
 //! `vit-msn run --image`: images through a bundle or a bare artifact, in
-//! batches, to top-k labels or CLS embeddings.
+//! batches, to top-k labels or CLS embeddings (what each image's result is,
+//! and how it is printed or saved, is in run_images/results.rs; the masks
+//! given on the command line are read in run_images/masks.rs).
+
+mod masks;
+mod results;
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use serde::Serialize;
-use serde_json::json;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 use vit_msn::bare::{BareArtifact, ModelFacts, Primary};
 use vit_msn::image::{preprocess_path, Preprocessing, MAX_TARGET_SIDE};
-use vit_msn::inputs::{parse_head_mask, random_mask, write_npy};
-use vit_msn::tensors::{read_safetensors, write_safetensors};
 use vit_msn::{Bundle, Error};
+
+use masks::{head_mask_of, PatchMasks};
+use results::{classify, save_embeddings, summarize, ImagesReport};
 
 use super::run::RunArgs;
 use super::{resolution_arg, usage, CliResult};
@@ -94,34 +98,6 @@ impl<'a> Target<'a> {
     }
 }
 
-fn head_mask_of(
-    target: &Target,
-    a: &RunArgs,
-) -> Result<Option<Tensor>, Box<dyn std::error::Error>> {
-    if let Some(spec) = &a.head_mask {
-        let (layers, heads) = target.heads.ok_or_else(|| {
-            usage("--head-mask needs the layer and head counts: give --model with the artifact")
-        })?;
-        return Ok(Some(parse_head_mask(spec, layers, heads).map_err(usage)?));
-    }
-    if let Some(file) = &a.head_mask_file {
-        return Ok(Some(single_tensor(file, "head_mask")?));
-    }
-    Ok(None)
-}
-
-/// The tensor named `name` in a safetensors file, or its only tensor.
-fn single_tensor(file: &Path, name: &str) -> Result<Tensor, Box<dyn std::error::Error>> {
-    let mut tensors = read_safetensors(file)?;
-    if let Some(i) = tensors.iter().position(|(n, _)| n == name) {
-        return Ok(tensors.swap_remove(i).1);
-    }
-    match tensors.len() {
-        1 => Ok(tensors.swap_remove(0).1),
-        _ => Err(Error::file(file, format!("no tensor named `{name}`")).into()),
-    }
-}
-
 /// A size to resize images to, within what the image code resizes to.
 fn target_side(v: i64, what: &str) -> Result<u32, Box<dyn std::error::Error>> {
     u32::try_from(v)
@@ -175,14 +151,8 @@ pub fn run_images(
     }
     let (h, w) = (pp.height as i64, pp.width as i64);
     let patches = target.patch_size.map(|p| (h / p) * (w / p));
-    let need_patches = || {
-        patches.ok_or_else(|| usage("masking needs the patch size: give --model with the artifact"))
-    };
     let head_mask = head_mask_of(target, a)?;
-    let file_mask = match &a.mask_file {
-        Some(f) => Some(single_tensor(f, "bool_masked_pos")?),
-        None => None,
-    };
+    let masks = PatchMasks::read(a, patches, images.len())?;
     if a.embeddings.is_some() && target.classifier == Some(true) {
         return Err(usage(
             "--embeddings needs a backbone bundle (this one is a classifier)",
@@ -200,33 +170,7 @@ pub fn run_images(
                 .collect::<Result<Vec<_>, _>>()?,
             0,
         );
-        let n = chunk.len() as i64;
-        let mask = match (&file_mask, a.mask_ratio) {
-            (Some(m), _) if m.dim() == 1 => Some(m.unsqueeze(0).expand([n, m.size()[0]], false)),
-            (Some(m), _) if m.dim() == 2 && m.size()[0] == images.len() as i64 => {
-                Some(m.narrow(0, start as i64, n))
-            }
-            (Some(m), _) => {
-                return Err(Error::input(
-                    "bool_masked_pos",
-                    format!(
-                        "--mask-file holds shape {:?}; expected [patches] or [{}, patches]",
-                        m.size(),
-                        images.len()
-                    ),
-                )
-                .into())
-            }
-            // One draw over all images, so results do not depend on --batch-size.
-            (None, Some(ratio)) => Some(
-                random_mask(images.len() as i64, need_patches()?, ratio, a.seed)?.narrow(
-                    0,
-                    start as i64,
-                    n,
-                ),
-            ),
-            (None, None) => None,
-        };
+        let mask = masks.for_images(start, chunk.len())?;
         let (logits, last_hidden_state) =
             (target.forward)(&pixel_values, mask.as_ref(), head_mask.as_ref())?;
         if a.embeddings.is_some() && logits.is_some() {
@@ -273,12 +217,12 @@ pub fn run_images(
         save_embeddings(path, &all)?;
     }
     if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(
-                &json!({ "bundle": a.bundle, "artifact": a.artifact, "results": results })
-            )?
-        );
+        let report = ImagesReport {
+            artifact: a.artifact.as_deref(),
+            bundle: a.bundle.as_deref(),
+            results: &results,
+        };
+        println!("{}", report.to_json()?);
     } else {
         for r in &results {
             println!("{r}");
@@ -305,134 +249,4 @@ fn progress_bar(len: u64, json: bool) -> indicatif::ProgressBar {
         bar.set_style(style);
     }
     bar
-}
-
-/// The top `k` classes by probability: softmax over the classes, or a sigmoid
-/// of each logit for multi-label and single-logit heads (what transformers'
-/// image-classification pipeline means to do; its 4.46.3 code swaps the
-/// single-label and multi-label cases).
-fn classify(
-    path: &Path,
-    logits: &Tensor,
-    labels: &[String],
-    k: usize,
-    multi_label: bool,
-) -> ImageResult {
-    let classes = logits.size().last().copied().unwrap_or(0).max(0) as usize;
-    let probs = if multi_label || classes == 1 {
-        logits.to_kind(Kind::Float).sigmoid()
-    } else {
-        logits.softmax(-1, Kind::Float)
-    };
-    // Never more than there are classes: topk would fail.
-    let k = k.min(classes) as i64;
-    let (p, idx) = probs.topk(k, -1, true, true);
-    let top_k = (0..k)
-        .map(|j| {
-            let index = idx.int64_value(&[j]);
-            Class {
-                index,
-                label: labels
-                    .get(index as usize)
-                    .cloned()
-                    .unwrap_or_else(|| format!("LABEL_{index}")),
-                probability: p.double_value(&[j]),
-            }
-        })
-        .collect();
-    ImageResult::Classified {
-        image: path.to_path_buf(),
-        logits: Vec::<f32>::try_from(logits.to_kind(Kind::Float)).unwrap_or_default(),
-        top_k,
-    }
-}
-
-fn summarize(path: &Path, cls: &Tensor) -> ImageResult {
-    let v = Vec::<f32>::try_from(cls.to_kind(Kind::Float)).unwrap_or_default();
-    let l2_norm = v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    let mean = v.iter().map(|x| *x as f64).sum::<f64>() / v.len().max(1) as f64;
-    ImageResult::Embedded {
-        image: path.to_path_buf(),
-        embedding: EmbeddingSummary {
-            dim: v.len(),
-            first: v[..v.len().min(4)].to_vec(),
-            l2_norm,
-            mean,
-        },
-    }
-}
-
-/// One image's result: a line of text, or an entry of `--json`'s `results`
-/// (fields in alphabetical order, as earlier versions printed them).
-#[derive(Serialize)]
-#[serde(untagged)]
-enum ImageResult {
-    Classified {
-        image: PathBuf,
-        logits: Vec<f32>,
-        top_k: Vec<Class>,
-    },
-    Embedded {
-        embedding: EmbeddingSummary,
-        image: PathBuf,
-    },
-}
-
-#[derive(Serialize)]
-struct Class {
-    index: i64,
-    label: String,
-    probability: f64,
-}
-
-#[derive(Serialize)]
-struct EmbeddingSummary {
-    dim: usize,
-    first: Vec<f32>,
-    l2_norm: f64,
-    mean: f64,
-}
-
-impl std::fmt::Display for ImageResult {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ImageResult::Classified { image, top_k, .. } => {
-                let parts: Vec<String> = top_k
-                    .iter()
-                    .map(|t| format!("{} {:.3}", t.label, t.probability))
-                    .collect();
-                write!(f, "{}: {}", image.display(), parts.join(", "))
-            }
-            ImageResult::Embedded {
-                image,
-                embedding: e,
-            } => {
-                let first: Vec<String> = e.first.iter().map(|x| format!("{x:.3}")).collect();
-                write!(
-                    f,
-                    "{}: CLS embedding dim {} |x| {:.3} mean {:.4} [{}, ...]",
-                    image.display(),
-                    e.dim,
-                    e.l2_norm,
-                    e.mean,
-                    first.join(", ")
-                )
-            }
-        }
-    }
-}
-
-fn save_embeddings(path: &Path, all: &Tensor) -> CliResult {
-    match path.extension().and_then(|e| e.to_str()) {
-        Some("npy") => write_npy(path, all)?,
-        Some("safetensors") => write_safetensors(path, &[("embeddings", all)])?,
-        _ => {
-            return Err(format!(
-                "{}: --embeddings must end in .safetensors or .npy",
-                path.display()
-            )
-            .into())
-        }
-    }
-    Ok(())
 }
