@@ -14,11 +14,13 @@ IMAGE_PIP_PACKAGES := pillow==13.0.0 scikit-image==0.26.0
 # compiles the CUDA-graph library (src/shim/cuda_graph.cpp) against them. Headers only.
 CUDA_HEADER_PACKAGES := nvidia-cuda-crt==13.0.88
 CUDA_HEADERS := $(VENV)/.vit-msn-cuda-headers
-PIP_PACKAGES := torch==2.13.0 transformers==4.46.3 safetensors==0.8.0 numpy scikit-learn $(IMAGE_PIP_PACKAGES) $(CUDA_HEADER_PACKAGES)
+# tritonclient: the real client `make serve-test` drives `vit-msn serve` with.
+SERVE_PIP_PACKAGES := tritonclient[http]==2.73.0
+PIP_PACKAGES := torch==2.13.0 transformers==4.46.3 safetensors==0.8.0 numpy scikit-learn $(IMAGE_PIP_PACKAGES) $(CUDA_HEADER_PACKAGES) $(SERVE_PIP_PACKAGES)
 IMAGE_FIXTURES := tests/fixtures/generated-images
 SWEEP_ARGS ?= --cases 30
 
-.PHONY: libtorch demo test fixtures bench side-by-side startup soak sweep shapes fuzz interop gpu-check clean
+.PHONY: libtorch demo test fixtures bench side-by-side startup soak sweep shapes fuzz interop serve-test serve-bench gpu-check clean
 
 libtorch: $(BOOTSTRAP) $(CUDA_HEADERS)
 
@@ -72,6 +74,7 @@ test: libtorch fixtures
 	done
 	@grep -E "shapes within" target/shapes.log | tail -n 3
 	$(MAKE) interop
+	$(MAKE) serve-test
 	@echo "==> random-config parity sweep (tests/sweep/config_sweep.py, log in target/sweep.log)"
 	$(PY) tests/sweep/config_sweep.py $(SWEEP_ARGS) --bin target/debug/vit-msn > target/sweep.log 2>&1 \
 		|| { tail -n 40 target/sweep.log; exit 1; }
@@ -135,6 +138,21 @@ side-by-side: libtorch
 # Cold start and peak RSS of one-photo classification vs Python + transformers.
 startup: demo
 	$(PY) benches/startup.py
+
+# `vit-msn serve` on 127.0.0.1 driven by tritonclient and raw HTTP (tests/serve/test_serve.py):
+# protocol, parity, concurrency, batching, hot swap, hostile requests, SIGTERM.
+serve-test: libtorch
+	$(PY) -c 'import tritonclient.http' 2>/dev/null || $(VENV)/bin/pip install '$(SERVE_PIP_PACKAGES)'
+	cargo build
+	$(PY) tests/serve/test_serve.py --bin target/debug/vit-msn
+
+# Throughput and latency of `vit-msn serve` against FastAPI + uvicorn + torch.jit.load
+# (benches/serve.py; installs fastapi and uvicorn on demand).
+serve-bench: libtorch
+	$(PY) -c 'import tritonclient.http' 2>/dev/null || $(VENV)/bin/pip install '$(SERVE_PIP_PACKAGES)'
+	$(PY) -c 'import fastapi, uvicorn' 2>/dev/null || $(VENV)/bin/pip install fastapi uvicorn
+	cargo build --release
+	$(PY) benches/serve.py --bin target/release/vit-msn
 
 # Builds a binary against PyTorch 2.11.0 / tch 0.24 for the GPU machines (tests/gpu/build.sh; tests/gpu/check.sh runs there).
 gpu-check:

@@ -483,6 +483,46 @@ impl Bundle {
         check_memory(&self.manifest, entry, (self.kind, self.device), batch)
     }
 
+    /// Errors as [`Bundle::forward`] would for these inputs, with the same
+    /// messages, without running it: a server checks each request this way
+    /// before batching it with others, so one bad request fails alone.
+    pub fn check_inputs(
+        &self,
+        pixel_values: &Tensor,
+        bool_masked_pos: Option<&Tensor>,
+        head_mask: Option<&Tensor>,
+    ) -> Result<()> {
+        let (entry, _) = self.artifact_for(pixel_values)?;
+        let patches = (entry.height / self.manifest.model.patch_size)
+            * (entry.width / self.manifest.model.patch_size);
+        let _ = self.check_mask(bool_masked_pos, pixel_values.size()[0], patches)?;
+        let _ = self.check_head_mask(head_mask)?;
+        Ok(())
+    }
+
+    /// The (height, width) images are preprocessed to for this bundle: its
+    /// preprocessing's size where that was compiled, else its only compiled
+    /// resolution (a bundle compiled for 448 alone is meant to run at 448),
+    /// else an error listing the resolutions.
+    pub fn image_size(&self) -> Result<(i64, i64)> {
+        let m = &self.manifest;
+        let pp = m.preprocessing()?;
+        let (h, w) = (i64::from(pp.height), i64::from(pp.width));
+        if m.has_resolution(h, w) {
+            return Ok((h, w));
+        }
+        match m.artifacts.as_slice() {
+            [only] => Ok((only.height, only.width)),
+            _ => Err(Error::input(
+                "image",
+                format!(
+                    "the preprocessing resizes images to {h}x{w}, which this bundle was not compiled for (it has {})",
+                    m.resolutions().join(", ")
+                ),
+            )),
+        }
+    }
+
     fn check_mask(&self, mask: Option<&Tensor>, batch: i64, patches: i64) -> Result<Tensor> {
         let name = "bool_masked_pos";
         let Some(mask) = mask else {

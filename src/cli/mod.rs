@@ -12,6 +12,7 @@ mod fewshot_fit;
 mod init;
 mod run;
 mod run_images;
+mod serve;
 mod tools;
 
 use clap::{Parser, Subcommand};
@@ -90,6 +91,7 @@ enum Command {
     Bundle(bundle::BundleArgs),
     Fewshot(fewshot::FewshotArgs),
     Init(init::InitArgs),
+    Serve(serve::ServeArgs),
 }
 
 const MAX_THREADS: i32 = 1024;
@@ -116,5 +118,6 @@ pub fn dispatch(cli: Cli) -> CliResult {
         Command::Bundle(a) => bundle::bundle(a),
         Command::Fewshot(a) => fewshot::fewshot(a),
         Command::Init(a) => init::init(a),
+        Command::Serve(a) => serve::serve(a),
     }
 }
