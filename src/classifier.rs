@@ -149,6 +149,7 @@ pub fn write_classifier(
             width: entry.width,
             inputs: entry.inputs.clone(),
             outputs: outputs.clone(),
+            attention: entry.attention,
         };
         let extra = serde_json::to_string(&extra).map_err(|e| Error::file(out, e.to_string()))?;
         let (src, dst) = (

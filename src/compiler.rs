@@ -92,6 +92,7 @@ pub fn pack_bundle(
                 sha256: String::new(),
                 inputs: d.inputs.clone(),
                 outputs: d.outputs.clone(),
+                attention: d.attention,
             },
             &bytes,
         )?;
@@ -186,6 +187,7 @@ fn build_bundle(
             sha256: String::new(),
             inputs: art.inputs.clone(),
             outputs: art.outputs.clone(),
+            attention: Some(art.attention),
         })?;
     }
     let mut manifest = manifest_for(

@@ -11,7 +11,7 @@ use crate::image::MAX_TARGET_SIDE;
 
 /// Bounds on the model facts a manifest may state; see `Manifest::validate`.
 pub use vit_msn_format::bounds::{MAX_CHANNELS, MAX_HEADS, MAX_HIDDEN_SIZE, MAX_LAYERS};
-pub use vit_msn_format::TensorSpec;
+pub use vit_msn_format::{Attention, TensorSpec};
 
 /// The manifest format this program writes and the newest it reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -71,6 +71,11 @@ pub struct ArtifactEntry {
     pub sha256: String,
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
+    /// How the artifact computes attention, as its description says; absent
+    /// in manifests written before it was recorded (see `memory.rs` for how
+    /// those are read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention: Option<Attention>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -5,7 +5,7 @@
 use tch::{Device, Kind};
 
 use crate::error::{Error, Result};
-use crate::manifest::{ArtifactEntry, Manifest};
+use crate::manifest::{ArtifactEntry, Attention, Manifest};
 
 /// A rough peak working set of one sample through `entry`, in bytes: the
 /// input and its cast, one layer's activations (q/k/v, MLP, residuals,
@@ -25,10 +25,17 @@ fn bytes_per_sample(manifest: &Manifest, entry: &ArtifactEntry, kind: Kind) -> u
         .map_or(4 * d, n);
     let elem = if kind == Kind::Float { 4 } else { 2 };
     let pixels = n(m.num_channels) * n(entry.height) * n(entry.width) * (4 + elem);
-    // The compiler's graphs hold attention scores only when they return
-    // them (else SDPA works in blocks); export.py traces eager attention.
-    let holds_scores = entry.outputs.iter().any(|o| o.name == "attentions")
-        || manifest.compiler.contains("export.py");
+    let holds_scores = match entry.attention {
+        Some(attention) => attention == Attention::Eager,
+        // The legacy path, for manifests written before artifacts recorded
+        // their attention: the compiler's graphs used eager attention exactly
+        // when they return the scores, and export.py (named in `compiler`)
+        // always traced eager attention.
+        None => {
+            entry.outputs.iter().any(|o| o.name == "attentions")
+                || manifest.compiler.contains("export.py")
+        }
+    };
     let scores = if holds_scores {
         n(m.num_attention_heads)
             .saturating_mul(tokens)
@@ -96,4 +103,95 @@ fn available_memory() -> Option<u64> {
         .parse::<u64>()
         .ok()
         .map(|kb| kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{ModelInfo, Source, TensorSpec};
+
+    fn manifest(compiler: &str) -> Manifest {
+        Manifest {
+            format_version: 1,
+            compiler: compiler.into(),
+            task: "backbone".into(),
+            model: ModelInfo {
+                hidden_size: 64,
+                num_hidden_layers: 2,
+                num_attention_heads: 4,
+                num_channels: 3,
+                patch_size: 16,
+                image_size: 224,
+                labels: Vec::new(),
+                problem_type: None,
+            },
+            dtype: "f32".into(),
+            device: "cpu".into(),
+            cpu_features: Vec::new(),
+            preprocessing: None,
+            artifacts: Vec::new(),
+            source: Source::default(),
+            config: serde_json::json!({}),
+            fewshot: None,
+        }
+    }
+
+    fn entry(attention: Option<Attention>, outputs: &[&str]) -> ArtifactEntry {
+        ArtifactEntry {
+            height: 224,
+            width: 224,
+            file: "model_224x224.pt".into(),
+            sha256: String::new(),
+            inputs: Vec::new(),
+            outputs: outputs
+                .iter()
+                .map(|name| TensorSpec {
+                    name: (*name).into(),
+                    dtype: "f32".into(),
+                    shape: vec![-1, 197, 64],
+                })
+                .collect(),
+            attention,
+        }
+    }
+
+    /// The recorded attention decides; without it (older manifests), the
+    /// legacy rule: scores are held by artifacts that return them, and by
+    /// everything export.py traced.
+    #[test]
+    fn attention_scores_counted_as_recorded_else_as_before() {
+        let size = |compiler: &str, attention, outputs: &[&str]| {
+            bytes_per_sample(&manifest(compiler), &entry(attention, outputs), Kind::Float)
+        };
+        let sdpa = size(
+            "vit-msn 0.1.0",
+            Some(Attention::Sdpa),
+            &["last_hidden_state"],
+        );
+        let eager = size(
+            "vit-msn 0.1.0",
+            Some(Attention::Eager),
+            &["last_hidden_state"],
+        );
+        // 4 heads × 197² scores of 4 bytes.
+        assert_eq!(eager - sdpa, 4 * 197 * 197 * 4);
+        assert_eq!(
+            size(
+                "vit-msn export.py (torch 2)",
+                Some(Attention::Sdpa),
+                &["last_hidden_state"]
+            ),
+            sdpa
+        );
+        assert_eq!(size("vit-msn 0.1.0", None, &["last_hidden_state"]), sdpa);
+        assert_eq!(
+            size("vit-msn export.py (torch 2)", None, &["last_hidden_state"]),
+            eager
+        );
+        let with_attentions = &["last_hidden_state", "attentions"];
+        assert!(
+            size("vit-msn 0.1.0", None, with_attentions)
+                > size("vit-msn 0.1.0", Some(Attention::Sdpa), with_attentions)
+        );
+    }
 }

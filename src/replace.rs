@@ -139,6 +139,8 @@ pub fn replace_artifact_waiting(
     writer.write_artifact(
         ArtifactEntry {
             sha256: String::new(),
+            // The new file's, as it describes itself (else unknown).
+            attention: own.as_ref().and_then(|d| d.attention),
             ..manifest.artifacts[index].clone()
         },
         &bytes,

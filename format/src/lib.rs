@@ -3,7 +3,8 @@
 //! and the runtime never depends on the compiler.
 //!
 //! - [`TensorSpec`] and [`ArtifactDescription`]: an artifact's signature, and
-//!   the `extra/vit_msn.json` stored inside every `.pt` file vit-msn writes.
+//!   the `extra/vit_msn.json` stored inside every `.pt` file vit-msn writes;
+//!   [`Attention`]: how it computes attention.
 //! - [`Task`], [`Dtype`], [`CpuFeature`] and [`device_name`]: the names the
 //!   manifest and the descriptions use.
 //! - [`bounds`]: the limits both sides enforce.
@@ -52,6 +53,24 @@ pub struct ArtifactDescription {
     pub width: i64,
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
+    /// How it computes attention; absent in files written before it was
+    /// recorded, and in files whose producer does not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention: Option<Attention>,
+}
+
+/// How an artifact computes attention, which decides how much memory a
+/// forward pass holds at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Attention {
+    /// Each layer holds its heads × tokens² attention scores at once:
+    /// transformers' eager attention (what graph/python/export.py traces),
+    /// and the compiler's for artifacts that return `attentions`.
+    Eager,
+    /// Scaled dot-product attention, worked in blocks: no layer holds the
+    /// whole score matrix.
+    Sdpa,
 }
 
 /// Lowercase hex sha256 of `bytes`.

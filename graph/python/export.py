@@ -133,8 +133,9 @@ def export(model_dir, out, resolutions, outputs, dtype_name, task, binary):
             wrapper = Artifact(model, classifier, interpolate, hidden, attentions).eval()
             with torch.no_grad():
                 traced = torch.jit.trace(wrapper, example, strict=False, check_trace=False)
+            # The model is loaded with attn_implementation="eager": every layer holds its scores.
             description = {"producer": "vit-msn export.py", "task": task, "dtype": name, "device": "cpu",
-                           "height": h, "width": w, "inputs": inputs, "outputs": outs}
+                           "height": h, "width": w, "inputs": inputs, "outputs": outs, "attention": "eager"}
             torch.jit.save(traced, os.path.join(staged, f"model_{h}x{w}.pt"),
                            _extra_files={"vit_msn.json": json.dumps(description)})
         r = subprocess.run([binary, "bundle", "pack", "--model", model_dir, "--artifacts", staged, "--out", out,

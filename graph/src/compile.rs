@@ -5,10 +5,12 @@ use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 use vit_msn_format::bounds::{MAX_PATCHES, MAX_SIDE};
-pub use vit_msn_format::{ArtifactDescription, CpuFeature, TensorSpec, ARTIFACT_EXTRA_FILE};
+pub use vit_msn_format::{
+    ArtifactDescription, Attention, CpuFeature, TensorSpec, ARTIFACT_EXTRA_FILE,
+};
 
 use crate::config::Task;
-use crate::encoder::LinearBackend;
+use crate::encoder::{AttentionImpl, LinearBackend};
 use crate::model::{Model, Wanted};
 use crate::trace::trace_and_save;
 use crate::Error;
@@ -37,6 +39,9 @@ pub struct Artifact {
     pub file: String,
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
+    /// How its graph computes attention (recorded in its description and
+    /// the manifest, for the runtime's memory estimate).
+    pub attention: Attention,
 }
 
 pub struct Compiled {
@@ -111,6 +116,10 @@ pub fn compile(model_dir: &Path, out_dir: &Path, opts: &CompileOptions) -> Resul
         ));
     }
     let traced = model.fused(backend);
+    let attention = match model.plan(opts.wanted).attention {
+        AttentionImpl::Eager => Attention::Eager,
+        AttentionImpl::Sdpa => Attention::Sdpa,
+    };
 
     let dtype = dtype_name(opts.kind);
     let (layers, heads) = (cfg.num_hidden_layers, cfg.num_attention_heads);
@@ -157,6 +166,7 @@ pub fn compile(model_dir: &Path, out_dir: &Path, opts: &CompileOptions) -> Resul
             file: format!("model_{h}x{w}.pt"),
             inputs,
             outputs,
+            attention,
         };
 
         // Example inputs; batch 2 so nothing can specialise on batch 1.
@@ -174,6 +184,7 @@ pub fn compile(model_dir: &Path, out_dir: &Path, opts: &CompileOptions) -> Resul
             width: w,
             inputs: artifact.inputs.clone(),
             outputs: artifact.outputs.clone(),
+            attention: Some(attention),
         };
         let extra = serde_json::to_string(&extra).map_err(|e| Error::Invalid(e.to_string()))?;
         tch::no_grad(|| {
