@@ -360,6 +360,11 @@ def test_hot_swap(s, binary, bundles, tmp):
         f.write(good)
     os.replace(manifest_path + ".tmp", manifest_path)
     check(s.wait_log(r"swapped version 2 for version 3", 15), "the restored bundle is loaded again")
+    # `vit-msn compile` into the served folder replaces the bundle whole.
+    run([binary, "compile", "--model", os.path.join(tmp, "cls_model"), "--out", bundles["cls"]])
+    check(s.wait_log(r"swapped version 3 for version 4", 15), "a recompiled bundle is swapped in")
+    r = s.client().infer("cls", [infer_input("pixel_values", x, "FP32")])
+    check(close(r.as_numpy("logits"), old) and r.get_response()["model_version"] == "4", "version 4 is the recompiled model")
     # Triton's model repository extension: an explicit load and an index.
     status, _, _ = s.raw("POST", "/v2/repository/models/cls/load", b"{}")
     check(status == 200, "explicit load")
@@ -501,6 +506,20 @@ def test_hostile(s):
     check(reply.startswith(b"HTTP/1.1 408") and time.time() - started < 10, f"stalled body: {reply[:100]!r}")
 
 
+def test_refused_start(binary, bundles, tmp):
+    """A bundle that cannot load, or a bad flag: one line, a non-zero exit."""
+    for args, code, words in [
+        (["--bundle", "m=" + os.path.join(tmp, "missing")], 1, "model m:"),
+        (["--bundle", "nodir"], 2, "expected NAME=DIR"),
+        (["--bundle", f"a={bundles['cls']}", "--bundle", f"a={bundles['emb']}"], 2, "given twice"),
+        (["--bundle", f"a={bundles['cls']}", "--host", "no such host"], 2, "--host"),
+    ]:
+        r = subprocess.run([binary, "serve", "--port", "0"] + args, capture_output=True, text=True, timeout=120)
+        last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
+        check(r.returncode == code and last.startswith("error: ") and words in last,
+              f"serve {args}: exit {r.returncode}, stderr {r.stderr!r}")
+
+
 def test_sigterm(binary, bundles, tmp):
     """SIGTERM while requests are in flight (their bodies half sent): each is
     still answered, correctly, and the server exits 0."""
@@ -563,6 +582,7 @@ def main():
         finally:
             if s.proc.poll() is None:
                 s.proc.kill()
+        test_refused_start(binary, bundles, tmp)
         test_sigterm(binary, bundles, tmp)
     if a.verbose:
         print(s.log())
