@@ -20,7 +20,7 @@ PIP_PACKAGES := torch==2.13.0 transformers==4.46.3 safetensors==0.8.0 numpy scik
 IMAGE_FIXTURES := tests/fixtures/generated-images
 SWEEP_ARGS ?= --cases 30
 
-.PHONY: libtorch demo test fixtures bench side-by-side startup soak sweep shapes fuzz interop serve-test serve-bench gpu-check clean
+.PHONY: libtorch demo test fixtures bench side-by-side startup soak sweep shapes fuzz interop serve-test serve-bench python python-test ray-bench gpu-check clean
 
 libtorch: $(BOOTSTRAP) $(CUDA_HEADERS)
 
@@ -153,6 +153,27 @@ serve-bench: libtorch
 	$(PY) -c 'import fastapi, uvicorn' 2>/dev/null || $(VENV)/bin/pip install fastapi uvicorn
 	cargo build --release
 	$(PY) benches/serve.py --bin target/release/vit-msn
+
+# The Python package (python/vit_msn, installed editable) and Ray Data into .venv; again only
+# when python/pyproject.toml changes. No build isolation: the venv's setuptools builds it offline.
+RAY_PIP_PACKAGES := ray[data]==2.60.0 pytest==9.2.0
+PYTHON_STAMP := $(VENV)/.vit-msn-python
+python: $(PYTHON_STAMP)
+
+$(PYTHON_STAMP): python/pyproject.toml | $(BOOTSTRAP)
+	$(VENV)/bin/pip install --no-build-isolation -e ./python $(foreach p,$(RAY_PIP_PACKAGES),'$(p)')
+	$(PY) -c 'import vit_msn, vit_msn.ray, ray.data'
+	touch $@
+
+# vit_msn and vit_msn.ray (tests/python) against the debug binary, on a local Ray of 2 CPUs; a few minutes.
+python-test: python fixtures
+	cargo build
+	$(PY) -m pytest -q tests/python
+
+# Images/s of python -m vit_msn.ray with 1 and 2 actors against one `vit-msn run`, same images, one run.
+ray-bench: python
+	cargo build --release
+	$(PY) benches/ray_bench.py --bin target/release/vit-msn
 
 # Builds a binary against PyTorch 2.11.0 / tch 0.24 for the GPU machines (tests/gpu/build.sh; tests/gpu/check.sh runs there).
 gpu-check:
