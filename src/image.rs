@@ -1007,6 +1007,18 @@ fn resize_nearest(img: &DecodedImage, out_w: u32, out_h: u32) -> Vec<u8> {
 
 /// `pixel_values` (C, H, W), f32, for one decoded image.
 pub fn preprocess_image(img: &DecodedImage, pp: &Preprocessing) -> Result<Tensor> {
+    let (values, [c, h, w]) = preprocess_image_values(img, pp)?;
+    Tensor::f_from_slice(&values)
+        .and_then(|t| t.f_reshape([c, h, w]))
+        .map_err(|e| img.error(format!("cannot build pixel_values: {e}")))
+}
+
+/// [`preprocess_image`]'s values, row-major (C, H, W), and that shape,
+/// without libtorch: a server builds its batch's tensor on one thread.
+pub fn preprocess_image_values(
+    img: &DecodedImage,
+    pp: &Preprocessing,
+) -> Result<(Vec<f32>, [i64; 3])> {
     let c = img.channels as usize;
     let stats = |v: &[f64], name: &str| -> Result<Vec<f32>> {
         match v.len() {
@@ -1048,9 +1060,7 @@ pub fn preprocess_image(img: &DecodedImage, pp: &Preprocessing) -> Result<Tensor
             out[ch * h * w + i] = x;
         }
     }
-    Tensor::f_from_slice(&out)
-        .and_then(|t| t.f_reshape([c as i64, h as i64, w as i64]))
-        .map_err(|e| img.error(format!("cannot build pixel_values: {e}")))
+    Ok((out, [c as i64, h as i64, w as i64]))
 }
 
 /// [`load_image`] then [`preprocess_image`].

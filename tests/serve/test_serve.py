@@ -54,6 +54,8 @@ def check(cond, message):
         print(f"FAILED: {message}", flush=True)
         sys.exit(1)
     CHECKS += 1
+    if os.environ.get("SERVE_TEST_TRACE"):
+        print(f"ok: {message}", file=sys.stderr)
 
 
 def close(a, b, tol=TOL):
@@ -85,8 +87,8 @@ class Server:
         threading.Thread(target=self._read, daemon=True).start()
         deadline = time.time() + 120
         while not self.ready.is_set():
-            check(time.time() < deadline and self.proc.poll() is None,
-                  "server did not become ready:\n" + "\n".join(self.lines))
+            if time.time() > deadline or self.proc.poll() is not None:
+                check(False, "server did not become ready:\n" + "\n".join(self.lines))
             time.sleep(0.05)
         self.url = re.search(r"http://(127\.0\.0\.1:\d+)", self.log()).group(1)
         self.host, self.port = self.url.split(":")[0], int(self.url.split(":")[1])

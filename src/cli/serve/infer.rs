@@ -1,36 +1,42 @@
 //! One inference request: its inputs checked against the model and turned
 //! into a batcher job, and the job's outputs turned into the response.
+//!
+//! Nothing here calls libtorch: tensors are built, checked and read back on
+//! the model's worker thread (batcher.rs). libtorch parallelises large
+//! element-wise ops with OpenMP, and each thread that calls it gets a team
+//! of its own, whose spinning threads would slow the forward pass down.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tch::{Kind, Tensor};
 use tokio::sync::oneshot;
-use vit_msn::image::{decode_bytes, preprocess_image};
-use vit_msn::{Error, Output};
+use vit_msn::image::{decode_bytes, preprocess_image_values};
+use vit_msn::Error;
 
-use super::batcher::{BatchKey, Done, Job};
-use super::model::Version;
+use super::batcher::{BatchKey, Done, Job, JobInputs, Values as Plain};
+use super::model::{Model, Version};
 use super::protocol::{write_response, Input, OutputData, Request, ResponseOutput, Values, Wanted};
 use super::routes::ApiError;
 
 /// A checked request, ready to queue.
 pub struct Prepared {
-    pixel_values: Tensor,
-    bool_masked_pos: Option<Tensor>,
-    head_mask: Option<Tensor>,
+    inputs: JobInputs,
     key: BatchKey,
     wanted: Vec<Wanted>,
     id: Option<String>,
 }
 
 impl Prepared {
-    pub fn into_job(self, reply: oneshot::Sender<Done>) -> (Job, Vec<Wanted>, Option<String>) {
+    pub fn into_job(
+        self,
+        model: Arc<Model>,
+        reply: oneshot::Sender<Done>,
+    ) -> (Job, Vec<Wanted>, Option<String>) {
         let job = Job {
-            pixel_values: self.pixel_values,
-            bool_masked_pos: self.bool_masked_pos,
-            head_mask: self.head_mask,
+            model,
+            inputs: self.inputs,
+            outputs: self.wanted.iter().map(|w| w.name.clone()).collect(),
             key: self.key,
             arrived: Instant::now(),
             reply,
@@ -41,31 +47,34 @@ impl Prepared {
 
 const INPUTS: &str = "pixel_values or image, and optionally bool_masked_pos and head_mask";
 
-fn torch(e: tch::TchError) -> ApiError {
-    ApiError::bad(vit_msn::error::first_line(&e.to_string()))
+fn datatype(v: &Values) -> &'static str {
+    match v {
+        Values::Fp32(_) => "FP32",
+        Values::Bool(_) => "BOOL",
+        Values::Bytes(_) => "BYTES",
+    }
 }
 
-fn tensor_of(input: &Input, want: &str) -> Result<Tensor, ApiError> {
-    let t = match (&input.values, want) {
-        (Values::Fp32(v), "FP32") => Tensor::f_from_slice(v),
-        (Values::Bool(v), "BOOL") => Tensor::f_from_slice(v),
-        (found, _) => {
-            let found = match found {
-                Values::Fp32(_) => "FP32",
-                Values::Bool(_) => "BOOL",
-                Values::Bytes(_) => "BYTES",
-            };
-            return Err(ApiError::bad(format!(
-                "input `{}`: expected datatype {want}, found {found}",
-                input.name
-            )));
-        }
-    };
-    t.and_then(|t| t.f_reshape(&input.shape)).map_err(torch)
+fn wrong_type(input: &Input, want: &str) -> ApiError {
+    ApiError::bad(format!(
+        "input `{}`: expected datatype {want}, found {}",
+        input.name,
+        datatype(&input.values)
+    ))
+}
+
+fn fp32(input: Input) -> Result<Plain<f32>, ApiError> {
+    match input.values {
+        Values::Fp32(values) => Ok(Plain {
+            values,
+            shape: input.shape,
+        }),
+        _ => Err(wrong_type(&input, "FP32")),
+    }
 }
 
 /// The model's error for an input, as a 400 (a refusal) or a 500.
-fn runtime_error(e: Error) -> ApiError {
+pub fn runtime_error(e: Error) -> ApiError {
     match e {
         Error::Input { .. } | Error::Image { .. } => ApiError::bad(e.to_string()),
         other => ApiError::new(
@@ -76,11 +85,9 @@ fn runtime_error(e: Error) -> ApiError {
 }
 
 /// Encoded images as `pixel_values`, as `vit-msn run --image` preprocesses them.
-fn images(v: &Version, input: &Input) -> Result<Tensor, ApiError> {
+fn images(v: &Version, input: &Input) -> Result<Plain<f32>, ApiError> {
     let Values::Bytes(items) = &input.values else {
-        return Err(ApiError::bad(
-            "input `image`: expected datatype BYTES (encoded images)",
-        ));
+        return Err(wrong_type(input, "BYTES (encoded images)"));
     };
     if !matches!(input.shape.as_slice(), [_] | [_, 1]) {
         return Err(ApiError::bad(format!(
@@ -93,44 +100,41 @@ fn images(v: &Version, input: &Input) -> Result<Tensor, ApiError> {
     let mut pp = m.preprocessing().map_err(runtime_error)?;
     pp.height = height as u32;
     pp.width = width as u32;
-    let mut pixels = Vec::with_capacity(items.len());
+    let mut values = Vec::new();
+    let mut size = None;
     for (i, bytes) in items.iter().enumerate() {
         let name = format!("input `image`[{i}]");
         let img =
             decode_bytes(bytes, Path::new(&name), m.model.num_channels).map_err(runtime_error)?;
-        pixels.push(preprocess_image(&img, &pp).map_err(runtime_error)?);
-    }
-    if let Some(first) = pixels.first() {
-        if let Some(other) = pixels.iter().find(|p| p.size() != first.size()) {
-            return Err(ApiError::bad(format!(
-                "input `image`: the preprocessing does not resize, and the images' sizes differ ({:?} and {:?})",
-                first.size(),
-                other.size()
-            )));
+        let (pixels, chw) = preprocess_image_values(&img, &pp).map_err(runtime_error)?;
+        match size {
+            None => size = Some(chw),
+            // Only a preprocessing that does not resize keeps each image's size.
+            Some(first) if first != chw => {
+                return Err(ApiError::bad(format!(
+                    "input `image`: the preprocessing does not resize, and the images' sizes differ ({first:?} and {chw:?})"
+                )))
+            }
+            Some(_) => {}
         }
+        values.extend_from_slice(&pixels);
     }
-    Tensor::f_stack(&pixels, 0).map_err(torch)
+    let [c, h, w] = size.ok_or_else(|| ApiError::bad("input `image`: the batch is empty"))?;
+    Ok(Plain {
+        values,
+        shape: vec![items.len() as i64, c, h, w],
+    })
 }
 
 pub fn prepare(v: &Arc<Version>, request: Request, max_batch: i64) -> Result<Prepared, ApiError> {
     let mut pixel_values = None;
     let mut bool_masked_pos = None;
     let mut head_mask = None;
-    for input in &request.inputs {
-        let slot = match input.name.as_str() {
-            "pixel_values" | "image" => &mut pixel_values,
-            "bool_masked_pos" => &mut bool_masked_pos,
-            "head_mask" => &mut head_mask,
-            other => {
-                return Err(ApiError::bad(format!(
-                    "unknown input `{other}` (the model takes {INPUTS})"
-                )))
+    for input in request.inputs {
+        match input.name.as_str() {
+            "pixel_values" | "image" if pixel_values.is_some() => {
+                return Err(ApiError::bad("give pixel_values or image, not both"))
             }
-        };
-        if slot.is_some() {
-            return Err(ApiError::bad("give pixel_values or image, not both"));
-        }
-        *slot = Some(match input.name.as_str() {
             "pixel_values" => {
                 if input.shape.len() != 4 {
                     return Err(ApiError::bad(format!(
@@ -138,48 +142,59 @@ pub fn prepare(v: &Arc<Version>, request: Request, max_batch: i64) -> Result<Pre
                         input.shape
                     )));
                 }
-                tensor_of(input, "FP32")?
+                pixel_values = Some(fp32(input)?);
             }
-            "image" => images(v, input)?,
-            "bool_masked_pos" => tensor_of(input, "BOOL")?,
-            _ => tensor_of(input, "FP32")?,
-        });
+            "image" => pixel_values = Some(images(v, &input)?),
+            "bool_masked_pos" => match input.values {
+                Values::Bool(values) => {
+                    bool_masked_pos = Some(Plain {
+                        values,
+                        shape: input.shape,
+                    })
+                }
+                _ => return Err(wrong_type(&input, "BOOL")),
+            },
+            "head_mask" => head_mask = Some(fp32(input)?),
+            other => {
+                return Err(ApiError::bad(format!(
+                    "unknown input `{other}` (the model takes {INPUTS})"
+                )))
+            }
+        }
     }
     let pixel_values =
         pixel_values.ok_or_else(|| ApiError::bad(format!("no input: the model takes {INPUTS}")))?;
-    let size = pixel_values.size();
-    if size[0] > max_batch {
+    let (batch, height, width) = (
+        pixel_values.shape[0],
+        pixel_values.shape[2],
+        pixel_values.shape[3],
+    );
+    if batch > max_batch {
         return Err(ApiError::bad(format!(
-            "a batch of {} is over this server's --max-batch {max_batch}",
-            size[0]
+            "a batch of {batch} is over this server's --max-batch {max_batch}"
         )));
     }
-    v.bundle
-        .check_inputs(&pixel_values, bool_masked_pos.as_ref(), head_mask.as_ref())
-        .map_err(runtime_error)?;
-    let (height, width) = (size[2], size[3]);
+    // The rest (channels, resolution, values, mask and head-mask shapes) is
+    // checked by the runtime itself, on the worker, with its own messages.
     let p = v.bundle.manifest().model.patch_size.max(1);
     let key = BatchKey {
         height,
         width,
         patches: (height / p) * (width / p),
-        head_mask: match &head_mask {
-            Some(h) => Some((
-                h.size(),
-                Vec::<f32>::try_from(h.flatten(0, -1))
-                    .map_err(torch)?
-                    .iter()
-                    .map(|x| x.to_bits())
-                    .collect(),
-            )),
-            None => None,
-        },
+        head_mask: head_mask.as_ref().map(|h| {
+            (
+                h.shape.clone(),
+                h.values.iter().map(|x| x.to_bits()).collect(),
+            )
+        }),
     };
     let wanted = wanted_outputs(v, request.outputs, request.binary_default)?;
     Ok(Prepared {
-        pixel_values,
-        bool_masked_pos,
-        head_mask,
+        inputs: JobInputs {
+            pixel_values,
+            bool_masked_pos,
+            head_mask,
+        },
         key,
         wanted,
         id: request.id,
@@ -220,37 +235,25 @@ fn wanted_outputs(
     Ok(asked)
 }
 
-fn named(out: &Output, name: &str) -> Option<Tensor> {
-    match name {
-        "embedding" => out.last_hidden_state.as_ref().map(|t| t.select(1, 0)),
-        "last_hidden_state" => out.last_hidden_state.as_ref().map(Tensor::shallow_clone),
-        "logits" => out.logits.as_ref().map(Tensor::shallow_clone),
-        "hidden_states" => out.hidden_states.as_ref().map(Tensor::shallow_clone),
-        "attentions" => out.attentions.as_ref().map(Tensor::shallow_clone),
-        _ => None,
-    }
-}
-
 /// Triton's classification form: per sample, the k largest values as
 /// "score:index:label" (or "score:index" without labels), score as C++'s
 /// std::to_string prints a float.
-fn classify(t: &Tensor, k: usize, labels: &[String]) -> Result<(Vec<i64>, Vec<String>), ApiError> {
-    let size = t.size();
-    let (rows, classes) = (size[0] as usize, size[1] as usize);
-    let values = Vec::<f32>::try_from(t.flatten(0, -1)).map_err(torch)?;
+fn classify(out: &Plain<f32>, k: usize, labels: &[String]) -> (Vec<i64>, Vec<String>) {
+    let rows = out.shape.first().copied().unwrap_or(0).max(0) as usize;
+    let classes = out.values.len().checked_div(rows).unwrap_or(0);
     let k = k.min(classes);
-    let mut out = Vec::with_capacity(rows * k);
-    for row in values.chunks(classes.max(1)) {
+    let mut strings = Vec::with_capacity(rows * k);
+    for row in out.values.chunks(classes.max(1)) {
         let mut order: Vec<usize> = (0..row.len()).collect();
         order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
         for &i in order.iter().take(k) {
-            out.push(match labels.get(i) {
+            strings.push(match labels.get(i) {
                 Some(label) => format!("{:.6}:{i}:{label}", row[i]),
                 None => format!("{:.6}:{i}", row[i]),
             });
         }
     }
-    Ok((vec![rows as i64, k as i64], out))
+    (vec![rows as i64, k as i64], strings)
 }
 
 /// The response body for one request's share of a batch.
@@ -266,30 +269,16 @@ pub fn respond(
             format!("model `{model}` is not loaded"),
         )
     })?;
-    let out = done.result.map_err(runtime_error)?;
+    let mut computed = done.result.map_err(runtime_error)?;
     let mut outputs = Vec::with_capacity(wanted.len());
-    for w in wanted {
-        let t = named(&out, &w.name).ok_or_else(|| {
-            ApiError::new(
-                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                format!("version {} did not return `{}`", version.number, w.name),
-            )
-        })?;
+    for (w, out) in wanted.iter().zip(computed.iter_mut()) {
+        let out = std::mem::take(out);
         let (shape, data) = match w.classification {
             Some(k) => {
-                let (shape, strings) = classify(&t, k, &version.bundle.manifest().model.labels)?;
+                let (shape, strings) = classify(&out, k, &version.bundle.manifest().model.labels);
                 (shape, OutputData::Bytes(strings))
             }
-            None => {
-                let flat = t
-                    .f_to_kind(Kind::Float)
-                    .and_then(|t| t.f_flatten(0, -1))
-                    .map_err(torch)?;
-                (
-                    t.size(),
-                    OutputData::Fp32(Vec::<f32>::try_from(&flat).map_err(torch)?),
-                )
-            }
+            None => (out.shape, OutputData::Fp32(out.values)),
         };
         outputs.push(ResponseOutput {
             name: w.name.clone(),

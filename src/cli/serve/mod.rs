@@ -3,7 +3,7 @@
 //!
 //! - `routes.rs`: the endpoints; `protocol.rs`: the request and response
 //!   formats; `infer.rs`: one request's inputs and outputs.
-//! - `batcher.rs`: one worker thread per model runs the forward passes.
+//! - `batcher.rs`: one worker thread runs every model's forward passes.
 //! - `model.rs`: the version serving, and how a replacement is swapped in.
 
 mod batcher;
@@ -26,8 +26,8 @@ use batcher::Batching;
 use model::Model;
 use routes::Server;
 
-/// Requests handled at once; more wait for a slot (back-pressure), and each
-/// model's queue is bounded as well (batcher::QUEUE_CAPACITY).
+/// Requests handled at once; more wait for a slot (back-pressure), and the
+/// batcher's queue is bounded as well (batcher::QUEUE_CAPACITY).
 pub const MAX_CONCURRENT_REQUESTS: usize = 1024;
 
 /// Serve bundles over HTTP with the Open Inference Protocol (KServe v2 / Triton)
@@ -170,6 +170,8 @@ pub fn serve(a: ServeArgs) -> CliResult {
         ready: AtomicBool::new(false),
         draining: AtomicBool::new(false),
         in_flight: AtomicUsize::new(0),
+        arriving: Arc::new(AtomicUsize::new(0)),
+        queue: std::sync::Mutex::new(None),
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -181,15 +183,16 @@ pub fn serve(a: ServeArgs) -> CliResult {
     let bound = listener.local_addr()?;
     log(&format!("listening on http://{bound}"));
 
-    let mut workers = Vec::new();
-    for m in &models {
-        let (tx, rx) = std::sync::mpsc::sync_channel(batcher::QUEUE_CAPACITY);
-        m.set_queue(Some(tx));
-        let (m, metrics, batching) = (m.clone(), metrics.clone(), server.batching);
-        workers.push(std::thread::spawn(move || {
-            batcher::work(m, rx, batching, metrics)
-        }));
-    }
+    let (tx, rx) = std::sync::mpsc::sync_channel(batcher::QUEUE_CAPACITY);
+    *server
+        .queue
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tx);
+    let worker = {
+        let (arriving, metrics, batching) =
+            (server.arriving.clone(), metrics.clone(), server.batching);
+        std::thread::spawn(move || batcher::work(rx, arriving, batching, metrics))
+    };
 
     // Loading runs beside the listener: /v2/health/live answers meanwhile,
     // and /v2/health/ready once every bundle is loaded and warmed up.
@@ -249,14 +252,14 @@ pub fn serve(a: ServeArgs) -> CliResult {
             .await
     })?;
 
-    // Every handler is done: closing the queues lets each worker finish and exit.
+    // Every handler is done: closing the queue lets the worker finish and exit.
     stop.store(true, Ordering::SeqCst);
-    for m in &models {
-        m.set_queue(None);
-    }
-    for w in workers {
-        let _ = w.join();
-    }
+    server
+        .queue
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    let _ = worker.join();
     // The watcher notices `stop` within one interval (or never started).
     let _ = watch_done_rx.recv_timeout(model::WATCH_INTERVAL * 4);
     drop(runtime);

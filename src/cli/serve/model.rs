@@ -5,8 +5,8 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{Sender, SyncSender};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -15,7 +15,6 @@ use vit_msn::bundle::LoadOptions;
 use vit_msn::manifest::{Manifest, MANIFEST_FILE};
 use vit_msn::{Bundle, Device};
 
-use super::batcher::Job;
 use super::log;
 
 /// How often each bundle folder is looked at for a replacement.
@@ -107,10 +106,6 @@ pub struct Model {
     /// what was last looked at, so a refused folder is not retried until it
     /// changes again.
     loading: Mutex<LoadState>,
-    queue: Mutex<Option<SyncSender<Job>>>,
-    /// Requests being read and checked, not yet queued: the batcher waits
-    /// for them (up to the queue delay), and for nothing else.
-    pub arriving: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -133,8 +128,6 @@ impl Model {
                 next_number: 1,
                 ..Default::default()
             }),
-            queue: Mutex::new(None),
-            arriving: AtomicUsize::new(0),
         }
     }
 
@@ -142,18 +135,6 @@ impl Model {
     pub fn current(&self) -> Option<Arc<Version>> {
         self.current
             .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
-    pub fn set_queue(&self, queue: Option<SyncSender<Job>>) {
-        *self.queue.lock().unwrap_or_else(PoisonError::into_inner) = queue;
-    }
-
-    /// A sender for the batcher, or `None` once the server is draining.
-    pub fn queue(&self) -> Option<SyncSender<Job>> {
-        self.queue
-            .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
     }
@@ -173,7 +154,13 @@ impl Model {
             return Ok(None);
         }
         let number = state.next_number;
-        match self.load(number) {
+        // On a thread of its own, which exits when done: the OpenMP team a
+        // thread gets for libtorch's parallel ops lives as long as the
+        // thread, and a second live team next to the batcher's makes
+        // libgomp stop spinning, which costs the forward pass about 20%.
+        let loaded = std::thread::scope(|s| s.spawn(|| self.load(number)).join());
+        let loaded = loaded.unwrap_or_else(|_| Err("loading panicked".to_string()));
+        match loaded {
             Ok(version) => {
                 let version = Arc::new(version);
                 let old = self

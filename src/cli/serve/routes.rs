@@ -32,6 +32,11 @@ pub struct Server {
     /// SIGTERM or Ctrl-C seen: finishing what is in flight.
     pub draining: AtomicBool,
     pub in_flight: AtomicUsize,
+    /// Requests being read and checked, not yet queued: the batcher waits
+    /// for them (up to the queue delay), and for nothing else.
+    pub arriving: Arc<AtomicUsize>,
+    /// The batcher's queue; `None` once every handler is done.
+    pub queue: std::sync::Mutex<Option<std::sync::mpsc::SyncSender<super::batcher::Job>>>,
 }
 
 /// A refusal: its status and a message naming the input or field at fault.
@@ -315,8 +320,8 @@ async fn infer_model(
 ) -> Result<Response, ApiError> {
     server_ready(s)?;
     let (_, version) = find_version(s, p)?;
-    model.arriving.fetch_add(1, Ordering::SeqCst);
-    let arriving = InFlight(&model.arriving);
+    s.arriving.fetch_add(1, Ordering::SeqCst);
+    let arriving = InFlight(&s.arriving);
     let bytes = read_body(s, body).await?;
     let header_length = match headers.get(HEADER_LENGTH) {
         Some(v) => Some(
@@ -336,14 +341,16 @@ async fn infer_model(
     })
     .await?;
     let (reply, answer) = tokio::sync::oneshot::channel();
-    let (job, wanted, id) = prepared.into_job(reply);
-    let queue = model
-        .queue()
+    let (job, wanted, id) = prepared.into_job(model.clone(), reply);
+    let queue = s
+        .queue
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
         .ok_or_else(|| ApiError::unavailable("the server is shutting down"))?;
     queue.try_send(job).map_err(|e| match e {
         std::sync::mpsc::TrySendError::Full(_) => ApiError::unavailable(format!(
-            "model `{}` has {} requests queued; try again later",
-            model.name,
+            "{} requests are queued; try again later",
             super::batcher::QUEUE_CAPACITY
         )),
         std::sync::mpsc::TrySendError::Disconnected(_) => {
