@@ -49,5 +49,5 @@ for case in base sdpa no_qkv_bias classifier_bin classifier_regression artifact_
   cp -r "$root/tests/fixtures/generated/$case" "$out/fixtures/"
 done
 touch "$out/fixtures/COMPLETE"
-cp "$root/tests/gpu/check.sh" "$out/"
+cp "$root/tests/gpu/check.sh" "$root/tests/gpu/serve_check.py" "$out/"
 du -sh "$out"

@@ -3,7 +3,7 @@
 # the parity cases compiled for and run on CUDA, the runtime tests, and the
 # issue's GPU figures: ViT-B/16 (untrained, classifier with 1000 labels) in
 # bf16, throughput at batch 256 and latency at batch 1, with and without CUDA
-# graphs. Results land in $OUT.
+# graphs; and `vit-msn serve` on the device (serve_check.py). Results land in $OUT.
 #
 # A dry run here, on the CPU against the torch 2.11 that build.sh installed,
 # checks the script itself before it spends device time:
@@ -43,3 +43,5 @@ if [ "$device" != cpu ]; then
   bench --bundle "$vitb/bundle-bf16" --iters "$iters" --cuda-graphs | tee "$out/vitb16-bf16-graphs.json"
 fi
 bench --bundle "$vitb/bundle-f32" --iters 20 | tee "$out/vitb16-f32.json"
+# vit-msn serve on the device: a binary request against `vit-msn run`, 16 at once, SIGTERM.
+python3 "$here/serve_check.py" --bin "$here/vit-msn" --bundle "$vitb/bundle-f32" --device "$device" 2>&1 | tee "$out/serve.log"
