@@ -15,6 +15,7 @@ Exits 1 on the first failed check.
 import argparse
 import atexit
 import base64
+import gzip
 import http.client
 import io
 import json
@@ -230,6 +231,13 @@ def test_protocol(s, binary, models, bundles, tmp):
                 emb = r.as_numpy("embedding")
                 check(np.array_equal(emb, want["last_hidden_state"][:, 0]), "embedding is the CLS row")
 
+    # Compressed requests and responses, as tritonclient sends and reads them.
+    want = runtime(binary, bundles["cls"], tmp, {"pixel_values": x})["logits"]
+    for algorithm in ("gzip", "deflate"):
+        r = c.infer("cls", [infer_input("pixel_values", x, "FP32")], request_compression_algorithm=algorithm,
+                    response_compression_algorithm=algorithm)
+        check(np.array_equal(r.as_numpy("logits"), want), f"{algorithm} request and response")
+
     # Only some outputs, and the classification extension.
     want = runtime(binary, bundles["cls"], tmp, {"pixel_values": x})["logits"]
     r = c.infer("cls", [infer_input("pixel_values", x, "FP32")],
@@ -441,6 +449,9 @@ def test_hostile(s):
         ("batch over --max-batch", "/v2/models/cls/infer", *binary_request(
             [("pixel_values", "FP32", [9, 3, SIZE, SIZE], pixels(1, 9).tobytes())]), 400),
         ("GET on infer", None, None, None, 405),
+        ("a gzip bomb past --max-body-mb", "/v2/models/cls/infer", gzip.compress(b" " * (6 << 20)),
+         {"Content-Encoding": "gzip"}, 413),
+        ("an unknown Content-Encoding", "/v2/models/cls/infer", js(), {"Content-Encoding": "br"}, 415),
         ("unknown path", "/v3/nope", b"", {}, 404),
     ]
     c = s.client()

@@ -23,7 +23,6 @@ impl<T: Into<String>> From<T> for BadRequest {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RequestJson {
     #[serde(default)]
     id: Option<String>,
@@ -35,7 +34,6 @@ struct RequestJson {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct InputJson {
     name: String,
     shape: Vec<i64>,
@@ -47,7 +45,6 @@ struct InputJson {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct OutputJson {
     name: String,
     #[serde(default)]

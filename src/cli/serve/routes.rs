@@ -113,8 +113,13 @@ pub fn router(server: Shared) -> Router {
             )
         })
         // Bodies past --max-body-mb: refused on their Content-Length, or
-        // when the stream passes the limit (see `read_body`).
+        // when the stream passes the limit (see `read_body`). The limit
+        // holds for the body as decompressed, so a small gzip bomb is refused too.
+        .layer(tower_http::decompression::RequestDecompressionLayer::new())
         .layer(tower_http::limit::RequestBodyLimitLayer::new(max_body))
+        // Content-Encoding gzip or deflate, as tritonclient's
+        // request_compression_algorithm and response_compression_algorithm.
+        .layer(tower_http::compression::CompressionLayer::new())
         .layer(axum::middleware::map_response(json_errors))
         .layer(tower::limit::ConcurrencyLimitLayer::new(
             super::MAX_CONCURRENT_REQUESTS,
