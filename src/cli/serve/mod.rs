@@ -7,6 +7,7 @@
 //! - `model.rs`: the version serving, and how a replacement is swapped in.
 
 mod batcher;
+mod flat;
 mod infer;
 mod metrics;
 mod model;
@@ -26,9 +27,11 @@ use batcher::Batching;
 use model::Model;
 use routes::Server;
 
-/// Requests handled at once; more wait for a slot (back-pressure), and the
-/// batcher's queue is bounded as well (batcher::QUEUE_CAPACITY).
-pub const MAX_CONCURRENT_REQUESTS: usize = 1024;
+/// Requests handled at once; more wait for a slot before their bodies are
+/// read (back-pressure), which bounds the memory bodies can take to about
+/// this many times --max-body-mb. The batcher's queue is bounded as well
+/// (batcher::QUEUE_CAPACITY).
+pub const MAX_CONCURRENT_REQUESTS: usize = 128;
 
 /// Serve bundles over HTTP with the Open Inference Protocol (KServe v2 / Triton)
 #[derive(Args)]

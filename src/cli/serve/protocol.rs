@@ -9,6 +9,8 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::flat::Flat;
+
 /// The header naming the JSON part's length in a binary request or response.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
 
@@ -41,7 +43,7 @@ struct InputJson {
     #[serde(default)]
     parameters: Option<Map<String, Value>>,
     #[serde(default)]
-    data: Option<Value>,
+    data: Option<Flat>,
 }
 
 #[derive(Deserialize)]
@@ -175,7 +177,6 @@ pub fn parse_request(body: &[u8], header_length: Option<&str>) -> Result<Request
             None => {
                 let data = input
                     .data
-                    .as_ref()
                     .ok_or_else(|| format!("{what}: has neither `data` nor `binary_data_size`"))?;
                 from_json(&what, &input.datatype, data, count)?
             }
@@ -287,56 +288,40 @@ fn check_count(what: &str, found: usize, count: usize) -> Result<(), BadRequest>
     Ok(())
 }
 
-/// Flat or nested JSON data, flattened in row-major order.
-fn flatten<'a>(data: &'a Value, out: &mut Vec<&'a Value>, limit: usize) -> bool {
-    match data {
-        Value::Array(items) => items.iter().all(|v| flatten(v, out, limit)),
-        v => {
-            out.push(v);
-            out.len() <= limit
-        }
-    }
-}
-
-fn from_json(what: &str, datatype: &str, data: &Value, count: usize) -> Result<Values, BadRequest> {
+fn from_json(what: &str, datatype: &str, data: Flat, count: usize) -> Result<Values, BadRequest> {
     element_size(what, datatype)?;
-    let mut flat = Vec::new();
-    if !flatten(data, &mut flat, count) {
-        return Err(format!("{what}: the data has more elements than the shape's {count}").into());
-    }
-    check_count(what, flat.len(), count)?;
-    let bad = |i: usize, v: &Value, want: &str| -> BadRequest {
-        format!("{what}: element {i} is {v}, not {want}").into()
-    };
-    Ok(match datatype {
-        "FP32" => Values::Fp32(
-            flat.iter()
-                .enumerate()
-                .map(|(i, v)| {
-                    v.as_f64()
-                        .map(|x| x as f32)
-                        .ok_or_else(|| bad(i, v, "a number"))
-                })
-                .collect::<Result<_, _>>()?,
-        ),
-        "BOOL" => Values::Bool(
-            flat.iter()
-                .enumerate()
-                .map(|(i, v)| v.as_bool().ok_or_else(|| bad(i, v, "true or false")))
-                .collect::<Result<_, _>>()?,
-        ),
+    check_count(what, data.len(), count)?;
+    Ok(match (datatype, data) {
+        (_, Flat::Empty) => match datatype {
+            "FP32" => Values::Fp32(Vec::new()),
+            "BOOL" => Values::Bool(Vec::new()),
+            _ => Values::Bytes(Vec::new()),
+        },
+        ("FP32", Flat::Numbers(v)) => Values::Fp32(v.into_iter().map(|x| x as f32).collect()),
+        ("BOOL", Flat::Bools(v)) => Values::Bool(v),
         // JSON cannot hold raw bytes: an encoded image travels as base64.
-        _ => Values::Bytes(
-            flat.iter()
+        ("BYTES", Flat::Strings(v)) => Values::Bytes(
+            v.iter()
                 .enumerate()
-                .map(|(i, v)| {
-                    let text = v.as_str().ok_or_else(|| bad(i, v, "a base64 string"))?;
+                .map(|(i, text)| {
                     base64::engine::general_purpose::STANDARD
                         .decode(text)
                         .map_err(|e| BadRequest(format!("{what}: element {i} is not base64: {e}")))
                 })
                 .collect::<Result<_, _>>()?,
         ),
+        (_, found) => {
+            let want = match datatype {
+                "FP32" => "numbers",
+                "BOOL" => "true or false",
+                _ => "base64 strings",
+            };
+            return Err(format!(
+                "{what}: {datatype} data must be {want}, found {}",
+                found.kind()
+            )
+            .into());
+        }
     })
 }
 
@@ -451,7 +436,8 @@ mod tests {
         let cases: &[(&[u8], Option<&str>, &str)] = &[
             (b"[1]", None, "not a valid inference request"),
             (br#"{"inputs":[{"name":"x","shape":[3],"datatype":"FP32","data":[1,2]}]}"#, None, "holds 3 elements"),
-            (br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1,2]}]}"#, None, "more elements"),
+            (br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1,2]}]}"#, None, "holds 1 elements"),
+            (br#"{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","data":[true,false]}]}"#, None, "must be numbers"),
             (br#"{"inputs":[{"name":"x","shape":[-1],"datatype":"FP32","data":[]}]}"#, None, "negative"),
             (br#"{"inputs":[{"name":"x","shape":[4294967296,4294967296],"datatype":"FP32","data":[]}]}"#, None, "too large"),
             (br#"{"inputs":[{"name":"x","shape":[1],"datatype":"INT8","data":[1]}]}"#, None, "INT8"),
