@@ -16,7 +16,7 @@ use crate::describe::{embedded_description, ArtifactDescription, ARTIFACT_EXTRA_
 use crate::device::{check_available, device_name, parse_dtype};
 use crate::error::{Error, Result};
 use crate::fsutil::check_regular_file;
-use crate::manifest::{ArtifactEntry, Manifest, TensorSpec};
+use crate::manifest::{ArtifactEntry, ImageResolution, Manifest, TensorSpec};
 use crate::memory::check_memory;
 use vit_msn_format::hex;
 
@@ -500,24 +500,17 @@ impl Bundle {
         Ok(())
     }
 
-    /// The (height, width) images are preprocessed to for this bundle: its
-    /// preprocessing's size where that was compiled, else its only compiled
-    /// resolution (a bundle compiled for 448 alone is meant to run at 448),
-    /// else an error listing the resolutions.
+    /// The (height, width) images run at for this bundle (see
+    /// [`Manifest::image_resolution`]); an error listing the resolutions
+    /// when the bundle does not say.
     pub fn image_size(&self) -> Result<(i64, i64)> {
-        let m = &self.manifest;
-        let pp = m.preprocessing()?;
-        let (h, w) = (i64::from(pp.height), i64::from(pp.width));
-        if m.has_resolution(h, w) {
-            return Ok((h, w));
-        }
-        match m.artifacts.as_slice() {
-            [only] => Ok((only.height, only.width)),
-            _ => Err(Error::input(
+        match self.manifest.image_resolution()? {
+            ImageResolution::Preprocessing(size) | ImageResolution::OnlyCompiled { size, .. } => Ok(size),
+            ImageResolution::Ambiguous { preprocessing: (h, w) } => Err(Error::input(
                 "image",
                 format!(
                     "the preprocessing resizes images to {h}x{w}, which this bundle was not compiled for (it has {})",
-                    m.resolutions().join(", ")
+                    self.manifest.resolutions().join(", ")
                 ),
             )),
         }

@@ -17,6 +17,20 @@ pub use vit_msn_format::{Attention, TensorSpec};
 pub const FORMAT_VERSION: u32 = 1;
 pub const MANIFEST_FILE: &str = "manifest.json";
 
+/// See [`Manifest::image_resolution`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageResolution {
+    /// The preprocessing's (height, width), which the bundle was compiled for.
+    Preprocessing((i64, i64)),
+    /// The bundle's only resolution, which is not the preprocessing's size.
+    OnlyCompiled {
+        size: (i64, i64),
+        preprocessing: (i64, i64),
+    },
+    /// Neither: the caller must pick one of [`Manifest::resolutions`].
+    Ambiguous { preprocessing: (i64, i64) },
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
     pub format_version: u32,
@@ -256,6 +270,25 @@ impl Manifest {
                 Ok(pp)
             }
         }
+    }
+
+    /// The resolution images run at when the caller names none: the
+    /// preprocessing's size where the bundle was compiled for it, else its
+    /// only compiled resolution (a bundle compiled for 448 alone is meant to
+    /// run at 448), else the caller must choose.
+    pub fn image_resolution(&self) -> Result<ImageResolution> {
+        let pp = self.preprocessing()?;
+        let preprocessing = (i64::from(pp.height), i64::from(pp.width));
+        if self.has_resolution(preprocessing.0, preprocessing.1) {
+            return Ok(ImageResolution::Preprocessing(preprocessing));
+        }
+        Ok(match self.artifacts.as_slice() {
+            [only] => ImageResolution::OnlyCompiled {
+                size: (only.height, only.width),
+                preprocessing,
+            },
+            _ => ImageResolution::Ambiguous { preprocessing },
+        })
     }
 
     pub fn is_classifier(&self) -> bool {

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use tch::Tensor;
 use vit_msn::bare::{BareArtifact, ModelFacts, Primary};
 use vit_msn::image::{preprocess_path, Preprocessing, MAX_TARGET_SIDE};
+use vit_msn::manifest::ImageResolution;
 use vit_msn::{Bundle, Error};
 
 use masks::{head_mask_of, PatchMasks};
@@ -113,20 +114,21 @@ fn target_side(v: i64, what: &str) -> Result<u32, Box<dyn std::error::Error>> {
 pub fn compiled_size_for_images(
     m: &vit_msn::manifest::Manifest,
 ) -> Result<Option<(i64, i64)>, Box<dyn std::error::Error>> {
-    let pp = m.preprocessing()?;
-    let (h, w) = (i64::from(pp.height), i64::from(pp.width));
-    if m.has_resolution(h, w) {
-        return Ok(None);
-    }
-    match m.artifacts.as_slice() {
-        [only] => {
+    match m.image_resolution()? {
+        ImageResolution::Preprocessing(_) => Ok(None),
+        ImageResolution::OnlyCompiled {
+            size,
+            preprocessing: (h, w),
+        } => {
             eprintln!(
                 "note: images are resized to {}x{}, the only compiled resolution (the preprocessing says {h}x{w})",
-                only.height, only.width
+                size.0, size.1
             );
-            Ok(Some((only.height, only.width)))
+            Ok(Some(size))
         }
-        _ => Err(usage(format!(
+        ImageResolution::Ambiguous {
+            preprocessing: (h, w),
+        } => Err(usage(format!(
             "the preprocessing resizes images to {h}x{w}, which this bundle was not compiled for; \
              give --resolution, one of {}",
             m.resolutions().join(", ")
