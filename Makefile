@@ -75,6 +75,7 @@ test: libtorch fixtures
 	@grep -E "shapes within" target/shapes.log | tail -n 3
 	$(MAKE) interop
 	$(MAKE) serve-test
+	$(MAKE) python-test
 	@echo "==> random-config parity sweep (tests/sweep/config_sweep.py, log in target/sweep.log)"
 	$(PY) tests/sweep/config_sweep.py $(SWEEP_ARGS) --bin target/debug/vit-msn > target/sweep.log 2>&1 \
 		|| { tail -n 40 target/sweep.log; exit 1; }

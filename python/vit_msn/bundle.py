@@ -17,7 +17,6 @@ from .manifest import ArtifactEntry, Manifest
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 ARTIFACT_EXTRA_FILE = "vit_msn.json"
-_OUTPUT_NAMES = ("last_hidden_state", "logits", "hidden_states", "attentions")
 
 
 def _sha256(f) -> str:

@@ -17,6 +17,7 @@ the job; a bundle that does not verify fails it before any row.
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -163,17 +164,20 @@ def map_with(ds, cls, bundle, *, actors: int = 2, batch_size: int = 32, num_cpus
     """``ds`` mapped through a pool of ``actors`` instances of ``cls``
     (Embedder, Classifier or a subclass), each loading ``bundle`` once.
     ``num_cpus`` per actor defaults to ``default_cpus_per_actor``; libtorch
-    runs as many threads as the whole CPUs it reserves (at least 1)."""
+    runs one thread per CPU it reserves, a fraction counting as one."""
     import ray
 
     if actors < 1:
         raise InputError("actors", f"must be at least 1, got {actors}")
     if num_cpus is None:
         num_cpus = default_cpus_per_actor(actors)
-    threads = max(1, int(num_cpus))
+    threads = max(1, math.ceil(num_cpus))
+    # Workers need not share the driver's working directory; the same
+    # absolute path on every node (a shared file system) is the contract.
+    bundle = os.path.abspath(bundle) if os.path.exists(bundle) else os.fspath(bundle)
     return ds.map_batches(
         cls,
-        fn_constructor_kwargs={"bundle": os.fspath(bundle), "device": device, "threads": threads,
+        fn_constructor_kwargs={"bundle": bundle, "device": device, "threads": threads,
                                **constructor_kwargs},
         compute=ray.data.ActorPoolStrategy(size=actors),
         batch_size=batch_size,
