@@ -1,17 +1,24 @@
 //! `vit-msn serve`: bundles behind the Open Inference Protocol (KServe v2
 //! REST, as Triton speaks it), with dynamic batching, hot swap and metrics.
 //!
-//! - `routes.rs`: the endpoints; `protocol.rs`: the request and response
-//!   formats; `infer.rs`: one request's inputs and outputs.
+//! - `routes.rs`: the endpoints, `infer.rs` the inference one, `errors.rs`
+//!   every refusal as JSON.
+//! - `protocol.rs` and `response.rs`: the request and response formats
+//!   (`flat.rs`: JSON tensor data); `request.rs`: one request's inputs and
+//!   outputs; `metadata.rs`: a model's metadata.
 //! - `batcher.rs`: one worker thread runs every model's forward passes.
 //! - `model.rs`: the version serving, and how a replacement is swapped in.
 
 mod batcher;
+mod errors;
 mod flat;
 mod infer;
+mod metadata;
 mod metrics;
 mod model;
 mod protocol;
+mod request;
+mod response;
 mod routes;
 
 use std::net::SocketAddr;

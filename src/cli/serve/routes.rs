@@ -1,24 +1,24 @@
 //! The REST endpoints of the Open Inference Protocol (KServe v2), Triton's
-//! model repository extension, and `GET /metrics`.
+//! model repository extension, and `GET /metrics` (inference itself is in
+//! infer.rs).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use serde_json::{json, Value};
 
 use super::batcher::Batching;
-use super::infer::{prepare, respond};
+use super::errors::{json_errors, ApiError};
+use super::infer::infer;
 use super::metrics::Metrics;
 use super::model::Model;
-use super::protocol::{parse_request, HEADER_LENGTH};
 
 /// Everything the handlers share.
 pub struct Server {
@@ -39,46 +39,8 @@ pub struct Server {
     pub queue: std::sync::Mutex<Option<std::sync::mpsc::SyncSender<super::batcher::Job>>>,
 }
 
-/// A refusal: its status and a message naming the input or field at fault.
-#[derive(Debug)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub message: String,
-}
-
-impl ApiError {
-    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            message: message.into(),
-        }
-    }
-
-    pub fn bad(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, message)
-    }
-
-    fn unavailable(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, message)
-    }
-
-    fn outcome(&self) -> &'static str {
-        match self.status.as_u16() {
-            503 => "unavailable",
-            400..=499 => "client_error",
-            _ => "server_error",
-        }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.status, axum::Json(json!({ "error": self.message }))).into_response()
-    }
-}
-
-type Shared = Arc<Server>;
-type Params = Path<HashMap<String, String>>;
+pub type Shared = Arc<Server>;
+pub type Params = Path<HashMap<String, String>>;
 
 pub fn router(server: Shared) -> Router {
     let max_body = server.max_body;
@@ -127,31 +89,7 @@ pub fn router(server: Shared) -> Router {
         .with_state(server)
 }
 
-/// Errors from the layers (tower-http's 413, say) come as plain text; a
-/// client of this protocol expects `{"error": ...}` from every endpoint.
-async fn json_errors(response: Response) -> Response {
-    let status = response.status();
-    let is_json = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if !(status.is_client_error() || status.is_server_error()) || is_json {
-        return response;
-    }
-    let text = axum::body::to_bytes(response.into_body(), 4096)
-        .await
-        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
-        .unwrap_or_default();
-    let reason = status.canonical_reason().unwrap_or("error");
-    let message = if text.is_empty() {
-        reason.to_string()
-    } else {
-        format!("{reason}: {text}")
-    };
-    ApiError::new(status, message).into_response()
-}
-
-fn find_model(s: &Server, p: &HashMap<String, String>) -> Result<Arc<Model>, ApiError> {
+pub fn find_model(s: &Server, p: &HashMap<String, String>) -> Result<Arc<Model>, ApiError> {
     let name = p.get("model").map(String::as_str).unwrap_or_default();
     s.models
         .iter()
@@ -161,7 +99,7 @@ fn find_model(s: &Server, p: &HashMap<String, String>) -> Result<Arc<Model>, Api
 }
 
 /// The model's current version, which a `/versions/{v}` path must name.
-fn find_version(
+pub fn find_version(
     s: &Server,
     p: &HashMap<String, String>,
 ) -> Result<(Arc<Model>, Arc<super::model::Version>), ApiError> {
@@ -187,7 +125,7 @@ async fn live() -> Response {
     axum::Json(json!({ "live": true })).into_response()
 }
 
-fn server_ready(s: &Server) -> Result<(), ApiError> {
+pub fn server_ready(s: &Server) -> Result<(), ApiError> {
     if s.draining.load(Ordering::SeqCst) {
         return Err(ApiError::unavailable("the server is shutting down"));
     }
@@ -276,169 +214,4 @@ async fn metrics(State(s): State<Shared>) -> Response {
         s.metrics.render(),
     )
         .into_response()
-}
-
-/// Counts a request (in flight, or arriving at a model's queue) until dropped.
-struct InFlight<'a>(&'a AtomicUsize);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-async fn infer(
-    State(s): State<Shared>,
-    Path(p): Params,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    s.in_flight.fetch_add(1, Ordering::SeqCst);
-    let _counted = InFlight(&s.in_flight);
-    let started = Instant::now();
-    let model = match find_model(&s, &p) {
-        Ok(m) => m,
-        Err(e) => return e.into_response(),
-    };
-    let result = infer_model(&s, &model, &p, &headers, body).await;
-    let outcome = match &result {
-        Ok(_) => "success",
-        Err(e) => e.outcome(),
-    };
-    s.metrics
-        .requests
-        .with_label_values(&[&model.name, outcome])
-        .inc();
-    s.metrics
-        .latency
-        .with_label_values(&[&model.name])
-        .observe(started.elapsed().as_secs_f64());
-    result.unwrap_or_else(IntoResponse::into_response)
-}
-
-async fn infer_model(
-    s: &Server,
-    model: &Arc<Model>,
-    p: &HashMap<String, String>,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<Response, ApiError> {
-    server_ready(s)?;
-    let (_, version) = find_version(s, p)?;
-    s.arriving.fetch_add(1, Ordering::SeqCst);
-    let arriving = InFlight(&s.arriving);
-    let bytes = read_body(s, body).await?;
-    let header_length = match headers.get(HEADER_LENGTH) {
-        Some(v) => Some(
-            v.to_str()
-                .map_err(|_| ApiError::bad("header Inference-Header-Content-Length is not text"))?
-                .to_string(),
-        ),
-        None => None,
-    };
-    let max_batch = s.batching.max_batch;
-    // Parsing, decoding images and building tensors is CPU work: off the
-    // async threads.
-    let prepared = blocking(move || {
-        let request =
-            parse_request(&bytes, header_length.as_deref()).map_err(|e| ApiError::bad(e.0))?;
-        prepare(&version, request, max_batch)
-    })
-    .await?;
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    let (job, wanted, id) = prepared.into_job(model.clone(), reply);
-    let queue = s
-        .queue
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone()
-        .ok_or_else(|| ApiError::unavailable("the server is shutting down"))?;
-    queue.try_send(job).map_err(|e| match e {
-        std::sync::mpsc::TrySendError::Full(_) => ApiError::unavailable(format!(
-            "{} requests are queued; try again later",
-            super::batcher::QUEUE_CAPACITY
-        )),
-        std::sync::mpsc::TrySendError::Disconnected(_) => {
-            ApiError::unavailable("the server is shutting down")
-        }
-    })?;
-    drop(arriving);
-    let done = answer.await.map_err(|_| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "the batch worker stopped",
-        )
-    })?;
-    let m = &s.metrics;
-    m.queue
-        .with_label_values(&[&model.name])
-        .observe(done.queued.as_secs_f64());
-    m.compute
-        .with_label_values(&[&model.name])
-        .observe(done.compute.as_secs_f64());
-    let name = model.name.clone();
-    let (body, header_length) =
-        blocking(move || respond(&name, done, &wanted, id.as_deref())).await?;
-    let mut response = Response::new(Body::from(body));
-    let h = response.headers_mut();
-    match header_length {
-        Some(n) => {
-            h.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/octet-stream"),
-            );
-            h.insert(HEADER_LENGTH, HeaderValue::from(n));
-        }
-        None => {
-            h.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-        }
-    }
-    Ok(response)
-}
-
-/// The whole body, within --max-body-mb and the body timeout: a client that
-/// stalls mid-body is dropped, and others are served meanwhile.
-async fn read_body(s: &Server, body: Body) -> Result<bytes::Bytes, ApiError> {
-    let read = axum::body::to_bytes(body, s.max_body);
-    match tokio::time::timeout(s.body_timeout, read).await {
-        Err(_) => Err(ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            format!(
-                "the request body did not arrive within {} ms",
-                s.body_timeout.as_millis()
-            ),
-        )),
-        Ok(Ok(bytes)) => Ok(bytes),
-        Ok(Err(e)) => {
-            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-            while let Some(err) = source {
-                if err.is::<http_body_util::LengthLimitError>() {
-                    return Err(ApiError::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        format!(
-                            "the request body is over the limit of {} bytes (--max-body-mb)",
-                            s.max_body
-                        ),
-                    ));
-                }
-                source = err.source();
-            }
-            Err(ApiError::bad(format!("cannot read the request body: {e}")))
-        }
-    }
-}
-
-/// Runs `f` on tokio's blocking pool; a panic in it is a 500, not a crash.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("internal error: {e}"),
-        )
-    })?
 }
