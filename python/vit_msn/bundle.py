@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -171,8 +172,12 @@ class Bundle:
     def _load(self, entry: ArtifactEntry, f):
         via = f"/proc/self/fd/{f.fileno()}"
         try:
-            module = torch.jit.load(via if os.path.exists(via) else str(self.dir / entry.file),
-                                    map_location=self.device)
+            with warnings.catch_warnings():
+                # torch 2.13 deprecates TorchScript for torch.export; bundles
+                # are TorchScript by design (docs/bundle-format.md).
+                warnings.filterwarnings("ignore", message=".*torch.jit.load.* is deprecated", category=DeprecationWarning)
+                module = torch.jit.load(via if os.path.exists(via) else str(self.dir / entry.file),
+                                        map_location=self.device)
         except Exception as e:  # torch raises RuntimeError with a C++ trace
             raise ArtifactError(self.dir / entry.file, str(e).splitlines()[0]) from None
         return module.eval()

@@ -154,3 +154,10 @@ def test_a_bundle_modified_after_the_driver_checked_fails_the_job(local_ray, bac
     ds = ray.data.read_binary_files(paths[:8], include_paths=True)
     with pytest.raises(Exception, match="refusing to load a modified artifact"):
         vr.embed(ds, bundle, actors=1, batch_size=4).take_all()
+
+
+def test_actors_leave_a_cpu_for_reading(local_ray):
+    """On this 2-CPU Ray, actors share one CPU and the read tasks keep one."""
+    assert vr.default_cpus_per_actor(2) == 0.5
+    assert vr.default_cpus_per_actor(1) == 1.0
+    assert vr.default_cpus_per_actor(8) == 0.125
