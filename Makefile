@@ -162,6 +162,7 @@ PYTHON_STAMP := $(VENV)/.vit-msn-python
 python: $(PYTHON_STAMP)
 
 $(PYTHON_STAMP): python/pyproject.toml | $(BOOTSTRAP)
+	$(PY) -c 'import setuptools' 2>/dev/null || $(VENV)/bin/pip install setuptools
 	$(VENV)/bin/pip install --no-build-isolation -e ./python $(foreach p,$(RAY_PIP_PACKAGES),'$(p)')
 	$(PY) -c 'import vit_msn, vit_msn.ray, ray.data'
 	touch $@
