@@ -1,6 +1,6 @@
 """Images to ``pixel_values`` exactly as a bundle's ``ViTImageProcessor``
 settings say, written against Pillow and numpy (no transformers import, so
-a Ray worker starts in well under a second).
+a Ray worker imports only torch, Pillow and numpy).
 
 The arithmetic is transformers 4.46.3's, which ``src/image.rs`` reproduces
 bit for bit: decode with Pillow and ``convert("RGB")`` (``"L"`` for a
