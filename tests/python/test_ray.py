@@ -141,6 +141,8 @@ def test_an_actor_killed_mid_job_still_yields_every_row_once(local_ray, backbone
     assert sorted(rows) == sorted(paths), "rows lost or repeated after the actor was killed"
     pids = set(table.column("pid").to_pylist())
     print(f"killed actor {killed} after {rows_at_kill} of {len(paths)} rows; rows came from processes {sorted(pids)}")
+    # The survivor and the restarted actor: the retried work went somewhere new.
+    assert len(pids - {killed}) >= 2, f"no restarted actor served rows (processes {sorted(pids)})"
     for path, emb in zip(rows, table.column("embedding").to_pylist()):
         assert np.abs(np.asarray(emb) - reference_embeddings[path]).max() <= TOLERANCE
 
