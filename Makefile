@@ -16,6 +16,9 @@ CUDA_HEADER_PACKAGES := nvidia-cuda-crt==13.0.88
 CUDA_HEADERS := $(VENV)/.vit-msn-cuda-headers
 # tritonclient: the real client `make serve-test` drives `vit-msn serve` with.
 SERVE_PIP_PACKAGES := tritonclient[http]==2.73.0
+# torchvision: the reference for MSN's low-shot preprocessing (tests/lowshot_msn.rs); installed
+# with --no-deps, as it pins the torch above.
+TORCHVISION_PIP_PACKAGE := torchvision==0.28.0
 PIP_PACKAGES := torch==2.13.0 transformers==4.46.3 safetensors==0.8.0 numpy scikit-learn $(IMAGE_PIP_PACKAGES) $(CUDA_HEADER_PACKAGES) $(SERVE_PIP_PACKAGES)
 IMAGE_FIXTURES := tests/fixtures/generated-images
 SWEEP_ARGS ?= --cases 30
@@ -34,6 +37,7 @@ $(BOOTSTRAP):
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade --progress-bar on pip
 	$(VENV)/bin/pip install --progress-bar on $(PIP_PACKAGES)
+	$(VENV)/bin/pip install --no-deps $(TORCHVISION_PIP_PACKAGE)
 	ln -sfn "$$($(PY) -c 'import os, torch; print(os.path.relpath(os.path.dirname(torch.__file__)))')" .libtorch
 	test -f .libtorch/lib/libtorch.so
 	touch $@
@@ -63,6 +67,7 @@ AVX2_ONLY := ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
 # The last line sums up every test binary's results: "test: N passed, N failed".
 # The parity suite runs twice: on this CPU, and as on an AVX2-only one.
 test: libtorch fixtures
+	$(PY) -c 'import torchvision' 2>/dev/null || $(VENV)/bin/pip install --no-deps $(TORCHVISION_PIP_PACKAGE)
 	mkdir -p target; set -o pipefail; cargo test --workspace 2>&1 | tee target/test.log
 	@echo "==> parity as on an AVX2-only CPU ($(AVX2_ONLY))"
 	set -o pipefail; $(AVX2_ONLY) cargo test --test parity 2>&1 | tee -a target/test.log

@@ -23,6 +23,12 @@
 //! 4. Rescale in f64 then cast to f32 (`image.astype(float64) * scale`), and
 //!    normalize in f32 (`(image - mean) / std`), channels first.
 //!
+//! With [`Preprocessing::shortest_edge`] set, step 3 is torchvision's
+//! `Resize(shortest_edge)` then `CenterCrop((height, width))` on the PIL
+//! image instead (MSN's evaluation), the same Pillow resize; torchvision's
+//! `ToTensor` divides by 255 in f32, which gives the same f32 as the f64
+//! rescale for every 8-bit value.
+//!
 //! For JPEG (4:2:0, 4:2:2, 4:4:4, progressive, grey, CMYK), PNG, BMP, GIF,
 //! TIFF and WebP (lossy included: image-webp decodes as libwebp does) the
 //! result is bit-identical to transformers + Pillow 13.0.0;
@@ -56,6 +62,10 @@ pub const IMAGE_EXTENSIONS: [&str; 8] = ["jpg", "jpeg", "png", "webp", "bmp", "g
 
 const IMAGENET_DEFAULT_MEAN: [f64; 3] = [0.485, 0.456, 0.406];
 const IMAGENET_DEFAULT_STD: [f64; 3] = [0.229, 0.224, 0.225];
+/// `image_processor_type` of the torchvision form: Resize + CenterCrop,
+/// which no transformers processor computes exactly (their crop offset
+/// floors where torchvision rounds half to even).
+const TORCHVISION: &str = "torchvision";
 /// ViTImageProcessor's own defaults (`IMAGENET_STANDARD_MEAN/STD`).
 const IMAGENET_STANDARD_MEAN: [f64; 3] = [0.5, 0.5, 0.5];
 const IMAGENET_STANDARD_STD: [f64; 3] = [0.5, 0.5, 0.5];
@@ -75,6 +85,12 @@ pub struct Preprocessing {
     /// One value per channel, or a single value used for every channel.
     pub image_mean: Vec<f64>,
     pub image_std: Vec<f64>,
+    /// torchvision's `Resize(shortest_edge)` + `CenterCrop((height, width))`
+    /// instead of resizing straight to height×width: the shorter side
+    /// resized to this, the longer in proportion (truncated), then the centre
+    /// cut out. MSN's low-shot evaluation uses 256 and 224. Needs `do_resize`
+    /// and a crop no larger than it.
+    pub shortest_edge: Option<u32>,
 }
 
 impl Preprocessing {
@@ -91,23 +107,71 @@ impl Preprocessing {
             do_normalize: true,
             image_mean: IMAGENET_DEFAULT_MEAN.to_vec(),
             image_std: IMAGENET_DEFAULT_STD.to_vec(),
+            shortest_edge: None,
         }
+    }
+
+    /// MSN's `logistic_eval.py`: torchvision `Resize(resize)` (bilinear),
+    /// `CenterCrop(crop)`, `ToTensor`, ImageNet `Normalize` (256 and 224 there).
+    pub fn msn_eval(resize: u32, crop: u32) -> Result<Self> {
+        let pp = Preprocessing {
+            height: crop,
+            width: crop,
+            shortest_edge: Some(resize),
+            ..Self::vit_msn_default()
+        };
+        pp.check_crop()?;
+        Ok(pp)
+    }
+
+    /// The torchvision form's own rule: a crop inside the resized image
+    /// (torchvision would pad a larger one with zeros).
+    fn check_crop(&self) -> Result<()> {
+        let Some(edge) = self.shortest_edge else {
+            return Ok(());
+        };
+        if !(1..=MAX_TARGET_SIDE).contains(&edge) {
+            return Err(config_error(
+                "resize",
+                format!("expected an integer in 1..={MAX_TARGET_SIDE}, got {edge}"),
+            ));
+        }
+        if !self.do_resize {
+            return Err(config_error("do_resize", "must be true with `resize`"));
+        }
+        if self.height > edge || self.width > edge {
+            return Err(config_error(
+                "crop_size",
+                format!(
+                    "{}x{} does not fit inside the shorter side resized to {edge}",
+                    self.height, self.width
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Reads a `preprocessor_config.json`. Keys it lacks (or that are null,
     /// for `size`, `image_mean`, `image_std`) take ViTImageProcessor's
     /// defaults, which differ from [`Preprocessing::vit_msn_default`] in the
     /// mean and std (0.5). `size` may be `{"height", "width"}`, an integer or
-    /// `[height, width]`. A processor type other than ViT is refused.
+    /// `[height, width]`. A processor type other than ViT is refused, but
+    /// for the torchvision form that [`Preprocessing::to_json`] writes for
+    /// [`Preprocessing::shortest_edge`].
     pub fn from_json(v: &Value) -> Result<Self> {
         let obj = v
             .as_object()
             .ok_or_else(|| config_error("", "expected a JSON object"))?;
+        let mut torchvision = false;
         for key in ["image_processor_type", "feature_extractor_type"] {
             if let Some(t) = obj.get(key) {
                 let name = t
                     .as_str()
                     .ok_or_else(|| config_error(key, "expected a string"))?;
+                if key == "image_processor_type" && name == TORCHVISION {
+                    torchvision = true;
+                    continue;
+                }
                 if !name.starts_with("ViT") || name.contains("Hybrid") {
                     return Err(config_error(
                         key,
@@ -116,37 +180,12 @@ impl Preprocessing {
                 }
             }
         }
+        if torchvision {
+            return Self::from_torchvision_json(obj);
+        }
         let (height, width) = parse_size(obj.get("size"))?;
-        let resample = match obj.get("resample") {
-            None => 2,
-            Some(r) => {
-                let code = r.as_u64().ok_or_else(|| {
-                    config_error(
-                        "resample",
-                        format!("expected a PIL filter code 0..=5, got {r}"),
-                    )
-                })?;
-                if code > 5 {
-                    return Err(config_error(
-                        "resample",
-                        format!("unknown PIL filter code {code} (0 nearest, 1 lanczos, 2 bilinear, 3 bicubic, 4 box, 5 hamming)"),
-                    ));
-                }
-                code as u32
-            }
-        };
-        let rescale_factor = match obj.get("rescale_factor") {
-            None => 1.0 / 255.0,
-            Some(r) => match r.as_f64() {
-                Some(f) if f.is_finite() => f,
-                _ => {
-                    return Err(config_error(
-                        "rescale_factor",
-                        format!("expected a finite number, got {r}"),
-                    ))
-                }
-            },
-        };
+        let resample = parse_resample(obj)?;
+        let rescale_factor = parse_rescale_factor(obj)?;
         let pp = Preprocessing {
             do_resize: get_bool(obj, "do_resize")?,
             height,
@@ -157,16 +196,120 @@ impl Preprocessing {
             do_normalize: get_bool(obj, "do_normalize")?,
             image_mean: get_stats(obj, "image_mean", &IMAGENET_STANDARD_MEAN)?,
             image_std: get_stats(obj, "image_std", &IMAGENET_STANDARD_STD)?,
+            shortest_edge: None,
         };
-        if let Some(i) = pp.image_std.iter().position(|&s| s == 0.0) {
-            return Err(config_error("image_std", format!("element {i} is 0")));
-        }
+        pp.check_std()?;
         Ok(pp)
     }
 
-    /// The config as `save_pretrained` writes it; [`Preprocessing::from_json`]
-    /// reads it back unchanged.
+    /// The torchvision form ([`Preprocessing::to_json`] writes it for
+    /// `shortest_edge`): `resize` (an integer), `crop_size` (as ViT's
+    /// `size`), and ViT's other keys, the mean and std defaulting to
+    /// ImageNet's (MSN's).
+    fn from_torchvision_json(obj: &Map<String, Value>) -> Result<Self> {
+        if obj.contains_key("size") {
+            return Err(config_error(
+                "size",
+                "the torchvision form takes `resize` and `crop_size`, not `size`",
+            ));
+        }
+        let edge = match obj.get("resize") {
+            Some(v) => parse_side(v, "resize")?,
+            None => {
+                return Err(config_error(
+                    "resize",
+                    "is missing (the shorter side's size)",
+                ))
+            }
+        };
+        let (height, width) = match obj.get("crop_size") {
+            Some(v) => parse_size(Some(v)).map_err(|_| {
+                config_error(
+                    "crop_size",
+                    format!("expected {{\"height\": h, \"width\": w}}, an integer or [h, w] in 1..={MAX_TARGET_SIDE}, got {v}"),
+                )
+            })?,
+            None => return Err(config_error("crop_size", "is missing")),
+        };
+        let pp = Preprocessing {
+            do_resize: get_bool(obj, "do_resize")?,
+            height,
+            width,
+            resample: parse_resample(obj)?,
+            do_rescale: get_bool(obj, "do_rescale")?,
+            rescale_factor: parse_rescale_factor(obj)?,
+            do_normalize: get_bool(obj, "do_normalize")?,
+            image_mean: get_stats(obj, "image_mean", &IMAGENET_DEFAULT_MEAN)?,
+            image_std: get_stats(obj, "image_std", &IMAGENET_DEFAULT_STD)?,
+            shortest_edge: Some(edge),
+        };
+        pp.check_std()?;
+        pp.check_crop()?;
+        Ok(pp)
+    }
+
+    fn check_std(&self) -> Result<()> {
+        if let Some(i) = self.image_std.iter().position(|&s| s == 0.0) {
+            return Err(config_error("image_std", format!("element {i} is 0")));
+        }
+        Ok(())
+    }
+}
+
+fn parse_resample(obj: &Map<String, Value>) -> Result<u32> {
+    Ok(match obj.get("resample") {
+        None => 2,
+        Some(r) => {
+            let code = r.as_u64().ok_or_else(|| {
+                config_error(
+                    "resample",
+                    format!("expected a PIL filter code 0..=5, got {r}"),
+                )
+            })?;
+            if code > 5 {
+                return Err(config_error(
+                        "resample",
+                        format!("unknown PIL filter code {code} (0 nearest, 1 lanczos, 2 bilinear, 3 bicubic, 4 box, 5 hamming)"),
+                    ));
+            }
+            code as u32
+        }
+    })
+}
+
+fn parse_rescale_factor(obj: &Map<String, Value>) -> Result<f64> {
+    Ok(match obj.get("rescale_factor") {
+        None => 1.0 / 255.0,
+        Some(r) => match r.as_f64() {
+            Some(f) if f.is_finite() => f,
+            _ => {
+                return Err(config_error(
+                    "rescale_factor",
+                    format!("expected a finite number, got {r}"),
+                ))
+            }
+        },
+    })
+}
+
+impl Preprocessing {
+    /// The config as `save_pretrained` writes it (the torchvision form with
+    /// `shortest_edge`); [`Preprocessing::from_json`] reads it back unchanged.
     pub fn to_json(&self) -> Value {
+        if let Some(edge) = self.shortest_edge {
+            return json!({
+                "image_processor_type": TORCHVISION,
+                "do_resize": self.do_resize,
+                "resize": edge,
+                "crop_size": {"height": self.height, "width": self.width},
+                "resample": self.resample,
+                "do_rescale": self.do_rescale,
+                "rescale_factor": self.rescale_factor,
+                "do_normalize": self.do_normalize,
+                "image_mean": self.image_mean,
+                "image_std": self.image_std,
+            });
+        }
         json!({
             "image_processor_type": "ViTImageProcessor",
             "do_resize": self.do_resize,
@@ -370,6 +513,35 @@ impl DecodedImage {
                 .ok_or_else(|| self.error(format!("unknown PIL resample filter {resample}")))?;
             resize_separable(self, width, height, filter)
         };
+        Ok(DecodedImage {
+            width,
+            height,
+            channels: self.channels,
+            pixels,
+            source: self.source.clone(),
+        })
+    }
+
+    /// The centre `width`×`height` of the image, as torchvision's
+    /// `CenterCrop` places it (offsets rounded half to even, as Python's
+    /// `round`); a crop larger than the image is an error.
+    pub fn center_crop(&self, width: u32, height: u32) -> Result<DecodedImage> {
+        if width == 0 || height == 0 || width > self.width || height > self.height {
+            return Err(self.error(format!(
+                "cannot cut {width}×{height} out of {}×{}",
+                self.width, self.height
+            )));
+        }
+        let offset =
+            |size: u32, crop: u32| (f64::from(size - crop) / 2.0).round_ties_even() as usize;
+        let (left, top) = (offset(self.width, width), offset(self.height, height));
+        let c = self.channels as usize;
+        let row = self.width as usize * c;
+        let mut pixels = Vec::with_capacity(width as usize * height as usize * c);
+        for y in top..top + height as usize {
+            let start = y * row + left * c;
+            pixels.extend_from_slice(&self.pixels[start..start + width as usize * c]);
+        }
         Ok(DecodedImage {
             width,
             height,
@@ -1005,6 +1177,28 @@ fn resize_nearest(img: &DecodedImage, out_w: u32, out_h: u32) -> Vec<u8> {
     out
 }
 
+/// The (width, height) torchvision's `Resize(edge)` gives the image: the
+/// shorter side `edge`, the longer `int(edge * long / short)`. A size whose
+/// pixels would be more than Pillow decodes (a very long strip) is refused.
+fn shortest_edge_size(img: &DecodedImage, edge: u32) -> Result<(u32, u32)> {
+    let (w, h) = (img.width, img.height);
+    let (short, long) = if w <= h { (w, h) } else { (h, w) };
+    // Python's float arithmetic: the product is exact, the division rounded once.
+    let new_long = (f64::from(edge) * f64::from(long) / f64::from(short)).trunc();
+    if new_long * f64::from(edge) > 2.0 * MAX_IMAGE_PIXELS as f64 {
+        return Err(img.error(format!(
+            "resizing its shorter side to {edge} makes the longer {new_long} pixels, over the limit of {} pixels",
+            2 * MAX_IMAGE_PIXELS
+        )));
+    }
+    let new_long = new_long as u32;
+    Ok(if w <= h {
+        (edge, new_long)
+    } else {
+        (new_long, edge)
+    })
+}
+
 /// `pixel_values` (C, H, W), f32, for one decoded image.
 pub fn preprocess_image(img: &DecodedImage, pp: &Preprocessing) -> Result<Tensor> {
     let (values, [c, h, w]) = preprocess_image_values(img, pp)?;
@@ -1038,7 +1232,13 @@ pub fn preprocess_image_values(
         (vec![0.0; c], vec![1.0; c])
     };
     let resized;
-    let img = if pp.do_resize {
+    let img = if let (true, Some(edge)) = (pp.do_resize, pp.shortest_edge) {
+        let (w, h) = shortest_edge_size(img, edge)?;
+        resized = img
+            .resize(w, h, pp.resample)?
+            .center_crop(pp.width, pp.height)?;
+        &resized
+    } else if pp.do_resize {
         resized = img.resize(pp.width, pp.height, pp.resample)?;
         &resized
     } else {
@@ -1111,5 +1311,36 @@ mod tests {
             ..Preprocessing::vit_msn_default()
         };
         assert_eq!(Preprocessing::from_json(&pp.to_json()).ok(), Some(pp));
+        let msn = Preprocessing::msn_eval(256, 224).unwrap();
+        assert_eq!(msn.to_json()["image_processor_type"], "torchvision");
+        assert_eq!(Preprocessing::from_json(&msn.to_json()).ok(), Some(msn));
+    }
+
+    #[test]
+    fn torchvision_form_refusals() {
+        assert!(Preprocessing::msn_eval(200, 224).is_err());
+        for bad in [
+            json!({"image_processor_type": "torchvision", "crop_size": 224}),
+            json!({"image_processor_type": "torchvision", "resize": 256}),
+            json!({"image_processor_type": "torchvision", "resize": 256, "crop_size": 300}),
+            json!({"image_processor_type": "torchvision", "resize": 256, "crop_size": 224, "size": 224}),
+            json!({"image_processor_type": "torchvision", "resize": 256, "crop_size": 224, "do_resize": false}),
+        ] {
+            assert!(Preprocessing::from_json(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn center_crop_rounds_half_to_even_as_python() {
+        // 7 columns, crop 4: offset round(1.5) = 2; 6 rows, crop 5: round(0.5) = 0.
+        let px: Vec<u8> = (0..42).collect();
+        let img = DecodedImage::from_raw(7, 6, 1, px, "t").unwrap();
+        let c = img.center_crop(4, 5).unwrap();
+        assert_eq!(&c.pixels()[..4], &[2, 3, 4, 5]);
+        assert_eq!(c.pixels()[4], 9);
+        assert!(img.center_crop(8, 1).is_err());
+        // torchvision's Resize(4) of 7x6: the shorter side 6 -> 4, the longer int(4*7/6) = 4.
+        assert_eq!(shortest_edge_size(&img, 4).unwrap(), (4, 4));
+        assert_eq!(shortest_edge_size(&img, 12).unwrap(), (14, 12));
     }
 }
