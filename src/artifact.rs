@@ -26,6 +26,10 @@ extern "C" {
     ) -> c_int;
     fn vmsn_rt_artifact_unfuse_onednn_linears(a: *mut VmsnArtifact, err: *mut *mut c_char)
         -> c_int;
+    fn vmsn_rt_artifact_expose_pre_layernorm_cls(
+        a: *mut VmsnArtifact,
+        err: *mut *mut c_char,
+    ) -> c_int;
     fn vmsn_rt_artifact_forward(
         a: *mut VmsnArtifact,
         inputs: *const *mut torch_sys::C_tensor,
@@ -118,6 +122,20 @@ impl Artifact {
         // SAFETY: `raw` is live, and `&mut self` keeps other threads out.
         let n = unsafe { vmsn_rt_artifact_unfuse_onednn_linears(self.raw, &mut err) };
         usize::try_from(n).map_err(|_| take_error(err))
+    }
+
+    /// Rewrites the graph so that forward also returns `cls_pre_layernorm`:
+    /// the CLS token of the last block's output before the final layer norm
+    /// (transformers' `hidden_states[-1][:, 0]`). A backbone artifact whose
+    /// `last_hidden_state` is not a layer norm's output is refused.
+    pub fn expose_pre_layernorm_cls(&mut self) -> std::result::Result<(), String> {
+        let mut err = std::ptr::null_mut();
+        // SAFETY: `raw` is live, and `&mut self` keeps other threads out.
+        let rc = unsafe { vmsn_rt_artifact_expose_pre_layernorm_cls(self.raw, &mut err) };
+        if rc != 0 {
+            return Err(take_error(err));
+        }
+        Ok(())
     }
 
     /// Runs forward under no_grad.

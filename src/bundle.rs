@@ -36,6 +36,8 @@ pub struct Bundle {
     artifacts: Vec<(ArtifactEntry, Artifact)>,
     /// With [`LoadOptions::cuda_graphs`]: the graphs captured so far.
     graphs: Option<Mutex<Vec<(GraphKey, CudaGraph)>>>,
+    /// Loaded with [`LoadOptions::pre_layernorm_cls`].
+    pre_layernorm_cls: bool,
 }
 
 /// A captured graph serves one artifact at one set of input shapes.
@@ -73,6 +75,11 @@ pub struct LoadOptions {
     /// pass, and the second call still pays for optimising the graph).
     /// Default on; a process that makes a single request is faster without.
     pub warm_up: bool,
+    /// Rewrite each backbone artifact so that [`Bundle::pre_layernorm_cls`]
+    /// can return the CLS token before the final layer norm (MSN's low-shot
+    /// features); [`Bundle::forward`] is unchanged. Default off; refused for
+    /// classifier bundles and with CUDA graphs.
+    pub pre_layernorm_cls: bool,
 }
 
 impl LoadOptions {
@@ -104,6 +111,7 @@ impl Default for LoadOptions {
             cuda_graphs: false,
             resolutions: None,
             warm_up: true,
+            pre_layernorm_cls: false,
         }
     }
 }
@@ -232,6 +240,12 @@ impl Bundle {
         } else {
             None
         };
+        if options.pre_layernorm_cls && (manifest.is_classifier() || graphs.is_some()) {
+            return Err(Error::file(
+                &dir,
+                "the CLS token before the final layer norm comes from a backbone bundle, without CUDA graphs",
+            ));
+        }
         if let Some(wanted) = &options.resolutions {
             for &(height, width) in wanted {
                 if !manifest.has_resolution(height, width) {
@@ -274,6 +288,9 @@ impl Bundle {
                 continue;
             }
             let mut module = load_open_file(&file, &path, device).map_err(bad)?;
+            if options.pre_layernorm_cls {
+                module.expose_pre_layernorm_cls().map_err(bad)?;
+            }
             if fallback.is_some() {
                 // oneDNN has no kernel for this dtype here: ATen's GEMM instead.
                 module.unfuse_onednn_linears().map_err(bad)?;
@@ -293,6 +310,7 @@ impl Bundle {
             kind,
             artifacts,
             graphs,
+            pre_layernorm_cls: options.pre_layernorm_cls,
         };
         if options.warm_up {
             bundle.warm_up()?;
@@ -366,6 +384,53 @@ impl Bundle {
             .forward(&inputs)
             .map_err(|e| Error::Forward(first_line(&e)))?;
         self.collect_outputs(entry, batch, result)
+    }
+
+    /// The CLS token of the last block's output before the final layer norm
+    /// (transformers' `hidden_states[-1][:, 0]`), (B, D) as f32 on the CPU:
+    /// what MSN's low-shot evaluation fits on. `pixel_values` as for
+    /// [`Bundle::forward`], with no mask. Needs a backbone bundle loaded with
+    /// [`LoadOptions::pre_layernorm_cls`].
+    pub fn pre_layernorm_cls(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        if !self.pre_layernorm_cls {
+            return Err(Error::input(
+                "pixel_values",
+                "the bundle was not loaded with LoadOptions::pre_layernorm_cls",
+            ));
+        }
+        let (entry, module) = self.artifact_for(pixel_values)?;
+        let batch = pixel_values.size()[0];
+        let patches = (entry.height / self.manifest.model.patch_size)
+            * (entry.width / self.manifest.model.patch_size);
+        let mask = self.check_mask(None, batch, patches)?;
+        let head_mask = self.check_head_mask(None)?;
+        let pixel_values = pixel_values
+            .f_to_device(self.device)
+            .and_then(|t| t.f_to_kind(self.kind))
+            .map_err(torch_error)?;
+        let result = module
+            .forward(&[&pixel_values, &mask, &head_mask])
+            .map_err(|e| Error::Forward(first_line(&e)))?;
+        let Some((_, cls)) = result
+            .into_iter()
+            .find(|(n, _)| n.as_deref() == Some("cls_pre_layernorm"))
+        else {
+            return Err(Error::Forward(format!(
+                "{}: returned no cls_pre_layernorm",
+                entry.file
+            )));
+        };
+        let want = [batch, self.manifest.model.hidden_size];
+        if cls.size() != want {
+            return Err(Error::Forward(format!(
+                "{}: cls_pre_layernorm has shape {:?}, expected {want:?}",
+                entry.file,
+                cls.size()
+            )));
+        }
+        cls.f_to_kind(Kind::Float)
+            .and_then(|t| t.f_to_device(Device::Cpu))
+            .map_err(torch_error)
     }
 
     /// [`Bundle::forward`] through the CUDA graph for these input shapes,

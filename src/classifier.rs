@@ -1,6 +1,8 @@
 //! Classification bundles made from a backbone bundle and a linear head
 //! (what `vit-msn fewshot fit` writes): each backbone artifact composed with
-//! the head into one TorchScript module by the runtime's shim.
+//! the head into one TorchScript module by the runtime's shim, on the
+//! normalised CLS token or, for MSN's protocol, on the centred and
+//! normalised CLS token before the final layer norm.
 
 use std::collections::BTreeSet;
 use std::ffi::{c_char, c_int, CString};
@@ -12,6 +14,7 @@ use tch::Tensor;
 use crate::artifact::take_error;
 use crate::error::{Error, Result};
 use crate::fsutil::resolve_output_dir;
+use crate::image::Preprocessing;
 use crate::manifest::{ArtifactEntry, Manifest, TensorSpec};
 use crate::writer::BundleWriter;
 use crate::Bundle;
@@ -22,6 +25,7 @@ extern "C" {
         weight: *const torch_sys::C_tensor,
         bias: *const torch_sys::C_tensor,
         scale: f64,
+        features: c_int,
         out_path: *const c_char,
         extra_name: *const c_char,
         extra_contents: *const c_char,
@@ -79,14 +83,71 @@ fn cstring(s: &str) -> Result<CString> {
     CString::new(s).map_err(|_| Error::input("path", format!("`{s}` contains a NUL byte")))
 }
 
+/// What the head of a classification bundle reads from the backbone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Features {
+    /// The CLS token after the final layer norm, L2-normalised.
+    Normalized,
+    /// MSN's low-shot evaluation: the CLS token before the final layer norm,
+    /// centred on its own mean, then L2-normalised.
+    MsnCentred,
+}
+
 /// Writes a classification bundle at `out`: for every resolution of the
 /// backbone bundle, its artifact composed with the head into one TorchScript
-/// module; the manifest gets the task, labels and outputs. Staged and renamed.
+/// module; the manifest gets the task, labels and outputs (and `report` as
+/// its `fewshot` field). Staged and renamed.
 pub fn write_classifier(
     backbone: &Bundle,
     head: &Head,
     labels: &[String],
-    report: &FitReport,
+    report: &impl Serialize,
+    out: &Path,
+) -> Result<()> {
+    write(
+        backbone,
+        head,
+        Features::Normalized,
+        None,
+        labels,
+        report,
+        out,
+    )
+}
+
+/// [`write_classifier`] for MSN's low-shot protocol: the head reads the CLS
+/// token before the final layer norm (see
+/// [`crate::bundle::LoadOptions::pre_layernorm_cls`]), centred on its own
+/// mean and L2-normalised inside the artifact, and the manifest records
+/// `preprocessing` (the protocol's Resize + CenterCrop), so whatever runs
+/// the bundle preprocesses as the fit did.
+pub fn write_msn_classifier(
+    backbone: &Bundle,
+    head: &Head,
+    labels: &[String],
+    report: &impl Serialize,
+    preprocessing: &Preprocessing,
+    out: &Path,
+) -> Result<()> {
+    let features = Features::MsnCentred;
+    write(
+        backbone,
+        head,
+        features,
+        Some(preprocessing),
+        labels,
+        report,
+        out,
+    )
+}
+
+fn write(
+    backbone: &Bundle,
+    head: &Head,
+    features: Features,
+    preprocessing: Option<&Preprocessing>,
+    labels: &[String],
+    report: &impl Serialize,
     out: &Path,
 ) -> Result<()> {
     let out = &resolve_output_dir(out);
@@ -132,6 +193,9 @@ pub fn write_classifier(
     manifest.compiler = concat!("vit-msn ", env!("CARGO_PKG_VERSION"), " fewshot").into();
     manifest.fewshot =
         Some(serde_json::to_value(report).map_err(|e| Error::file(out, e.to_string()))?);
+    if let Some(pp) = preprocessing {
+        manifest.preprocessing = Some(pp.to_json());
+    }
     for entry in &m.artifacts {
         let target = writer.artifact_path(&entry.file)?;
         let outputs = vec![TensorSpec {
@@ -168,6 +232,10 @@ pub fn write_classifier(
                 weight.as_ptr(),
                 bias.as_ptr(),
                 head.scale,
+                match features {
+                    Features::Normalized => 0,
+                    Features::MsnCentred => 1,
+                },
                 dst.as_ptr(),
                 name.as_ptr(),
                 contents.as_ptr(),

@@ -2,6 +2,7 @@
 //! `eval` in fewshot/eval.rs.
 
 mod eval;
+mod msn;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -27,7 +28,8 @@ pub struct FewshotArgs {
 
 #[derive(Subcommand)]
 enum FewshotCommand {
-    Fit(FitArgs),
+    // Boxed: its flags outweigh eval's many times over.
+    Fit(Box<FitArgs>),
     Eval(eval::EvalArgs),
 }
 
@@ -43,7 +45,9 @@ Examples:
   vit-msn fewshot fit --bundle artifacts/small --train photos/train --out artifacts/pets
   vit-msn fewshot fit --bundle artifacts/small --train photos/train --method prototype
   vit-msn fewshot fit --bundle artifacts/small --train train --val val
-  vit-msn fewshot fit --bundle artifacts/small --train train --weight-decay 1e-3"
+  vit-msn fewshot fit --bundle artifacts/small --train train --weight-decay 1e-3
+  vit-msn fewshot fit --bundle artifacts/small --protocol msn --train imagenet/train \
+                      --train-list imagenet_subsets1/5imgs_class.txt --out artifacts/small-5shot"
 )]
 struct FitArgs {
     /// A backbone bundle.
@@ -76,11 +80,29 @@ struct FitArgs {
     seed: i64,
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
+    /// default (--method's heads) or msn: facebookresearch/msn's logistic_eval.py exactly (docs/low-shot.md).
+    #[arg(long, default_value = "default")]
+    protocol: String,
+    /// A subset file (MSN's format: one nXXXXXXXX_NNNN.JPEG a line), read against --train as ImageNet's train/ folder.
+    #[arg(long)]
+    train_list: Option<PathBuf>,
+    /// msn: the L2 penalty before its division by the number of training images [default: 0.00025].
+    #[arg(long)]
+    lambd: Option<f64>,
+    /// msn: stop at this relative duality gap, in (0, 1) [default: 0.001].
+    #[arg(long)]
+    tol: Option<f64>,
+    /// msn: torchvision Resize, the shorter side [default: 256].
+    #[arg(long)]
+    resize: Option<u32>,
+    /// msn: torchvision CenterCrop, at most --resize [default: 224].
+    #[arg(long)]
+    crop: Option<u32>,
 }
 
 pub fn fewshot(a: FewshotArgs) -> CliResult {
     match a.command {
-        FewshotCommand::Fit(f) => fit(f),
+        FewshotCommand::Fit(f) => fit(*f),
         FewshotCommand::Eval(e) => eval::eval(e),
     }
 }
@@ -102,6 +124,24 @@ fn bar(len: usize, what: &str) -> indicatif::ProgressBar {
 const WEIGHT_DECAYS: [f64; 5] = [1e-4, 1e-3, 1e-2, 1e-1, 1.0];
 
 fn fit(a: FitArgs) -> CliResult {
+    if a.protocol == "msn" {
+        return fit_msn(a);
+    }
+    if a.protocol != "default" {
+        return Err(usage(format!(
+            "--protocol: unknown protocol `{}` (expected default or msn)",
+            a.protocol
+        )));
+    }
+    let msn_only = [
+        ("--lambd", a.lambd.is_some()),
+        ("--tol", a.tol.is_some()),
+        ("--resize", a.resize.is_some()),
+        ("--crop", a.crop.is_some()),
+    ];
+    if let Some((flag, _)) = msn_only.iter().find(|(_, given)| *given) {
+        return Err(usage(format!("{flag} is for --protocol msn")));
+    }
     if !matches!(a.method.as_str(), "linear" | "prototype") {
         return Err(usage(format!(
             "--method: unknown method `{}` (expected linear or prototype)",
@@ -127,10 +167,14 @@ fn fit(a: FitArgs) -> CliResult {
     // Before the slow part: the bundle written at the end may replace only an older bundle.
     let mut inputs = vec![a.bundle.as_path(), a.train.as_path()];
     inputs.extend(a.val.as_deref());
+    inputs.extend(a.train_list.as_deref());
     BundleWriter::check_target(&out, &inputs)?;
     let backbone =
         vit_msn::Bundle::load_for_images(&a.bundle, Device::Cpu, LoadOptions::default())?;
-    let train = LabelledImages::read(&a.train)?;
+    let train = match &a.train_list {
+        Some(list) => msn::read_train_list(list, &a.train)?,
+        None => LabelledImages::read(&a.train)?,
+    };
     if train.classes.len() < 2 {
         return Err(Error::file(
             &a.train,
@@ -213,6 +257,39 @@ fn fit(a: FitArgs) -> CliResult {
         }
     );
     Ok(())
+}
+
+/// `fit --protocol msn`: the options of the default fit do not apply.
+fn fit_msn(a: FitArgs) -> CliResult {
+    let default_only = [
+        ("--method", a.method != "linear"),
+        ("--val", a.val.is_some()),
+        ("--val-split", a.val_split != 0.2),
+        ("--weight-decay", a.weight_decay.is_some()),
+        ("--temperature", a.temperature != 10.0),
+        ("--seed", a.seed != 0),
+    ];
+    if let Some((flag, _)) = default_only.iter().find(|(_, given)| *given) {
+        return Err(usage(format!(
+            "{flag} does not apply to --protocol msn (its logistic regression is fixed; see --lambd, --tol, --epochs)"
+        )));
+    }
+    if a.batch_size == 0 {
+        return Err(usage("--batch-size must be at least 1"));
+    }
+    let out = a.out.clone().unwrap_or_else(|| default_out(&a.bundle));
+    msn::fit(msn::MsnArgs {
+        bundle: a.bundle,
+        train: a.train,
+        train_list: a.train_list,
+        out,
+        lambd: a.lambd.unwrap_or(0.00025),
+        tol: a.tol.unwrap_or(1e-3),
+        max_epochs: a.epochs,
+        resize: a.resize.unwrap_or(256),
+        crop: a.crop.unwrap_or(224),
+        batch_size: a.batch_size,
+    })
 }
 
 /// What `fewshot fit` prints when the bundle is written.

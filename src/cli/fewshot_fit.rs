@@ -10,7 +10,7 @@ use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
 use vit_msn::bundle::sha256_hex;
 use vit_msn::classifier::{all_finite, check_temperature, Head};
 use vit_msn::error::{Error, Result};
-use vit_msn::image::{is_image_path, preprocess_path};
+use vit_msn::image::{is_image_path, preprocess_path, Preprocessing};
 use vit_msn::tensors::{parse_safetensors, write_safetensors};
 use vit_msn::Bundle;
 
@@ -71,11 +71,38 @@ impl LabelledImages {
     }
 }
 
+/// Which embedding of an image a fit works on.
+pub enum Embedding {
+    /// The CLS token after the final layer norm, the bundle's preprocessing.
+    Cls,
+    /// The CLS token before the final layer norm, with this preprocessing
+    /// (MSN's protocol; the bundle loaded with `LoadOptions::pre_layernorm_cls`).
+    PreLayernormCls(Preprocessing),
+}
+
 /// CLS embeddings (N, D) of `paths` through a backbone bundle, L2-normalised,
 /// cached in the bundle folder by image content and bundle, so a second fit
 /// does not embed again. `progress` is called with the number done.
 pub fn embed(
     bundle: &Bundle,
+    paths: &[PathBuf],
+    batch: usize,
+    progress: impl FnMut(usize),
+) -> Result<Tensor> {
+    Ok(normalize(&embed_as(
+        bundle,
+        &Embedding::Cls,
+        paths,
+        batch,
+        progress,
+    )?))
+}
+
+/// [`embed`]'s embeddings as the backbone gives them (not normalised), of
+/// either kind; each kind has its own cache file.
+pub fn embed_as(
+    bundle: &Bundle,
+    what: &Embedding,
     paths: &[PathBuf],
     batch: usize,
     mut progress: impl FnMut(usize),
@@ -87,19 +114,27 @@ pub fn embed(
             "is a classifier bundle; few-shot needs a backbone",
         ));
     }
-    let pp = m.preprocessing()?;
-    let fingerprint = sha256_hex(
-        format!(
-            "{}|{}",
-            m.artifacts
-                .iter()
-                .map(|a| a.sha256.as_str())
-                .collect::<Vec<_>>()
-                .join(","),
-            serde_json::to_string(&m.preprocessing).unwrap_or_default()
-        )
-        .as_bytes(),
-    );
+    let digests = m
+        .artifacts
+        .iter()
+        .map(|a| a.sha256.as_str())
+        .collect::<Vec<_>>()
+        .join(",");
+    // The default's key is the one earlier versions wrote, so their caches still hit.
+    let (pp, key) = match what {
+        Embedding::Cls => (
+            m.preprocessing()?,
+            format!(
+                "{digests}|{}",
+                serde_json::to_string(&m.preprocessing).unwrap_or_default()
+            ),
+        ),
+        Embedding::PreLayernormCls(pp) => (
+            pp.clone(),
+            format!("{digests}|{}|cls_pre_layernorm", pp.to_json()),
+        ),
+    };
+    let fingerprint = sha256_hex(key.as_bytes());
     let cache_path = bundle
         .dir()
         .join("cache")
@@ -135,19 +170,27 @@ pub fn embed(
             .iter()
             .map(|&i| preprocess_path(&paths[i], &pp, m.model.num_channels))
             .collect::<Result<Vec<_>>>()?;
-        let out = bundle.forward(&Tensor::stack(&px, 0), None, None)?;
-        let lhs = out
-            .last_hidden_state
-            .ok_or_else(|| Error::Forward("the backbone returned no last_hidden_state".into()))?;
-        let shape = lhs.size();
-        if shape.len() != 3 || shape[0] != chunk.len() as i64 || shape[2] != hidden {
-            return Err(Error::Forward(format!(
-                "the backbone's last_hidden_state has shape {shape:?}, expected [{}, tokens, {hidden}]",
-                chunk.len()
-            )));
-        }
+        let px = Tensor::stack(&px, 0);
+        // (B, D): pre_layernorm_cls checks its shape itself.
+        let cls = match what {
+            Embedding::PreLayernormCls(_) => bundle.pre_layernorm_cls(&px)?,
+            Embedding::Cls => {
+                let out = bundle.forward(&px, None, None)?;
+                let lhs = out.last_hidden_state.ok_or_else(|| {
+                    Error::Forward("the backbone returned no last_hidden_state".into())
+                })?;
+                let shape = lhs.size();
+                if shape.len() != 3 || shape[0] != chunk.len() as i64 || shape[2] != hidden {
+                    return Err(Error::Forward(format!(
+                        "the backbone's last_hidden_state has shape {shape:?}, expected [{}, tokens, {hidden}]",
+                        chunk.len()
+                    )));
+                }
+                lhs.select(1, 0)
+            }
+        };
         for (j, &i) in chunk.iter().enumerate() {
-            cache.insert(keys[i].clone(), lhs.get(j as i64).get(0).copy());
+            cache.insert(keys[i].clone(), cls.get(j as i64).copy());
         }
         done += chunk.len();
         progress(done);
@@ -169,9 +212,8 @@ pub fn embed(
                 .ok_or_else(|| Error::file(p, "no embedding was made for this image"))
         })
         .collect::<Result<Vec<_>>>()?;
-    let x = Tensor::f_stack(&rows, 0)
-        .map_err(|e| Error::Forward(format!("cannot stack the embeddings: {e}")))?;
-    Ok(normalize(&x))
+    Tensor::f_stack(&rows, 0)
+        .map_err(|e| Error::Forward(format!("cannot stack the embeddings: {e}")))
 }
 
 /// Whether a cache entry can stand for an embedding: a finite (hidden,) float row.

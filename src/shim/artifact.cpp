@@ -124,6 +124,18 @@ int vmsn_rt_artifact_unfuse_onednn_linears(VmsnArtifact *a, char **err) {
   return -1;
 }
 
+// vmsn::expose_pre_layernorm_cls on a loaded artifact. Returns 0, or 1
+// with *err set.
+int vmsn_rt_artifact_expose_pre_layernorm_cls(VmsnArtifact *a, char **err) {
+  try {
+    vmsn::expose_pre_layernorm_cls(a->module);
+    return 0;
+  } catch (const std::exception &e) {
+    set_error(err, e);
+  }
+  return 1;
+}
+
 // Runs forward without autograd. On success returns the number of outputs and
 // sets *tensors (malloc'ed array of new torch::Tensor*) and *names (malloc'ed
 // array of malloc'ed strings; NULL entries for positional outputs): a

@@ -1,9 +1,13 @@
-// What the runtime's shims share about a loaded artifact: the module, and how
-// a forward pass's result is handed to the Rust side (artifact.cpp, and the
-// CUDA-graph library built from cuda_graph.cpp).
+// What the runtime's shims share about a loaded artifact: the module, the
+// rewrite that exposes the CLS token before the final norm (artifact.cpp and
+// describe.cpp's classifier), and how a forward pass's result is handed to
+// the Rust side (artifact.cpp, and the CUDA-graph library built from
+// cuda_graph.cpp).
 #pragma once
 
 #include <torch/script.h>
+#include <torch/csrc/jit/ir/constants.h>
+#include <torch/csrc/jit/ir/ir.h>
 
 #include <cstdlib>
 #include <stdexcept>
@@ -18,6 +22,39 @@ struct VmsnArtifact {
 };
 
 namespace vmsn {
+
+// The extra output `expose_pre_layernorm_cls` adds.
+inline const char *const kPreLayernormCls = "cls_pre_layernorm";
+
+// Adds "cls_pre_layernorm" to the Dict[str, Tensor] that forward returns:
+// the CLS token of the input of the layer norm that makes
+// "last_hidden_state", i.e. of the last block's output before the final norm
+// (transformers' hidden_states[-1][:, 0]), which MSN's low-shot evaluation
+// fits on. A graph rewrite, so any backbone artifact serves, as compiled.
+// Throws where forward does not end that way.
+inline void expose_pre_layernorm_cls(torch::jit::Module &module) {
+  auto graph = module.get_method("forward").graph();
+  if (graph->outputs().size() != 1 || graph->outputs()[0]->node()->kind() != c10::prim::DictConstruct)
+    throw std::runtime_error("forward does not build a Dict[str, Tensor]; the output before the final layer norm cannot be found");
+  torch::jit::Node *dict = graph->outputs()[0]->node();
+  torch::jit::Value *hidden = nullptr;
+  for (size_t i = 0; i + 1 < dict->inputs().size(); i += 2) {
+    auto key = torch::jit::toIValue(dict->input(i));
+    if (!key || !key->isString()) continue;
+    if (key->toStringRef() == kPreLayernormCls) return;  // rewritten already
+    if (key->toStringRef() == "last_hidden_state") hidden = dict->input(i + 1);
+  }
+  if (hidden == nullptr)
+    throw std::runtime_error("forward returns no last_hidden_state (a backbone artifact is needed)");
+  torch::jit::Node *norm = hidden->node();
+  if (norm->kind() != c10::aten::layer_norm)
+    throw std::runtime_error(std::string("last_hidden_state comes from ") + norm->kind().toQualString() +
+                             ", not a layer norm; the output before the final norm cannot be found");
+  torch::jit::WithInsertPoint guard(dict);
+  torch::jit::Value *cls = graph->insert(c10::aten::select, {norm->input(0), graph->insertConstant(1), graph->insertConstant(0)});
+  dict->addInput(graph->insertConstant(std::string(kPreLayernormCls)));
+  dict->addInput(cls);
+}
 
 // A forward pass's tensors, in order: named for a Dict[str, Tensor] (empty
 // names for a tuple's or list's elements, or a lone tensor).
