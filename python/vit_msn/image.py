@@ -32,6 +32,8 @@ _FORMATS = {"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF"}
 MAX_FILE_BYTES = 1 << 30
 MAX_SIDE = 16384  # vit_msn_format::bounds::MAX_SIDE
 
+# `image_processor_type` of the torchvision form (src/image.rs's TORCHVISION).
+_TORCHVISION = "torchvision"
 _IMAGENET_DEFAULT_MEAN = [0.485, 0.456, 0.406]
 _IMAGENET_DEFAULT_STD = [0.229, 0.224, 0.225]
 # ViTImageProcessor's own defaults (IMAGENET_STANDARD_MEAN / STD).
@@ -68,6 +70,10 @@ class Preprocessing:
     do_normalize: bool = True
     image_mean: list = field(default_factory=lambda: list(_STANDARD_MEAN))
     image_std: list = field(default_factory=lambda: list(_STANDARD_STD))
+    # torchvision's Resize(shortest_edge) + CenterCrop((height, width)) instead
+    # of a resize to height x width: MSN's low-shot evaluation (`vit-msn
+    # fewshot fit --protocol msn`), the manifest's "torchvision" form.
+    shortest_edge: int | None = None
 
     @classmethod
     def vit_msn_default(cls, size: int = 224) -> "Preprocessing":
@@ -86,12 +92,15 @@ class Preprocessing:
 
         if not isinstance(obj, dict):
             raise bad("", "expected a JSON object")
+        torchvision = False
         for key in ("image_processor_type", "feature_extractor_type"):
             if key in obj:
                 name = obj[key]
                 if not isinstance(name, str):
                     raise bad(key, "expected a string")
-                if not name.startswith("ViT") or "Hybrid" in name:
+                if key == "image_processor_type" and name == _TORCHVISION:
+                    torchvision = True
+                elif not name.startswith("ViT") or "Hybrid" in name:
                     raise bad(key, f"`{name}` is not supported (only ViTImageProcessor / ViTFeatureExtractor)")
 
         def boolean(key):
@@ -105,21 +114,34 @@ class Preprocessing:
                 return v
             raise bad(key, f"expected an integer in 1..={MAX_SIDE}, got {_json(v)}")
 
-        size = obj.get("size")
-        if size is None:
+        def hw(size, key):
+            if isinstance(size, dict):
+                for k in ("height", "width"):
+                    if k not in size:
+                        raise bad(key, "must have `height` and `width` (ViTImageProcessor resizes "
+                                  f"to a fixed size), got keys {sorted(size)}")
+                return side(size["height"], f"{key}.height"), side(size["width"], f"{key}.width")
+            if isinstance(size, list) and len(size) == 2:
+                return side(size[0], f"{key}[0]"), side(size[1], f"{key}[1]")
+            if _is_number(size):
+                return side(size, key), side(size, key)
+            raise bad(key, f'expected {{"height": h, "width": w}}, an integer or [h, w], got {_json(size)}')
+
+        edge = None
+        if torchvision:
+            # The form Preprocessing::to_json writes for shortest_edge.
+            if "size" in obj:
+                raise bad("size", "the torchvision form takes `resize` and `crop_size`, not `size`")
+            if "resize" not in obj:
+                raise bad("resize", "is missing (the shorter side's size)")
+            edge = side(obj["resize"], "resize")
+            if "crop_size" not in obj:
+                raise bad("crop_size", "is missing")
+            height, width = hw(obj["crop_size"], "crop_size")
+        elif obj.get("size") is None:
             height = width = 224
-        elif isinstance(size, dict):
-            for k in ("height", "width"):
-                if k not in size:
-                    raise bad("size", "must have `height` and `width` (ViTImageProcessor resizes "
-                              f"to a fixed size), got keys {sorted(size)}")
-            height, width = side(size["height"], "size.height"), side(size["width"], "size.width")
-        elif isinstance(size, list) and len(size) == 2:
-            height, width = side(size[0], "size[0]"), side(size[1], "size[1]")
-        elif _is_number(size):
-            height = width = side(size, "size")
         else:
-            raise bad("size", f'expected {{"height": h, "width": w}}, an integer or [h, w], got {_json(size)}')
+            height, width = hw(obj["size"], "size")
 
         resample = obj.get("resample", 2)
         if not _is_int(resample) or resample < 0:
@@ -154,16 +176,37 @@ class Preprocessing:
             do_rescale=boolean("do_rescale"),
             rescale_factor=float(rescale_factor),
             do_normalize=boolean("do_normalize"),
-            image_mean=stats("image_mean", _STANDARD_MEAN),
-            image_std=stats("image_std", _STANDARD_STD),
+            # The torchvision form's mean and std default to ImageNet's (MSN's).
+            image_mean=stats("image_mean", _IMAGENET_DEFAULT_MEAN if torchvision else _STANDARD_MEAN),
+            image_std=stats("image_std", _IMAGENET_DEFAULT_STD if torchvision else _STANDARD_STD),
+            shortest_edge=edge,
         )
         for i, s in enumerate(pp.image_std):
             if s == 0.0:
                 raise bad("image_std", f"element {i} is 0")
+        if edge is not None:
+            if not pp.do_resize:
+                raise bad("do_resize", "must be true with `resize`")
+            if height > edge or width > edge:
+                raise bad("crop_size", f"{height}x{width} does not fit inside the shorter side resized to {edge}")
         return pp
 
     def to_json(self) -> dict:
-        """The settings as ``save_pretrained`` writes them."""
+        """The settings as ``save_pretrained`` writes them (the torchvision
+        form with ``shortest_edge``)."""
+        if self.shortest_edge is not None:
+            return {
+                "image_processor_type": _TORCHVISION,
+                "do_resize": self.do_resize,
+                "resize": self.shortest_edge,
+                "crop_size": {"height": self.height, "width": self.width},
+                "resample": self.resample,
+                "do_rescale": self.do_rescale,
+                "rescale_factor": self.rescale_factor,
+                "do_normalize": self.do_normalize,
+                "image_mean": list(self.image_mean),
+                "image_std": list(self.image_std),
+            }
         return {
             "image_processor_type": "ViTImageProcessor",
             "do_resize": self.do_resize,
@@ -264,11 +307,33 @@ def _stats(values, channels, what, name):
                      f"(model config num_channels = {channels})")
 
 
+def _resize_and_crop(img: Image.Image, pp: Preprocessing, name: str) -> Image.Image:
+    """torchvision's Resize(shortest_edge) then CenterCrop((height, width)) on
+    the PIL image, as src/image.rs computes them: the shorter side becomes
+    the edge, the longer int(edge * long / short); the crop's offsets are
+    rounded half to even, as Python's round."""
+    edge, (w, h) = pp.shortest_edge, img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(edge * long / short)
+    if new_long * edge > 2 * Image.MAX_IMAGE_PIXELS:
+        raise ImageError(name, f"resizing its shorter side to {edge} makes the longer {new_long} pixels, "
+                         f"over the limit of {2 * Image.MAX_IMAGE_PIXELS} pixels")
+    size = (edge, new_long) if w <= h else (new_long, edge)
+    if img.size != size:
+        img = img.resize(size, resample=pp.resample)
+    if pp.width > size[0] or pp.height > size[1]:
+        raise ImageError(name, f"cannot cut {pp.width}×{pp.height} out of {size[0]}×{size[1]}")
+    left, top = round((size[0] - pp.width) / 2.0), round((size[1] - pp.height) / 2.0)
+    return img.crop((left, top, left + pp.width, top + pp.height))
+
+
 def preprocess_image(img: Image.Image, pp: Preprocessing, name: str = "<image>") -> np.ndarray:
     """``pixel_values`` (C, H, W), float32, for one image already in mode RGB
     or L (see load_image)."""
     channels = 1 if img.mode == "L" else 3
-    if pp.do_resize and img.size != (pp.width, pp.height):
+    if pp.do_resize and pp.shortest_edge is not None:
+        img = _resize_and_crop(img, pp, name)
+    elif pp.do_resize and img.size != (pp.width, pp.height):
         img = img.resize((pp.width, pp.height), resample=pp.resample)
     x = np.asarray(img, dtype=np.uint8)
     if x.ndim == 2:

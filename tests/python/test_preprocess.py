@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGE_FIXTURES, run_bin
+from conftest import FIXTURES, IMAGE_FIXTURES, run_bin
 from safetensors.numpy import load_file
 
 import vit_msn
@@ -94,3 +94,44 @@ def test_undecodable_images_name_the_file(tmp_path):
         with pytest.raises(ImageError, match=message) as e:
             vit_msn.preprocess([str(path)], Preprocessing())
         assert str(path) in str(e.value)
+
+
+def test_torchvision_form_matches_vit_msn(images, tmp_path):
+    """The manifest's torchvision form (Resize(shortest edge) + CenterCrop, what
+    `fewshot fit --protocol msn` records): bit-exact against `vit-msn
+    preprocess` on a bundle compiled with it, odd sizes and both crop
+    roundings included."""
+    import shutil
+
+    _, paths = images
+    config = {"image_processor_type": "torchvision", "resize": 73, "crop_size": {"height": 64, "width": 64},
+              "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+    model = tmp_path / "model"
+    shutil.copytree(FIXTURES / "e2e_backbone" / "model", model)
+    (model / "preprocessor_config.json").write_text(json.dumps(config))
+    bundle = tmp_path / "bundle"
+    run_bin("--threads", "1", "compile", "--model", model, "--out", bundle)
+    recorded = json.loads((bundle / "manifest.json").read_text())["preprocessing"]
+    assert recorded["image_processor_type"] == "torchvision" and recorded["resize"] == 73
+    picked = paths[:40]
+    out = tmp_path / "px.safetensors"
+    run_bin("--threads", "1", "preprocess", "--bundle", bundle, "--image", *picked, "--output", out)
+    want = load_file(str(out))["pixel_values"]
+    got = vit_msn.Bundle(bundle, warm_up=False).preprocess(picked)
+    assert tuple(got.shape) == want.shape == (len(picked), 3, 64, 64)
+    worst = max((max_diff(got[i], want[i]), p) for i, p in enumerate(picked))
+    assert worst[0] == 0.0, f"pixels differ from vit-msn preprocess: {worst}"
+    pp = Preprocessing.from_json(recorded)
+    assert pp.shortest_edge == 73 and Preprocessing.from_json(pp.to_json()) == pp
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"size": 64}, "size"), ({"resize": None}, "resize"), ({"crop_size": None}, "crop_size"),
+    ({"crop_size": 80}, "crop_size"), ({"do_resize": False}, "do_resize"),
+])
+def test_bad_torchvision_forms_are_refused(change, field):
+    config = {"image_processor_type": "torchvision", "resize": 73, "crop_size": 64}
+    config.update(change)
+    config = {k: v for k, v in config.items() if v is not None}
+    with pytest.raises(ManifestError, match=f"`{field}"):
+        Preprocessing.from_json(config)
