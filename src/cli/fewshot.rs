@@ -171,17 +171,7 @@ fn fit(a: FitArgs) -> CliResult {
     BundleWriter::check_target(&out, &inputs)?;
     let backbone =
         vit_msn::Bundle::load_for_images(&a.bundle, Device::Cpu, LoadOptions::default())?;
-    let train = match &a.train_list {
-        Some(list) => msn::read_train_list(list, &a.train)?,
-        None => LabelledImages::read(&a.train)?,
-    };
-    if train.classes.len() < 2 {
-        return Err(Error::file(
-            &a.train,
-            "needs at least two class folders with images (the ImageFolder layout)",
-        )
-        .into());
-    }
+    let train = msn::training_images(&a.train, a.train_list.as_deref())?;
     let val = match &a.val {
         Some(dir) => {
             let val = LabelledImages::read(dir)?;

@@ -33,6 +33,22 @@ const MEMORY: usize = 10;
 /// name's wnid prefix) against an ImageNet-style `train/` folder
 /// (`train/<wnid>/<file>`). The classes are the folder's sub-folders, as
 /// torchvision's ImageFolder finds them; each needs one listed image or more.
+/// Both protocols' labelled training images: the ImageFolder `train`, or
+/// the files `list` names in it; at least two classes.
+pub fn training_images(train: &Path, list: Option<&Path>) -> Result<LabelledImages> {
+    let images = match list {
+        Some(list) => read_train_list(list, train)?,
+        None => LabelledImages::read(train)?,
+    };
+    if images.classes.len() < 2 {
+        return Err(Error::file(
+            train,
+            "needs at least two class folders with images (the ImageFolder layout)",
+        ));
+    }
+    Ok(images)
+}
+
 pub fn read_train_list(list: &Path, train: &Path) -> Result<LabelledImages> {
     let text = vit_msn::files::read_input_text(list)?;
     let mut classes: Vec<String> = Vec::new();
@@ -364,17 +380,7 @@ pub fn fit(a: MsnArgs) -> CliResult {
         )
     })?;
     let backbone = Bundle::load_manifest(&a.bundle, manifest, vit_msn::Device::Cpu, &options)?;
-    let train = match &a.train_list {
-        Some(list) => read_train_list(list, &a.train)?,
-        None => LabelledImages::read(&a.train)?,
-    };
-    if train.classes.len() < 2 {
-        return Err(Error::file(
-            &a.train,
-            "needs at least two class folders with images (the ImageFolder layout)",
-        )
-        .into());
-    }
+    let train = training_images(&a.train, a.train_list.as_deref())?;
     let paths: Vec<PathBuf> = train.items.iter().map(|(p, _)| p.clone()).collect();
     let progress = bar(paths.len(), "train images embedded");
     let raw = embed_as(
