@@ -13,6 +13,7 @@ fn main() {
     println!("cargo:rerun-if-changed=src/shim/describe.cpp");
     println!("cargo:rerun-if-changed=src/shim/artifact.cpp");
     println!("cargo:rerun-if-changed=src/shim/c_strings.h");
+    println!("cargo:rerun-if-changed=src/shim/quiet_warnings.h");
     println!("cargo:rerun-if-changed=src/shim/artifact.h");
     println!("cargo:rerun-if-changed=src/shim/archive_check.h");
     println!("cargo:rerun-if-changed=src/shim/cuda_graph.cpp");

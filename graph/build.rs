@@ -9,6 +9,7 @@ fn main() {
     println!("cargo:rerun-if-changed=shim/trace.cpp");
     println!("cargo:rerun-if-changed=shim/state_dict.cpp");
     println!("cargo:rerun-if-changed=../src/shim/archive_check.h");
+    println!("cargo:rerun-if-changed=../src/shim/quiet_warnings.h");
     // Set by torch-sys (`links = "tch"`): the folder holding libtorch*.so.
     let lib = PathBuf::from(
         env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys did not report DEP_TCH_LIBTORCH_LIB"),

@@ -218,6 +218,13 @@ impl Bundle {
         options: &LoadOptions,
     ) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
+        if manifest.dtype == "int8" && device != Device::Cpu {
+            return Err(Error::Device(format!(
+                "{}: an int8 bundle runs on the CPU only (fbgemm's int8 kernels); it cannot load on {}",
+                dir.display(),
+                device_name(device)
+            )));
+        }
         check_available(device)?;
         if manifest.device.starts_with("cuda") && crate::device::cuda_device_count() == 0 {
             return Err(Error::Device(format!(

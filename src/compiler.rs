@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::image::Preprocessing;
 use crate::manifest::{ArtifactEntry, FileDigest, Manifest, ModelInfo, Source, FORMAT_VERSION};
 use crate::writer::BundleWriter;
-use vit_msn_graph::compile::dtype_name;
+use vit_msn_graph::compile::{artifact_dtype, dtype_name};
 use vit_msn_graph::encoder::LinearBackend;
 use vit_msn_graph::{CompileOptions, Task};
 
@@ -19,6 +19,9 @@ use vit_msn_graph::{CompileOptions, Task};
 pub fn compile_bundle(model_dir: &Path, out: &Path, opts: &CompileOptions) -> Result<Manifest> {
     if !model_dir.is_dir() {
         return Err(Error::file(model_dir, "not a model folder"));
+    }
+    if opts.linear == Some(LinearBackend::DynamicInt8) && opts.device != tch::Device::Cpu {
+        return Err(int8_on_cuda());
     }
     let mut writer = BundleWriter::create(out, &[model_dir])?;
     // Loads libtorch's CUDA support first when compiling for CUDA.
@@ -136,6 +139,10 @@ fn resolve_linear(opts: &CompileOptions) -> Result<(LinearBackend, Vec<CpuFeatur
         "bf16" if on_cpu && cpu.has(CpuFeature::OnednnBf16) => LinearBackend::OneDnn,
         _ => LinearBackend::Aten,
     });
+    if backend == LinearBackend::DynamicInt8 && !on_cpu {
+        return Err(int8_on_cuda());
+    }
+    // fbgemm packs int8 weights for the CPU each artifact loads on: nothing to record.
     if backend != LinearBackend::OneDnn {
         return Ok((backend, Vec::new()));
     }
@@ -159,6 +166,14 @@ fn resolve_linear(opts: &CompileOptions) -> Result<(LinearBackend, Vec<CpuFeatur
         ));
     }
     Ok((backend, vec![feature]))
+}
+
+/// The refusal of int8 for CUDA, before anything looks for a CUDA device.
+pub fn int8_on_cuda() -> Error {
+    Error::input(
+        "dtype",
+        "int8 artifacts run on the CPU only (fbgemm's int8 kernels); compile CUDA artifacts in f32, f16 or bf16",
+    )
 }
 
 /// Traces the artifacts into the writer's staging folder, records them, and
@@ -194,7 +209,7 @@ fn build_bundle(
         model_dir,
         &model.config,
         model.task,
-        (dtype_name(opts.kind), device::device_name(opts.device)),
+        (artifact_dtype(opts), device::device_name(opts.device)),
         model
             .weight_files
             .iter()

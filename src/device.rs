@@ -126,14 +126,14 @@ fn dlopen_global(path: &Path) -> std::result::Result<(), String> {
 
 pub use vit_msn_format::device_name;
 
-/// `f32`, `f16`, `bf16` → the tensor kind.
+/// `f32`, `f16`, `bf16`, `int8` → the kind of the artifact's tensors (f32 for int8).
 pub fn parse_dtype(s: &str) -> Result<Kind> {
     vit_msn_format::Dtype::parse(s)
         .map(vit_msn_format::Dtype::kind)
         .ok_or_else(|| {
             Error::input(
                 "dtype",
-                format!("unknown dtype `{s}` (expected f32, f16 or bf16)"),
+                format!("unknown dtype `{s}` (expected f32, f16, bf16 or int8)"),
             )
         })
 }

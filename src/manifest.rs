@@ -153,7 +153,7 @@ impl Manifest {
         if !matches!(self.task.as_str(), "backbone" | "classification") {
             return Err(format!("unknown task `{}`", self.task));
         }
-        if !matches!(self.dtype.as_str(), "f32" | "f16" | "bf16") {
+        if !matches!(self.dtype.as_str(), "f32" | "f16" | "bf16" | "int8") {
             return Err(format!("unknown dtype `{}`", self.dtype));
         }
         let m = &self.model;

@@ -386,6 +386,71 @@ save_file({k: v.contiguous() for k, v in out.items()}, sys.argv[3])
     }
 }
 
+/// Python's `torch.jit.load` takes an int8 artifact (quantized::linear_dynamic
+/// with its packed weights) as plain TorchScript, and computes exactly what
+/// the Rust runtime does; both are PyTorch's dynamic quantization's numbers.
+#[test]
+fn python_loads_int8_artifacts() {
+    let bundle = compile_case(
+        "classifier_int8",
+        "interop-python-int8",
+        &[
+            "--resolutions",
+            "32,40",
+            "--dtype",
+            "int8",
+            "--outputs",
+            "hidden_states",
+        ],
+    );
+    let dir = case_dir("classifier_int8");
+    let work = scratch("interop-python-int8-out");
+    let script = r#"
+import sys, torch
+from safetensors.torch import load_file, save_file
+m = torch.jit.load(sys.argv[1])
+assert "quantized::linear_dynamic" in str(m.forward.graph), "no int8 linear in the graph"
+x = load_file(sys.argv[2])
+# One row of heads for every layer, as the runtime broadcasts it (2 layers).
+hm = x["head_mask"].expand(2, -1).contiguous()
+out = m(x["pixel_values"], x["bool_masked_pos"].bool(), hm)
+save_file({k: v.contiguous() for k, v in out.items()}, sys.argv[3])
+"#;
+    let py_out = work.join("py.safetensors");
+    let inputs = dir.join("masked.in.safetensors");
+    assert_ok(
+        &python(script, &[&bundle.join("model_40x40.pt"), &inputs, &py_out]),
+        "python torch.jit.load",
+    );
+    let rust_out = work.join("rust.safetensors");
+    assert_ok(
+        &vit_msn(&[
+            &"run",
+            &"--bundle",
+            &bundle,
+            &"--inputs",
+            &inputs,
+            &"--output",
+            &rust_out,
+        ]),
+        "rust run",
+    );
+    let (got, rust) = (read(&py_out), read(&rust_out));
+    for name in ["logits", "hidden_states"] {
+        let a = &got.iter().find(|(n, _)| n == name).unwrap().1;
+        let b = &rust.iter().find(|(n, _)| n == name).unwrap().1;
+        assert!(a.equal(b), "{name}: Python and Rust differ");
+    }
+    let mut expected = read(&dir.join("masked.ref.safetensors"));
+    expected.retain(|(n, _)| n == "logits");
+    check_outputs(
+        &got,
+        &expected,
+        1e-4,
+        "python int8 vs PyTorch's dynamic quantization",
+    );
+}
+
 /// examples/embed.rs: links only the runtime, loads a bundle, classifies a photo.
 #[test]
 fn embed_example_classifies() {

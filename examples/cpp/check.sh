@@ -45,3 +45,25 @@ print(f"logits: C++ vs transformers max |diff| {r:.3g} (bound {bound:.3g})")
 assert r <= bound
 print("interop: C++ outputs equal the Rust runtime's and match transformers")
 PY
+
+# The same fine-tuned model as an int8 artifact (quantized::linear_dynamic with
+# packed weights): C++ loads it as plain TorchScript and computes exactly what
+# the Rust runtime does, and stays within the int8 bound of transformers' f32.
+./target/debug/vit-msn compile --model "$fx/model" --out "$work/bundle-int8" --resolutions 64,80x96 --outputs attentions --dtype int8
+"$work/build/run_artifact" "$work/bundle-int8/model_80x96.pt" "$work/inputs.pt" "$work/cpp_int8_out.pt"
+./target/debug/vit-msn run --bundle "$work/bundle-int8" --inputs "$fx/masked.in.safetensors" --output "$work/rust_int8_out.safetensors"
+$py - "$work/cpp_int8_out.pt" "$work/rust_int8_out.safetensors" "$fx/masked.ref.safetensors" <<'PY'
+import sys, torch
+from safetensors.torch import load_file
+cpp = torch.load(sys.argv[1], weights_only=False)
+rust, ref = load_file(sys.argv[2]), load_file(sys.argv[3])
+for name in ("logits", "attentions"):
+    d = (cpp[name] - rust[name]).abs().max().item()
+    print(f"int8 {name}: C++ vs Rust runtime max |diff| {d:.3g}")
+    assert d == 0.0, name
+r = (cpp["logits"] - ref["logits"]).abs().max().item()
+bound = 0.08 * max(1.0, ref["logits"].abs().max().item())  # tests/int8.rs LOGITS_BOUND
+print(f"int8 logits: C++ vs transformers f32 max |diff| {r:.3g} (bound {bound:.3g})")
+assert r <= bound
+print("interop: int8 C++ outputs equal the Rust runtime's and stay within the int8 bound")
+PY

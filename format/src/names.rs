@@ -40,12 +40,15 @@ impl std::str::FromStr for Task {
     }
 }
 
-/// The dtype of an artifact's floating-point tensors.
+/// What an artifact computes in: the dtype of its floating-point tensors,
+/// or `int8`, whose tensors are f32 and whose linears run on int8 weights
+/// with activations quantized on each call (PyTorch's dynamic quantization).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dtype {
     F32,
     F16,
     Bf16,
+    Int8,
 }
 
 impl Dtype {
@@ -54,22 +57,25 @@ impl Dtype {
             Dtype::F32 => "f32",
             Dtype::F16 => "f16",
             Dtype::Bf16 => "bf16",
+            Dtype::Int8 => "int8",
         }
     }
 
-    /// `f32`, `f16`, `bf16` (or `float32`, `float16`, `bfloat16`).
+    /// `f32`, `f16`, `bf16` (or `float32`, `float16`, `bfloat16`), `int8`.
     pub fn parse(s: &str) -> Option<Dtype> {
         match s {
             "f32" | "float32" => Some(Dtype::F32),
             "f16" | "float16" => Some(Dtype::F16),
             "bf16" | "bfloat16" => Some(Dtype::Bf16),
+            "int8" => Some(Dtype::Int8),
             _ => None,
         }
     }
 
+    /// The kind of its floating-point tensors (inputs, outputs, head mask).
     pub fn kind(self) -> Kind {
         match self {
-            Dtype::F32 => Kind::Float,
+            Dtype::F32 | Dtype::Int8 => Kind::Float,
             Dtype::F16 => Kind::Half,
             Dtype::Bf16 => Kind::BFloat16,
         }

@@ -13,7 +13,10 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <string>
+
+#include "quiet_warnings.h"
 
 namespace {
 char *copy_message(const std::string &message) {
@@ -141,6 +144,63 @@ torch::Tensor *vmsn_linear_pointwise(torch::Tensor *x, torch::Tensor *w,
     }
     return new torch::Tensor(out);
   } catch (const std::exception &e) {
+    *err = copy_message(e.what());
+  }
+  return nullptr;
+}
+
+// An int8 linear as PyTorch's dynamic quantization makes it: the weight
+// quantized once to int8 with one scale per output channel (symmetric, as
+// torch.ao's per-channel weight observer: scale = max|w_row| / 127.5), packed
+// with its f32 bias by `quantized::linear_prepack`, and the activations
+// quantized per call inside `quantized::linear_dynamic` (reduce_range, as
+// torch's dynamic Linear passes on x86: 7-bit activations, so no u8·s8 pair
+// can saturate fbgemm's AVX2 kernels and every CPU computes the same sums).
+// The packed weight becomes a constant of the trace; TorchScript saves it
+// through its __getstate__ (the int8 weight, its scales and the bias) and
+// packs it again at load for the CPU it runs on. Runs the op on `x` and
+// records the node. Returns a new tensor, or null with *err.
+torch::Tensor *vmsn_linear_dynamic_int8(torch::Tensor *x, torch::Tensor *w, torch::Tensor *b,
+                                        char **err) {
+  auto state = torch::jit::tracer::getTracingState();
+  try {
+    static auto prepack =
+        c10::Dispatcher::singleton().findSchemaOrThrow("quantized::linear_prepack", "");
+    static auto dynamic =
+        c10::Dispatcher::singleton().findSchemaOrThrow("quantized::linear_dynamic", "");
+    if (x->scalar_type() != at::kFloat || w->scalar_type() != at::kFloat || !w->device().is_cpu())
+      throw std::runtime_error("int8 linears take f32 CPU tensors");
+    // Quantizing and packing are compile-time work, not part of the trace.
+    torch::jit::tracer::setTracingState(nullptr);
+    vmsn::QuietQuantizedDeprecation quiet;
+    at::Tensor weight = w->contiguous();
+    at::Tensor scales = (weight.abs().amax({1}) / 127.5)
+                            .clamp_min(std::numeric_limits<float>::epsilon())
+                            .to(at::kDouble);
+    at::Tensor zero_points = at::zeros({weight.size(0)}, at::kLong);
+    at::Tensor qweight = at::quantize_per_channel(weight, scales, zero_points, 0, at::kQInt8);
+    c10::IValue bias = b == nullptr ? c10::IValue() : c10::IValue(b->contiguous());
+    torch::jit::Stack stack{qweight, bias};
+    prepack.callBoxed(&stack);
+    c10::IValue packed = stack.back();
+    const bool reduce_range = true;
+    stack = torch::jit::Stack{*x, packed, reduce_range};
+    dynamic.callBoxed(&stack);
+    at::Tensor out = stack.back().toTensor();
+    torch::jit::tracer::setTracingState(state);
+    if (state) {
+      auto graph = state->graph;
+      auto *node = graph->create(c10::Symbol::fromQualString("quantized::linear_dynamic"), 1);
+      node->addInput(state->getValue(*x));
+      node->addInput(graph->insertConstant(packed));
+      node->addInput(graph->insertConstant(reduce_range));
+      graph->insertNode(node);
+      node->output()->setType(c10::TensorType::get());
+      state->setValue(out, node->output());
+    }
+    return new torch::Tensor(out);
+  } catch (const std::exception &e) {
+    torch::jit::tracer::setTracingState(state);
     *err = copy_message(e.what());
   }
   return nullptr;

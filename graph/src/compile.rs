@@ -54,6 +54,15 @@ pub fn dtype_name(kind: Kind) -> &'static str {
     vit_msn_format::Dtype::name_of(kind)
 }
 
+/// The dtype the artifacts record: their tensors' kind, or `int8` for
+/// int8 linears (whose tensors are f32).
+pub fn artifact_dtype(opts: &CompileOptions) -> &'static str {
+    match opts.linear {
+        Some(LinearBackend::DynamicInt8) => vit_msn_format::Dtype::Int8.name(),
+        _ => dtype_name(opts.kind),
+    }
+}
+
 /// Loads `model_dir` and writes one artifact per resolution into `out_dir`.
 /// For CUDA, libtorch's CUDA support must already be loaded (the `vit-msn`
 /// crate's `device::check_available` does it).
@@ -68,6 +77,14 @@ pub fn compile(model_dir: &Path, out_dir: &Path, opts: &CompileOptions) -> Resul
     if !matches!(opts.kind, Kind::Float | Kind::Half | Kind::BFloat16) {
         return Err(Error::Invalid(
             "the artifact dtype must be f32, f16 or bf16".into(),
+        ));
+    }
+    if opts.linear == Some(LinearBackend::DynamicInt8)
+        && (opts.device != Device::Cpu || opts.kind != Kind::Float)
+    {
+        return Err(Error::Invalid(
+            "int8 artifacts run on the CPU only (fbgemm's int8 kernels), with f32 tensors in and out"
+                .into(),
         ));
     }
     let mut model = Model::from_dir(model_dir, opts.task, opts.device)?;
@@ -177,7 +194,7 @@ pub fn compile(model_dir: &Path, out_dir: &Path, opts: &CompileOptions) -> Resul
         let extra = ArtifactDescription {
             producer: concat!("vit-msn-graph ", env!("CARGO_PKG_VERSION")).into(),
             task: model.task,
-            dtype: dtype.into(),
+            dtype: artifact_dtype(opts).into(),
             device: device_name(opts.device),
             cpu_features: opts.cpu_features.clone(),
             height: h,

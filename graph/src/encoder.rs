@@ -2,7 +2,7 @@
 
 use tch::{nn, Kind, Tensor};
 
-use crate::trace::{linear_pointwise, PostOp};
+use crate::trace::{linear_dynamic_int8, linear_pointwise, PostOp};
 use crate::{activation::Activation, Config, Error};
 
 /// Which GEMM the linears record into the trace.
@@ -14,27 +14,30 @@ pub enum LinearBackend {
     /// oneDNN's `mkldnn::_linear_pointwise` on dense tensors, CPU only:
     /// faster than MKL's GEMM on these shapes here, and it fuses GELU.
     OneDnn,
+    /// `quantized::linear_dynamic`, CPU only: int8 weights with one scale per
+    /// output channel, activations quantized on each call (fbgemm on x86).
+    /// f32 in and out; what `--dtype int8` compiles.
+    DynamicInt8,
 }
 
 /// `x · wᵀ + b`, then `post`, with the chosen backend.
-fn project(
+pub(crate) fn project(
     x: &Tensor,
     w: &Tensor,
     b: Option<&Tensor>,
     backend: LinearBackend,
     post: PostOp,
 ) -> Result<Tensor, Error> {
-    match backend {
-        LinearBackend::OneDnn => linear_pointwise(x, w, b, post),
-        LinearBackend::Aten => {
-            let y = x.linear(w, b);
-            Ok(match post {
-                PostOp::None => y,
-                PostOp::Gelu => y.gelu("none"),
-                PostOp::GeluTanh => y.gelu("tanh"),
-            })
-        }
-    }
+    let y = match backend {
+        LinearBackend::OneDnn => return linear_pointwise(x, w, b, post),
+        LinearBackend::Aten => x.linear(w, b),
+        LinearBackend::DynamicInt8 => linear_dynamic_int8(x, w, b)?,
+    };
+    Ok(match post {
+        PostOp::None => y,
+        PostOp::Gelu => y.gelu("none"),
+        PostOp::GeluTanh => y.gelu("tanh"),
+    })
 }
 
 /// A weight and its bias, concatenated from several checkpoint linears.

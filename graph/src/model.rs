@@ -6,7 +6,8 @@ use tch::{nn, Device, Tensor};
 
 use crate::config::{Config, Task};
 use crate::embeddings::Embeddings;
-use crate::encoder::{AttentionImpl, Encoder, FusedEncoder, LinearBackend, Plan};
+use crate::encoder::{project, AttentionImpl, Encoder, FusedEncoder, LinearBackend, Plan};
+use crate::trace::PostOp;
 use crate::weights::Checkpoint;
 use crate::Error;
 
@@ -183,6 +184,7 @@ impl Model {
         FusedModel {
             loaded: self,
             vit: self.vit.fused(backend),
+            backend,
         }
     }
 }
@@ -191,6 +193,7 @@ impl Model {
 pub struct FusedModel<'a> {
     loaded: &'a Model,
     vit: FusedVitMsnModel<'a>,
+    backend: LinearBackend,
 }
 
 impl FusedModel<'_> {
@@ -217,10 +220,22 @@ impl FusedModel<'_> {
         });
         let mut named = Vec::new();
         match &m.classifier {
-            Some(classifier) => named.push((
-                "logits",
-                out.last_hidden_state.select(1, 0).apply(classifier),
-            )),
+            Some(classifier) => {
+                let cls = out.last_hidden_state.select(1, 0);
+                // The head is quantized too in int8, as PyTorch's and ONNX
+                // Runtime's dynamic quantization quantize every linear.
+                let logits = match self.backend {
+                    LinearBackend::DynamicInt8 => project(
+                        &cls,
+                        &classifier.ws,
+                        classifier.bs.as_ref(),
+                        self.backend,
+                        PostOp::None,
+                    )?,
+                    _ => cls.apply(classifier),
+                };
+                named.push(("logits", logits))
+            }
             None => named.push(("last_hidden_state", out.last_hidden_state)),
         }
         if wanted.hidden_states {

@@ -37,6 +37,12 @@ extern "C" {
         algorithm: *const c_char,
         err: *mut *mut c_char,
     ) -> *mut C_tensor;
+    fn vmsn_linear_dynamic_int8(
+        x: *const C_tensor,
+        w: *const C_tensor,
+        b: *const C_tensor,
+        err: *mut *mut c_char,
+    ) -> *mut C_tensor;
     fn vmsn_free_str(s: *mut c_char);
 }
 
@@ -169,6 +175,22 @@ pub fn linear_pointwise(
             &mut err,
         )
     };
+    if out.is_null() {
+        return Err(take_error(err));
+    }
+    // SAFETY: the shim returned a new heap tensor that we now own.
+    Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+/// `quantized::linear_dynamic`: `x · wᵀ + b` with `w` quantized to int8 per
+/// output channel and packed at compile time, and `x` quantized on each call
+/// (PyTorch's dynamic quantization). f32 in and out, CPU only. Recorded into
+/// an open trace, the packed weight as a constant.
+pub fn linear_dynamic_int8(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor, Error> {
+    let mut err: *mut c_char = std::ptr::null_mut();
+    let b_ptr = b.map_or(std::ptr::null(), |b| b.as_ptr());
+    // SAFETY: live tensors for the duration of the call.
+    let out = unsafe { vmsn_linear_dynamic_int8(x.as_ptr(), w.as_ptr(), b_ptr, &mut err) };
     if out.is_null() {
         return Err(take_error(err));
     }

@@ -16,7 +16,8 @@ from .errors import ArtifactError, DeviceError, DigestError, ForwardError, Input
 from .image import preprocess as _preprocess
 from .manifest import ArtifactEntry, Manifest
 
-DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+# int8 bundles take and return f32 tensors (their linears are int8 inside).
+DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}
 ARTIFACT_EXTRA_FILE = "vit_msn.json"
 
 
@@ -191,6 +192,9 @@ class Bundle:
             # Under Ray, CUDA_VISIBLE_DEVICES names the actor's GPU as cuda:0.
             return torch.device("cuda") if wants_cuda else torch.device("cpu")
         device = torch.device(device)
+        if m.dtype == "int8" and device.type != "cpu":
+            raise DeviceError(f"{self.dir}: an int8 bundle runs on the CPU only (fbgemm's int8 kernels); "
+                              f"it cannot load on {device}")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise DeviceError(f"{device} was asked for, and this machine has no CUDA device")
         return device

@@ -162,7 +162,7 @@ class Manifest:
     def _validate(self) -> str | None:
         if self.task not in ("backbone", "classification"):
             return f"unknown task `{self.task}`"
-        if self.dtype not in ("f32", "f16", "bf16"):
+        if self.dtype not in ("f32", "f16", "bf16", "int8"):
             return f"unknown dtype `{self.dtype}`"
         m = self.model
         # Loading allocates from these numbers (warm-up inputs, head masks).

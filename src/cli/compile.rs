@@ -28,7 +28,9 @@ pub struct CompileArgs {
     /// Optional outputs: hidden_states, attentions.
     #[arg(long, value_delimiter = ',')]
     outputs: Vec<String>,
-    /// f32, f16 or bf16.
+    /// f32, f16, bf16, or int8: f32 tensors in and out, linears on int8
+    /// weights (one scale per output channel) with activations quantized on
+    /// each call, as PyTorch's dynamic quantization; CPU only.
     #[arg(long, default_value = "f32")]
     dtype: String,
     /// cpu, cuda or cuda:N.
@@ -64,6 +66,15 @@ pub fn compile(a: CompileArgs) -> CliResult {
         .iter()
         .map(|r| resolution_arg(r))
         .collect::<Result<Vec<_>, _>>()?;
+    let int8 = vit_msn_format::Dtype::parse(&a.dtype) == Some(vit_msn_format::Dtype::Int8);
+    if int8 && a.linear.is_some() {
+        return Err(usage(
+            "--linear does not apply to --dtype int8, whose linears are fbgemm's int8 ones",
+        ));
+    }
+    if int8 && a.device.trim() != "cpu" {
+        return Err(vit_msn::compiler::int8_on_cuda().into());
+    }
     let opts = CompileOptions {
         resolutions,
         wanted,
@@ -76,6 +87,7 @@ pub fn compile(a: CompileArgs) -> CliResult {
             .transpose()
             .map_err(usage)?,
         linear: match a.linear.as_deref() {
+            None if int8 => Some(LinearBackend::DynamicInt8),
             None => None,
             Some("aten") => Some(LinearBackend::Aten),
             Some("onednn") => Some(LinearBackend::OneDnn),

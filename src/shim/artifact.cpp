@@ -14,6 +14,7 @@
 
 #include "archive_check.h"
 #include "artifact.h"
+#include "quiet_warnings.h"
 
 using vmsn::set_error;
 
@@ -31,6 +32,7 @@ VmsnArtifact *vmsn_rt_artifact_load(const char *path, int device, char **err) {
       at::globalContext().setFloat32MatmulPrecision("highest");
     }
     vmsn::check_torchscript(path);
+    vmsn::QuietQuantizedDeprecation quiet;
     auto artifact = new VmsnArtifact{torch::jit::load(path, d)};
     artifact->module.eval();
     return artifact;

@@ -224,13 +224,19 @@ pub fn check_case_with(case: &str, extra: &[&str]) {
 
 /// As `check_case_with`, with more `run` arguments too.
 pub fn check_case_run_with(case: &str, extra: &[&str], run_extra: &[&str]) {
-    let dir = case_dir(case);
-    let spec = case_spec(&dir);
     let work = scratch(&format!(
         "parity-{case}{}{}",
         extra.join(""),
         run_extra.join("")
     ));
+    check_case_in(case, &work, extra, run_extra);
+}
+
+/// As `check_case_run_with`, in the folder `work`: the bundle goes to
+/// `work/bundle`, each run's outputs to `work/<run>.out.safetensors`.
+pub fn check_case_in(case: &str, work: &Path, extra: &[&str], run_extra: &[&str]) {
+    let dir = case_dir(case);
+    let spec = case_spec(&dir);
     let bundle = work.join("bundle");
     let mut args: Vec<String> = vec![
         "compile".into(),
@@ -245,11 +251,11 @@ pub fn check_case_run_with(case: &str, extra: &[&str], run_extra: &[&str]) {
     args.extend(extra.iter().map(|a| a.to_string()));
     let arg_refs: Vec<&dyn AsRef<std::ffi::OsStr>> = args.iter().map(|a| a as _).collect();
     assert_ok(&vit_msn(&arg_refs), &format!("{case}: compile"));
-    check_runs(case, &bundle, &work, run_extra);
+    check_runs(case, &bundle, work, run_extra);
 }
 
 /// A fixture case's case.json: its compile arguments, tolerance and runs.
-fn case_spec(dir: &Path) -> serde_json::Value {
+pub fn case_spec(dir: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).expect("read case.json"))
         .expect("case.json")
 }
