@@ -135,10 +135,11 @@ interop: libtorch fixtures
 	cargo build
 	bash examples/cpp/check.sh
 
-# Every stack on the same weights in one run (needs onnxruntime and onnx, installed here on demand).
+# Every stack on the same weights in one run (needs onnxruntime, onnx and openvino, installed here on demand).
 side-by-side: libtorch
 	cargo build --release
-	$(PY) -c 'import onnxruntime, onnx' 2>/dev/null || $(VENV)/bin/pip install onnxruntime onnx
+	$(PY) -c 'import onnxruntime, onnx, openvino' 2>/dev/null || \
+	  $(VENV)/bin/pip install onnxruntime==1.32.0 onnx==1.23.2 openvino==2026.4.1
 	$(PY) benches/side_by_side.py
 
 # Cold start and peak RSS of one-photo classification vs Python + transformers.
