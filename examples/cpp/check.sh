@@ -62,7 +62,7 @@ for name in ("logits", "attentions"):
     print(f"int8 {name}: C++ vs Rust runtime max |diff| {d:.3g}")
     assert d == 0.0, name
 r = (cpp["logits"] - ref["logits"]).abs().max().item()
-bound = 0.08 * max(1.0, ref["logits"].abs().max().item())  # tests/int8.rs LOGITS_BOUND
+bound = 0.12 * max(1.0, ref["logits"].abs().max().item())  # tests/int8.rs LOGITS_BOUND
 print(f"int8 logits: C++ vs transformers f32 max |diff| {r:.3g} (bound {bound:.3g})")
 assert r <= bound
 print("interop: int8 C++ outputs equal the Rust runtime's and stay within the int8 bound")
