@@ -145,3 +145,20 @@ def test_only_the_image_resolution_is_loaded(backbone_bundle):
     assert b.preprocessing().height == 64
     with pytest.raises(InputError, match="resolutions"):
         Bundle(backbone_bundle, resolutions=[(32, 32)])
+
+
+def test_int8_bundles_run_on_the_cpu_only(tmp_path):
+    """An int8 bundle (f32 in and out) gives the Rust runtime's numbers, and
+    is refused on CUDA."""
+    from conftest import FIXTURES
+    path = tmp_path / "int8"
+    run_bin("--threads", "1", "compile", "--model", FIXTURES / "e2e_classifier" / "model", "--out", path,
+            "--dtype", "int8")
+    b = Bundle(path)
+    assert b.dtype == torch.float32
+    px = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    got = b.forward(px)["logits"]
+    want = rust_forward(path, tmp_path, pixel_values=px)["logits"]
+    assert (got - want).abs().max().item() <= 1e-4
+    with pytest.raises(vit_msn.DeviceError, match="an int8 bundle runs on the CPU only"):
+        Bundle(path, device="cuda")
