@@ -31,8 +31,8 @@ VmsnArtifact *vmsn_rt_artifact_load(const char *path, int device, char **err) {
       at::globalContext().setAllowTF32CuDNN(false);
       at::globalContext().setFloat32MatmulPrecision("highest");
     }
-    vmsn::check_torchscript(path);
     vmsn::QuietQuantizedDeprecation quiet;
+    vmsn::check_torchscript(path);
     auto artifact = new VmsnArtifact{torch::jit::load(path, d)};
     artifact->module.eval();
     return artifact;
