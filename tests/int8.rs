@@ -254,8 +254,9 @@ fn int8_bench_baselines() {
     let int8 = compile_case("artifact_int8", "int8-bench-int8", &["--dtype", "int8"]);
     let f32 = compile_case("artifact_int8", "int8-bench-f32", &[]);
     let dir = scratch("int8-bench-baselines");
-    let bench = |bundle: &Path, flag: &str, file: &Path| {
-        vit_msn(&[
+    // `vit-msn bench` of `bundle` at batch 1 and 2, 2 passes, then `more`.
+    let bench_with = |bundle: &Path, more: &[&dyn AsRef<std::ffi::OsStr>]| {
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
             &"bench",
             &"--bundle",
             &bundle,
@@ -265,10 +266,11 @@ fn int8_bench_baselines() {
             &"2",
             &"--warmup",
             &"0",
-            &flag,
-            &file,
-        ])
+        ];
+        args.extend_from_slice(more);
+        vit_msn(&args)
     };
+    let bench = |bundle: &Path, flag: &str, file: &Path| bench_with(bundle, &[&flag, &file]);
     let (saved_int8, saved_f32) = (dir.join("int8.json"), dir.join("f32.json"));
     assert_ok(
         &bench(&int8, "--save-baseline", &saved_int8),
@@ -283,21 +285,10 @@ fn int8_bench_baselines() {
     assert_eq!(base["dtype"], "int8");
     assert_eq!(base["results"].as_array().map(Vec::len), Some(2));
     // Against itself, with a generous margin (timings of 2 passes are noisy).
-    let r = vit_msn(&[
-        &"bench",
-        &"--bundle",
+    let r = bench_with(
         &int8,
-        &"--batch",
-        &"1,2",
-        &"--iters",
-        &"2",
-        &"--warmup",
-        &"0",
-        &"--baseline",
-        &saved_int8,
-        &"--max-regression",
-        &"10000",
-    ]);
+        &[&"--baseline", &saved_int8, &"--max-regression", &"10000"],
+    );
     assert_ok(&r, "compare with the int8 baseline");
     for (bundle, baseline, message) in [
         (
