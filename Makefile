@@ -61,16 +61,17 @@ $(IMAGE_FIXTURES)/COMPLETE: tests/fixtures/make_image_fixtures.py $(wildcard src
 
 fixtures: $(FIXTURES)/COMPLETE $(IMAGE_FIXTURES)/COMPLETE
 
-# Run under these, any x86-64 machine computes as an AVX2-only CPU (AMD Zen 3) does.
-AVX2_ONLY := ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
+# Run under these, any x86-64 machine computes as an AVX2-only CPU (AMD Zen 3) does:
+# oneDNN, ATen and fbgemm (the int8 linears) capped at AVX2.
+AVX2_ONLY := ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2
 
 # The last line sums up every test binary's results: "test: N passed, N failed".
-# The parity suite runs twice: on this CPU, and as on an AVX2-only one.
+# The parity and int8 suites run twice: on this CPU, and as on an AVX2-only one.
 test: libtorch fixtures
 	$(PY) -c 'import torchvision' 2>/dev/null || $(VENV)/bin/pip install --no-deps $(TORCHVISION_PIP_PACKAGE)
 	mkdir -p target; set -o pipefail; cargo test --workspace 2>&1 | tee target/test.log
 	@echo "==> parity as on an AVX2-only CPU ($(AVX2_ONLY))"
-	set -o pipefail; $(AVX2_ONLY) cargo test --test parity 2>&1 | tee -a target/test.log
+	set -o pipefail; $(AVX2_ONLY) cargo test --test parity --test int8 2>&1 | tee -a target/test.log
 	@echo "==> published shapes (small, base) in f32, f16 and bf16, every output, here and as on AVX2 (log in target/shapes.log)"
 	rm -f target/shapes.log; for d in f32 f16 bf16; do \
 	  $(PY) tests/sweep/published_shapes.py --only small,base --dtype $$d --all-outputs \

@@ -94,10 +94,12 @@ pub fn vit_msn(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
 }
 
 /// Set on a child process, these make any x86-64 machine compute as an
-/// AVX2-only CPU (AMD Zen 3) does: oneDNN and ATen's kernels capped at AVX2.
+/// AVX2-only CPU (AMD Zen 3) does: oneDNN, ATen and fbgemm (the int8
+/// linears) capped at AVX2.
 pub const AVX2_ONLY: &[(&str, &str)] = &[
     ("ONEDNN_MAX_CPU_ISA", "AVX2"),
     ("ATEN_CPU_CAPABILITY", "avx2"),
+    ("FBGEMM_ENABLE_INSTRUCTIONS", "AVX2"),
 ];
 
 /// [`vit_msn`] with environment variables set for the child.
