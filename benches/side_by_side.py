@@ -54,6 +54,9 @@ SHAPES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
 MODELS = {"backbone": ViTMSNModel, "classifier": ViTMSNForImageClassification}
 OUTPUTS = {"backbone": "last_hidden_state", "classifier": "logits"}
 VIT_MSN_DTYPES = ("f32", "bf16", "int8")
+# The runtime sets glibc's malloc to keep freed memory (src/allocator.rs);
+# these rows run the same bundle with malloc left as it is, to show the gain.
+SYSTEM_MALLOC = ", glibc malloc as is"
 TORCH_STACKS = ["transformers SDPA f32", "TorchScript trace + freeze + optimize_for_inference",
                 "transformers SDPA bf16"]
 # Optional stacks: name -> the packages they need.
@@ -169,7 +172,8 @@ def main():
         return
     describe_machine()
     wanted = [s.strip().lower() for s in args.stacks.split(",") if s.strip()]
-    all_names = [f"vit-msn (this runtime) {d}" for d in VIT_MSN_DTYPES] + TORCH_STACKS + list(OPTIONAL_STACKS)
+    all_names = ([f"vit-msn (this runtime) {d}{m}" for d in VIT_MSN_DTYPES for m in ("", SYSTEM_MALLOC)]
+                 + TORCH_STACKS + list(OPTIONAL_STACKS))
     selected = [n for n in all_names if not wanted or any(w in n.lower() for w in wanted)]
     if not selected:
         raise SystemExit(f"--stacks {args.stacks!r} matches none of: {', '.join(all_names)}")
@@ -196,9 +200,11 @@ def main():
         model_dir = os.path.join(tmp, "model")
         model.save_pretrained(model_dir)
         stacks = {}
+        envs = {}  # name -> what its process's environment adds
         for dtype in VIT_MSN_DTYPES:
             name = f"vit-msn (this runtime) {dtype}"
-            if name not in selected:
+            names = [n for n in (name, name + SYSTEM_MALLOC) if n in selected]
+            if not names:
                 continue
             bundle = os.path.join(tmp, f"bundle-{dtype}")
             try:
@@ -208,9 +214,12 @@ def main():
                 why = (getattr(e, "stderr", None) or str(e)).strip().splitlines() or ["no message"]
                 print(f"vit-msn compile --dtype {dtype} failed, skipping: {why[-1]}", file=sys.stderr)
                 continue
-            stacks[name] = [
-                BIN, "bench", "--bundle", bundle, "--batch", ",".join(map(str, batches)), "--iters",
-                str(args.iters), "--warmup", "3", "--threads", str(args.threads), "--json"]
+            for n in names:
+                stacks[n] = [
+                    BIN, "bench", "--bundle", bundle, "--batch", ",".join(map(str, batches)), "--iters",
+                    str(args.iters), "--warmup", "3", "--threads", str(args.threads), "--json"]
+                if n.endswith(SYSTEM_MALLOC):
+                    envs[n] = {"VIT_MSN_SYSTEM_MALLOC": "1"}
         # The file each Python stack loads, where it loads one; a stack whose
         # export fails is dropped with a note, like a failed bundle compile.
         files = {}
@@ -262,7 +271,7 @@ def main():
         rounds = {name: {b: [] for b in batches} for name in stacks}
         for i in range(args.rounds):
             for name, cmd in list(stacks.items()):
-                proc = subprocess.run(cmd, capture_output=True, text=True)
+                proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **envs.get(name, {})})
                 if proc.returncode != 0:
                     why = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
                     print(f"{name} failed, skipping it: {why[-1]}", file=sys.stderr)

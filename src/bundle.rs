@@ -38,6 +38,8 @@ pub struct Bundle {
     graphs: Option<Mutex<Vec<(GraphKey, CudaGraph)>>>,
     /// Loaded with [`LoadOptions::pre_layernorm_cls`].
     pre_layernorm_cls: bool,
+    /// Last, so it runs after the weights above are freed.
+    _release: Option<crate::allocator::ReleaseOnDrop>,
 }
 
 /// A captured graph serves one artifact at one set of input shapes.
@@ -80,6 +82,13 @@ pub struct LoadOptions {
     /// features); [`Bundle::forward`] is unchanged. Default off; refused for
     /// classifier bundles and with CUDA graphs.
     pub pre_layernorm_cls: bool,
+    /// On the CPU, set glibc's malloc to keep freed blocks for reuse
+    /// ([`crate::allocator::keep_freed_memory`], process-wide): without it
+    /// every pass page-faults its activations in afresh, which costs the
+    /// int8 linears about a fifth of their time. `VIT_MSN_SYSTEM_MALLOC=1`
+    /// or malloc settings in `GLIBC_TUNABLES` also leave malloc alone.
+    /// Default on.
+    pub keep_freed_memory: bool,
 }
 
 impl LoadOptions {
@@ -112,6 +121,7 @@ impl Default for LoadOptions {
             resolutions: None,
             warm_up: true,
             pre_layernorm_cls: false,
+            keep_freed_memory: true,
         }
     }
 }
@@ -264,8 +274,12 @@ impl Bundle {
             }
         }
         let fallback = onednn_fallback(&manifest.dtype, device);
+        let mut release = None;
         if device == Device::Cpu {
             crate::cpu::warn_if_slow(&manifest.dtype, fallback);
+            if options.keep_freed_memory {
+                release = crate::allocator::ReleaseOnDrop::if_kept();
+            }
         }
         let mut artifacts = Vec::new();
         for entry in &manifest.artifacts {
@@ -318,6 +332,7 @@ impl Bundle {
             artifacts,
             graphs,
             pre_layernorm_cls: options.pre_layernorm_cls,
+            _release: release,
         };
         if options.warm_up {
             bundle.warm_up()?;

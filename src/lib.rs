@@ -13,6 +13,7 @@
 //! This crate does not depend on the compiler (`vit-msn-graph`); build it with
 //! `default-features = false` to leave the compiler out.
 
+pub mod allocator;
 pub mod artifact;
 pub mod bare;
 pub mod bundle;
