@@ -1,8 +1,8 @@
 //! glibc's malloc hands large freed blocks back to the kernel, and serves
 //! large requests with fresh `mmap`s: every forward pass then page-faults its
-//! activations in again, zeroed by the kernel. For fbgemm's int8 linears,
-//! whose scratch buffers are allocated on every call, that is about a fifth
-//! of a batch-8 pass of vit-msn-small (docs/performance.md). ONNX Runtime
+//! activations in again, zeroed by the kernel. With fbgemm's int8 linears,
+//! whose scratch buffers are allocated on every call, a batch-8 pass of
+//! vit-msn-small took 1.7 times as long (docs/performance.md). ONNX Runtime
 //! and OpenVINO avoid it with arenas of their own; libtorch's CPU allocator
 //! is plain malloc, so the remedy is malloc's own settings.
 
