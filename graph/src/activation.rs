@@ -88,6 +88,18 @@ impl std::str::FromStr for Activation {
 }
 
 impl Activation {
+    /// [`Activation::forward`], writing into `x` where torch has the in-place
+    /// op (the GELUs, ReLU, SiLU): for a GEMM's fresh output nothing else reads.
+    pub fn forward_in_place(self, mut x: Tensor) -> Tensor {
+        match self {
+            Activation::Gelu => x.gelu_("none"),
+            Activation::GeluPytorchTanh => x.gelu_("tanh"),
+            Activation::Relu => x.relu_(),
+            Activation::Silu => x.silu_(),
+            _ => self.forward(&x),
+        }
+    }
+
     pub fn forward(self, x: &Tensor) -> Tensor {
         let tanh_approx = |inner: Tensor| (inner.tanh() + 1.0) * x * 0.5;
         match self {
