@@ -26,6 +26,7 @@ fn bundle_dir(name: &str, hidden: i64, heads: i64) -> std::path::PathBuf {
         device: Device::Cpu,
         task: None,
         linear: None,
+        attention: None,
         cpu_features: Vec::new(),
     };
     vit_msn::compiler::compile_bundle(&model, &bundle, &opts).expect("compile");

@@ -331,6 +331,7 @@ fn usage_errors_exit_2() {
     for (flag, value, expect) in [
         ("--outputs", "logits", "unknown output `logits`"),
         ("--linear", "mkl", "unknown backend `mkl`"),
+        ("--attention", "flash", "unknown implementation `flash`"),
         ("--dtype", "f64", "f64"),
         ("--device", "gpu", "unknown device `gpu`"),
         ("--task", "segmentation", "segmentation"),
@@ -349,6 +350,20 @@ fn usage_errors_exit_2() {
         assert_eq!(out.status.code(), Some(2), "{flag} {value}: {stderr}");
         assert!(stderr.contains(expect), "{flag} {value}: {stderr}");
     }
+    let out = vit_msn(&[
+        &"compile",
+        &"--model",
+        &model,
+        &"--out",
+        &scratch("usage").join("d"),
+        &"--outputs",
+        &"attentions",
+        &"--attention",
+        &"explicit",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("computes eager attention"), "{stderr}");
 }
 
 /// Outputs never replace what is not ours: a folder holding other files, the

@@ -93,6 +93,61 @@ fn aten_linear() {
     }
 }
 
+/// Explicit attention (two batched matmuls around a softmax), which bf16
+/// artifacts compute by default where oneDNN has bf16 linears: forced here so
+/// that every CPU runs it, in f32 (against the f32 bound) and bf16, with the
+/// head mask, the CLS-only last layer of a classifier, and aten linears.
+#[test]
+fn explicit_attention() {
+    for case in [
+        "sdpa",
+        "hidden_only",
+        "classifier_regression",
+        "vit_msn_small",
+        "artifact_bf16",
+        "classifier_bf16",
+        "vit_msn_small_bf16",
+    ] {
+        common::check_case_with(case, &["--attention", "explicit"]);
+    }
+    common::check_case_with(
+        "artifact_bf16",
+        &["--attention", "explicit", "--linear", "aten"],
+    );
+}
+
+/// Which attention each bf16 artifact records: explicit (recorded as `eager`,
+/// since it holds the scores) at up to 257 tokens where the compiler chose
+/// oneDNN's bf16 linears, else SDPA; `--attention sdpa` overrides it.
+#[test]
+fn bf16_attention_choice() {
+    // Patch 8: 128x128 is 257 tokens, 136x136 is 290.
+    let attentions = |name: &str, extra: &[&str]| {
+        let mut args = vec!["--dtype", "bf16", "--resolutions", "128,136"];
+        args.extend_from_slice(extra);
+        let bundle = common::compile_case("artifact_bf16", name, &args);
+        let text = std::fs::read_to_string(bundle.join("manifest.json")).expect("manifest");
+        let manifest: serde_json::Value = serde_json::from_str(&text).expect("manifest json");
+        let onednn = manifest["cpu_features"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|f| f == "onednn_bf16"));
+        let got: Vec<String> = manifest["artifacts"]
+            .as_array()
+            .expect("artifacts")
+            .iter()
+            .map(|a| a["attention"].as_str().unwrap_or("none").to_string())
+            .collect();
+        (onednn, got)
+    };
+    let (onednn, got) = attentions("attention-choice-default", &[]);
+    let small = if onednn { "eager" } else { "sdpa" };
+    assert_eq!(got, [small, "sdpa"], "onednn_bf16: {onednn}");
+    let (_, got) = attentions("attention-choice-sdpa", &["--attention", "sdpa"]);
+    assert_eq!(got, ["sdpa", "sdpa"]);
+    let (_, got) = attentions("attention-choice-aten", &["--linear", "aten"]);
+    assert_eq!(got, ["sdpa", "sdpa"]);
+}
+
 /// Replayed CUDA graphs (`run --cuda-graphs`), on CUDA. On the CPU the flag is
 /// a usage error, which is checked instead.
 #[test]

@@ -66,7 +66,8 @@ pub struct ArtifactDescription {
 pub enum Attention {
     /// Each layer holds its heads × tokens² attention scores at once:
     /// transformers' eager attention (what graph/python/export.py traces),
-    /// and the compiler's for artifacts that return `attentions`.
+    /// the compiler's for artifacts that return `attentions`, and its two
+    /// matmuls for bf16 CPU artifacts of at most 257 tokens.
     Eager,
     /// Scaled dot-product attention, worked in blocks: no layer holds the
     /// whole score matrix.

@@ -10,7 +10,7 @@ pub use vit_msn_format::{
 };
 
 use crate::config::Task;
-use crate::encoder::{AttentionImpl, LinearBackend};
+use crate::encoder::{AttentionImpl, LinearBackend, EXPLICIT_MAX_TOKENS};
 use crate::model::{Model, Wanted};
 use crate::trace::trace_and_save;
 use crate::Error;
@@ -27,6 +27,12 @@ pub struct CompileOptions {
     /// GEMM backend for the linears; `None` picks oneDNN on the CPU in f32
     /// (its kernels run on every x86-64 CPU), else aten.
     pub linear: Option<LinearBackend>,
+    /// How attention is computed where the attentions are not returned;
+    /// `None` picks [`AttentionImpl::Explicit`] for bf16 with oneDNN's
+    /// linears at up to [`EXPLICIT_MAX_TOKENS`] tokens, else SDPA (see
+    /// [`attention_for`]). Eager, which returns the probabilities, is the
+    /// one for `wanted.attentions`.
+    pub attention: Option<AttentionImpl>,
     /// CPU features the chosen kernels need, recorded in each artifact's
     /// description (`vit_msn::compiler` works them out).
     pub cpu_features: Vec<CpuFeature>,
@@ -133,10 +139,6 @@ pub fn compile(model_dir: &Path, out_dir: &Path, opts: &CompileOptions) -> Resul
         ));
     }
     let traced = model.fused(backend);
-    let attention = match model.plan(opts.wanted).attention {
-        AttentionImpl::Eager => Attention::Eager,
-        AttentionImpl::Sdpa => Attention::Sdpa,
-    };
 
     let dtype = dtype_name(opts.kind);
     let (layers, heads) = (cfg.num_hidden_layers, cfg.num_attention_heads);
@@ -145,6 +147,12 @@ pub fn compile(model_dir: &Path, out_dir: &Path, opts: &CompileOptions) -> Resul
         let table = table.to_kind(opts.kind).to_device(opts.device);
         let (gh, gw) = (h / cfg.patch_size, w / cfg.patch_size);
         let (patches, tokens) = (gh * gw, gh * gw + 1);
+        let imp = attention_for(opts, backend, tokens);
+        // Explicit attention holds the scores, as eager does.
+        let attention = match model.plan(opts.wanted, imp).attention {
+            AttentionImpl::Eager | AttentionImpl::Explicit => Attention::Eager,
+            AttentionImpl::Sdpa => Attention::Sdpa,
+        };
         let spec = |name: &str, dtype: &str, shape: Vec<i64>| TensorSpec {
             name: name.into(),
             dtype: dtype.into(),
@@ -219,6 +227,7 @@ pub fn compile(model_dir: &Path, out_dir: &Path, opts: &CompileOptions) -> Resul
                         &head_mask,
                         &table,
                         opts.wanted,
+                        imp,
                     )
                 },
                 ARTIFACT_EXTRA_FILE,
@@ -228,6 +237,23 @@ pub fn compile(model_dir: &Path, out_dir: &Path, opts: &CompileOptions) -> Resul
         artifacts.push(artifact);
     }
     Ok(Compiled { model, artifacts })
+}
+
+/// The attention an artifact of `tokens` tokens computes when its
+/// attentions are not returned: `opts.attention`, or by default explicit
+/// matmuls for bf16 with oneDNN's linears at up to [`EXPLICIT_MAX_TOKENS`]
+/// tokens (faster there than libtorch's CPU flash kernel), else SDPA.
+pub fn attention_for(opts: &CompileOptions, backend: LinearBackend, tokens: i64) -> AttentionImpl {
+    opts.attention.unwrap_or(
+        if opts.kind == Kind::BFloat16
+            && backend == LinearBackend::OneDnn
+            && tokens <= EXPLICIT_MAX_TOKENS
+        {
+            AttentionImpl::Explicit
+        } else {
+            AttentionImpl::Sdpa
+        },
+    )
 }
 
 pub use vit_msn_format::device_name;

@@ -50,7 +50,17 @@ pub enum AttentionImpl {
     Eager,
     /// `scaled_dot_product_attention`: no probabilities, less memory.
     Sdpa,
+    /// softmax(q·kᵀ/√d)·v as two batched matmuls with the softmax in the
+    /// artifact dtype, probabilities not kept: what [`Plan`] picks for bf16
+    /// with oneDNN's linears at up to [`EXPLICIT_MAX_TOKENS`] tokens, where
+    /// libtorch's CPU flash kernel is about twice as slow in bf16.
+    Explicit,
 }
+
+/// The most tokens for which [`AttentionImpl::Explicit`] beat SDPA in bf16
+/// on an AVX512-BF16 CPU at batch 1 and 8 (Zen 4: 197 and 257 tokens 1.5–2×
+/// faster; 401 tokens faster at batch 1 but slower at batch 8; 1025 slower).
+pub const EXPLICIT_MAX_TOKENS: i64 = 257;
 
 /// Multi-head attention of (B, heads, rows, head_dim) queries, keys and
 /// values, each head scaled by `per_head` (1, heads, 1, 1). The head mask
@@ -71,6 +81,13 @@ pub fn attention(
             let probs = scores.softmax(-1, Kind::Float).type_as(q) * per_head;
             (probs.matmul(v), Some(probs))
         }
+        AttentionImpl::Explicit => {
+            let head_dim = q.size()[3];
+            // Scaling q (rows × head_dim) costs less than scaling the scores.
+            let scores = (q * (1.0 / (head_dim as f64).sqrt())).matmul(&k.transpose(-1, -2));
+            let mut context = scores.softmax(-1, q.kind()).matmul(v);
+            (context.g_mul_(per_head), None)
+        }
         AttentionImpl::Sdpa => {
             let mut context = Tensor::scaled_dot_product_attention::<Tensor>(
                 q, k, v, None, 0.0, false, None, false,
@@ -87,7 +104,7 @@ pub fn attention(
 pub struct Plan {
     /// Return every layer's input and the last layer's output.
     pub hidden_states: bool,
-    /// Eager attention, returning its probabilities; else SDPA.
+    /// Eager attention, returning its probabilities, or SDPA or explicit.
     pub attention: AttentionImpl,
     /// The last layer computes the CLS token's row only (a classifier
     /// without optional outputs reads nothing else).

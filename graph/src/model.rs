@@ -164,16 +164,17 @@ impl Model {
         })
     }
 
-    /// What a trace computes for `wanted`: a classifier reads the CLS token
-    /// alone, so unless every token's states or attentions are returned, the
-    /// last layer computes only it.
-    pub fn plan(&self, wanted: Wanted) -> Plan {
+    /// What a trace computes for `wanted`, with `attention` unless the
+    /// attentions are returned (which needs eager): a classifier reads the
+    /// CLS token alone, so unless every token's states or attentions are
+    /// returned, the last layer computes only it.
+    pub fn plan(&self, wanted: Wanted, attention: AttentionImpl) -> Plan {
         Plan {
             hidden_states: wanted.hidden_states,
             attention: if wanted.attentions {
                 AttentionImpl::Eager
             } else {
-                AttentionImpl::Sdpa
+                attention
             },
             cls_only_last: self.classifier.is_some() && !wanted.hidden_states && !wanted.attentions,
         }
@@ -197,7 +198,8 @@ pub struct FusedModel<'a> {
 }
 
 impl FusedModel<'_> {
-    /// The primary output (`last_hidden_state` or `logits`) and the optional ones.
+    /// The primary output (`last_hidden_state` or `logits`) and the optional
+    /// ones; attention as [`Model::plan`] decides from `attention`.
     pub fn forward(
         &self,
         pixel_values: &Tensor,
@@ -205,6 +207,7 @@ impl FusedModel<'_> {
         head_mask: &Tensor,
         position_table: &Tensor,
         wanted: Wanted,
+        attention: AttentionImpl,
     ) -> Result<Vec<(&'static str, Tensor)>, Error> {
         let m = self.loaded;
         let out = self.vit.forward(
@@ -212,7 +215,7 @@ impl FusedModel<'_> {
             bool_masked_pos,
             head_mask,
             position_table,
-            m.plan(wanted),
+            m.plan(wanted, attention),
         )?;
         let attentions = wanted.attentions.then(|| match out.attentions.as_slice() {
             [] => no_attentions(&out.last_hidden_state, m.config.num_attention_heads),

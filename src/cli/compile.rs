@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use clap::Args;
 use vit_msn::compiler::compile_bundle;
 use vit_msn::device;
-use vit_msn_graph::encoder::LinearBackend;
+use vit_msn_graph::encoder::{AttentionImpl, LinearBackend};
 use vit_msn_graph::{CompileOptions, Task, Wanted};
 
 use super::{device_arg, resolution_arg, usage, CliResult};
@@ -45,6 +45,13 @@ pub struct CompileArgs {
     /// otherwise).
     #[arg(long)]
     linear: Option<String>,
+    /// Attention where the attentions are not returned: sdpa
+    /// (scaled_dot_product_attention, in blocks) or explicit (two batched
+    /// matmuls around a softmax; the default in bf16 with oneDNN's linears
+    /// at up to 257 tokens, where it is faster). `--outputs attentions`
+    /// computes transformers' eager attention instead.
+    #[arg(long)]
+    attention: Option<String>,
 }
 
 pub fn compile(a: CompileArgs) -> CliResult {
@@ -75,6 +82,19 @@ pub fn compile(a: CompileArgs) -> CliResult {
     if int8 && a.device.trim() != "cpu" {
         return Err(vit_msn::compiler::int8_on_cuda().into());
     }
+    let attention = match a.attention.as_deref() {
+        None => None,
+        Some(_) if wanted.attentions => return Err(usage(
+            "--attention does not apply with --outputs attentions, which computes eager attention",
+        )),
+        Some("sdpa") => Some(AttentionImpl::Sdpa),
+        Some("explicit") => Some(AttentionImpl::Explicit),
+        Some(other) => {
+            return Err(usage(format!(
+                "--attention: unknown implementation `{other}` (expected sdpa or explicit)"
+            )))
+        }
+    };
     let opts = CompileOptions {
         resolutions,
         wanted,
@@ -97,6 +117,7 @@ pub fn compile(a: CompileArgs) -> CliResult {
                 )))
             }
         },
+        attention,
         cpu_features: Vec::new(),
     };
     // Tracing a large model takes a while: show that it is working, on a terminal.

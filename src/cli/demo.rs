@@ -94,6 +94,7 @@ pub fn demo(a: DemoArgs) -> CliResult {
             device: Device::Cpu,
             task: None,
             linear: None,
+            attention: None,
             cpu_features: Vec::new(),
         };
         let start = Instant::now();
