@@ -51,7 +51,7 @@ pub enum AttentionImpl {
     /// `scaled_dot_product_attention`: no probabilities, less memory.
     Sdpa,
     /// softmax(q·kᵀ/√d)·v as two batched matmuls with the softmax in the
-    /// artifact dtype, probabilities not kept: what [`Plan`] picks for bf16
+    /// artifact dtype, probabilities not kept: what the compiler picks for bf16
     /// with oneDNN's linears at up to [`EXPLICIT_MAX_TOKENS`] tokens, where
     /// libtorch's CPU flash kernel is about twice as slow in bf16.
     Explicit,
@@ -282,7 +282,7 @@ impl FusedLayer<'_> {
         };
         // The residual adds (and the activation and head-mask scale) write into
         // the fresh output they follow instead of a new tensor: at batch 8 an
-        // int8 pass is about 5% faster (fewer bytes through the caches).
+        // int8 pass is about 3% faster (fewer bytes through the caches).
         let h = self
             .dense(&attn.context, &l.attention_output, PostOp::None)?
             .g_add_(&residual);
