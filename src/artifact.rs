@@ -26,6 +26,7 @@ extern "C" {
     ) -> c_int;
     fn vmsn_rt_artifact_unfuse_onednn_linears(a: *mut VmsnArtifact, err: *mut *mut c_char)
         -> c_int;
+    fn vmsn_rt_artifact_split_gelu_post_ops(a: *mut VmsnArtifact, err: *mut *mut c_char) -> c_int;
     fn vmsn_rt_artifact_expose_pre_layernorm_cls(
         a: *mut VmsnArtifact,
         err: *mut *mut c_char,
@@ -121,6 +122,18 @@ impl Artifact {
         let mut err = std::ptr::null_mut();
         // SAFETY: `raw` is live, and `&mut self` keeps other threads out.
         let n = unsafe { vmsn_rt_artifact_unfuse_onednn_linears(self.raw, &mut err) };
+        usize::try_from(n).map_err(|_| take_error(err))
+    }
+
+    /// Rewrites each oneDNN linear with a fused GELU into the same linear
+    /// followed by an in-place GELU (ATen's): the same function, computed in
+    /// two passes, which is faster on AVX2 ([`crate::cpu::Cpu::avx512`]).
+    /// Call it before [`Artifact::prepack_linears`]. Returns how many were
+    /// split.
+    pub fn split_gelu_post_ops(&mut self) -> std::result::Result<usize, String> {
+        let mut err = std::ptr::null_mut();
+        // SAFETY: `raw` is live, and `&mut self` keeps other threads out.
+        let n = unsafe { vmsn_rt_artifact_split_gelu_post_ops(self.raw, &mut err) };
         usize::try_from(n).map_err(|_| take_error(err))
     }
 

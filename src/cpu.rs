@@ -170,6 +170,13 @@ impl Cpu {
             }
     }
 
+    /// Whether oneDNN may use AVX-512 here. Without it (AVX2), oneDNN's GELU
+    /// post-op makes the fused linear slower than the linear and a separate
+    /// GELU, so the runtime splits them at load.
+    pub fn avx512(&self) -> bool {
+        self.level >= Isa::Avx512Core
+    }
+
     /// Whether `dtype` (`f32`, `f16`, `bf16`) has instructions of its own
     /// here. Without them libtorch converts every element to f32 and back,
     /// which makes bf16 and f16 several times slower than f32.

@@ -501,6 +501,39 @@ fn prepacked_linears_give_the_same_results() {
     assert_eq!(artifact.prepack_linears(tokens).unwrap(), 0, "packed twice");
 }
 
+/// Splitting each fused GELU post-op off its oneDNN linear (the default on
+/// CPUs without AVX-512) splits one linear per layer, the intermediate, and
+/// computes the same function as the fused graph, on every CPU.
+#[test]
+fn split_gelu_gives_the_same_results() {
+    let dir = compile("split-gelu", "base", &[]);
+    let load = |fused| {
+        let options = LoadOptions {
+            fused_gelu: Some(fused),
+            ..Default::default()
+        };
+        Bundle::load_with(&dir, Device::Cpu, &options).unwrap()
+    };
+    let (fused, split) = (load(true), load(false));
+    tch::manual_seed(6);
+    let px = Tensor::randn([3, 3, 32, 32], (Kind::Float, Device::Cpu));
+    let mask = Tensor::rand([3, 16], (Kind::Float, Device::Cpu)).lt(0.3);
+    let hm = Tensor::rand([2, 4], (Kind::Float, Device::Cpu));
+    let a = fused.forward(&px, Some(&mask), Some(&hm)).unwrap();
+    let b = split.forward(&px, Some(&mask), Some(&hm)).unwrap();
+    let (a, b) = (a.last_hidden_state.unwrap(), b.last_hidden_state.unwrap());
+    let scale = a.abs().max().double_value(&[]).max(1.0);
+    assert!(max_diff(&a, &b) <= 1e-5 * scale, "{}", max_diff(&a, &b));
+
+    let m = fused.manifest();
+    let mut artifact = Artifact::load(&dir.join(&m.artifacts[0].file), Device::Cpu).unwrap();
+    if common::test_device() == "cpu" {
+        let layers = m.model.num_hidden_layers as usize;
+        assert_eq!(artifact.split_gelu_post_ops().unwrap(), layers);
+    }
+    assert_eq!(artifact.split_gelu_post_ops().unwrap(), 0, "split twice");
+}
+
 /// The memory check counts heads × tokens² attention scores only for graphs
 /// that hold them (those returning attentions); SDPA works in blocks. At 512
 /// (4097 tokens), 150 images need about 2 GB without the scores, and about

@@ -61,6 +61,10 @@ pub struct BenchArgs {
     /// Leave the oneDNN linear weights unpacked (to measure what prepacking gives).
     #[arg(long)]
     no_prepack: bool,
+    /// f32 on the CPU: `fused` keeps GELU as the oneDNN linear's post-op,
+    /// `split` runs it after the linear; default: split without AVX-512.
+    #[arg(long, value_parser = ["fused", "split"])]
+    gelu: Option<String>,
     /// Replay each batch size's forward as a CUDA graph (CUDA bundles).
     #[arg(long)]
     cuda_graphs: bool,
@@ -88,6 +92,7 @@ pub fn bench(a: BenchArgs) -> CliResult {
     // that of the one artifact timed.
     let options = LoadOptions {
         prepack_linears: !a.no_prepack,
+        fused_gelu: a.gelu.as_deref().map(|g| g == "fused"),
         ..load_options(a.cuda_graphs, device)?
     }
     .single_use(&manifest, (height, width))?;
