@@ -93,7 +93,8 @@ pub struct LoadOptions {
     /// post-op (`Some(true)`) or is followed by a separate in-place GELU
     /// (`Some(false)`; the same function, measured within 1e-5). `None`, the
     /// default, splits on a CPU without AVX-512, where oneDNN's GELU post-op
-    /// is slow (about 5% of a vit-msn-small pass on AMD Zen 3).
+    /// is slow (split, a vit-msn-small f32 pass on AMD Zen 3 is about 9%
+    /// faster).
     pub fused_gelu: Option<bool>,
 }
 
