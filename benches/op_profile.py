@@ -17,8 +17,9 @@ and prints:
   - single ops at one layer's shapes for --batch images: the f32 linears as
     the runtime runs them (oneDNN, weight prepacked; GELU fused as a post-op
     and, as on CPUs without AVX-512, run after it) and as aten::linear, the
-    int8 linears (fbgemm linear_dynamic), and attention as SDPA and as
-    matmul + softmax + matmul.
+    int8 linears (fbgemm linear_dynamic, and oneDNN's qlinear_pointwise with
+    the same dynamic activation quantization), and attention as SDPA, as
+    matmul + softmax + matmul and per head.
 Run it with the malloc settings the runtime sets for itself
 (src/allocator.rs), or the single ops page-fault their outputs in:
     GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=2147483647
@@ -133,6 +134,26 @@ def single_ops(batch, iters):
             params = torch.ops.quantized.linear_prepack(qw, b)
             int8 = median_ms(lambda: gelu(torch.ops.quantized.linear_dynamic(x, params, False)), iters)
             line += f", int8 linear_dynamic{' then gelu' if act == 'gelu' else ''} {int8:.2f}"
+            # oneDNN's int8 linear (GELU fused) on the same weights, with the
+            # activation quantized as linear_dynamic does: it takes a plain
+            # uint8 tensor, hence int_repr. It needs its own packed weight
+            # (an unpacked one crashes the process).
+            w8 = qw.int_repr()
+            dnn_w = torch.ops.onednn.qlinear_prepack(w8, [rows, k])
+            zeros = torch.zeros(n, dtype=torch.long)
+
+            def qlinear(qx, s, z):
+                return torch.ops.onednn.qlinear_pointwise(qx, s, z, dnn_w, scale, zeros, b, 1.0, 0, torch.float32,
+                                                          act, [None], "none" if act == "gelu" else "")
+
+            def dynamic_onednn():
+                qx = torch.quantize_per_tensor_dynamic(x, torch.quint8, False)
+                return qlinear(qx.int_repr(), qx.q_scale(), qx.q_zero_point())
+
+            qx = torch.quantize_per_tensor_dynamic(x, torch.quint8, False)
+            u8, s, z = qx.int_repr(), qx.q_scale(), qx.q_zero_point()
+            line += (f", oneDNN int8 {median_ms(dynamic_onednn, iters):.2f}"
+                     f" (GEMM alone {median_ms(lambda: qlinear(u8, s, z), iters):.2f})")
         print(line)
     qkv = torch.randn(batch, TOKENS, 3, HEADS, HIDDEN // HEADS)
     q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
@@ -142,9 +163,18 @@ def single_ops(batch, iters):
         qc, kc, vc = q.contiguous(), k.contiguous(), v.contiguous()
         return torch.matmul(torch.matmul(qc * scale, kc.transpose(-1, -2)).softmax(-1), vc)
 
+    def per_head():  # 2-D batched matmuls on the strided views: no copies
+        return [torch.bmm(torch.bmm(q[:, h] * scale, k[:, h].transpose(1, 2)).softmax(-1), v[:, h])
+                for h in range(HEADS)]
+
+    qc, kc = q.contiguous(), k.contiguous()
+    probs = torch.matmul(qc, kc.transpose(-1, -2)).softmax(-1)
     sdpa = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), iters)
     print(f"  attention, {HEADS} heads of {HIDDEN // HEADS}: SDPA {sdpa:.2f}, "
-          f"matmul + softmax + matmul (with the copies to contiguous) {median_ms(explicit, iters):.2f}")
+          f"matmul + softmax + matmul (with the copies to contiguous) {median_ms(explicit, iters):.2f}, "
+          f"per head without copies {median_ms(per_head, iters):.2f}; q·kᵀ alone "
+          f"{median_ms(lambda: torch.matmul(qc, kc.transpose(-1, -2)), iters):.2f}, "
+          f"p·v alone {median_ms(lambda: torch.matmul(probs, v.contiguous()), iters):.2f}")
 
 
 def main():
