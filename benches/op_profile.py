@@ -134,6 +134,16 @@ def single_ops(batch, iters):
             params = torch.ops.quantized.linear_prepack(qw, b)
             int8 = median_ms(lambda: gelu(torch.ops.quantized.linear_dynamic(x, params, False)), iters)
             line += f", int8 linear_dynamic{' then gelu' if act == 'gelu' else ''} {int8:.2f}"
+            if "onednn" in torch.backends.quantized.supported_engines:
+                # The same op with its weight packed for PyTorch's oneDNN
+                # quantized engine, as an artifact loaded under it would be.
+                engine, torch.backends.quantized.engine = torch.backends.quantized.engine, "onednn"
+                dnn_params = torch.ops.quantized.linear_prepack(qw, b)
+                on_engine = median_ms(lambda: gelu(torch.ops.quantized.linear_dynamic(x, dnn_params, False)), iters)
+                diff = (torch.ops.quantized.linear_dynamic(x, dnn_params, False)
+                        - torch.ops.quantized.linear_dynamic(x, params, False)).abs().max().item()
+                torch.backends.quantized.engine = engine
+                line += f" (oneDNN engine {on_engine:.2f}, outputs differ by {diff:.1e})"
             # oneDNN's int8 linear (GELU fused) on the same weights, with the
             # activation quantized as linear_dynamic does: it takes a plain
             # uint8 tensor, hence int_repr. It needs its own packed weight
