@@ -17,9 +17,10 @@ and prints:
   - single ops at one layer's shapes for --batch images: the f32 linears as
     the runtime runs them (oneDNN, weight prepacked; GELU fused as a post-op
     and, as on CPUs without AVX-512, run after it) and as aten::linear, the
-    int8 linears (fbgemm linear_dynamic, and oneDNN's qlinear_pointwise with
-    the same dynamic activation quantization), and attention as SDPA, as
-    matmul + softmax + matmul and per head.
+    int8 linears (fbgemm linear_dynamic; the same op under PyTorch's oneDNN
+    quantized engine; oneDNN's qlinear_pointwise after the same dynamic
+    activation quantization), and attention as SDPA, as matmul + softmax +
+    matmul and per head.
 Run it with the malloc settings the runtime sets for itself
 (src/allocator.rs), or the single ops page-fault their outputs in:
     GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=2147483647
@@ -173,18 +174,18 @@ def single_ops(batch, iters):
         qc, kc, vc = q.contiguous(), k.contiguous(), v.contiguous()
         return torch.matmul(torch.matmul(qc * scale, kc.transpose(-1, -2)).softmax(-1), vc)
 
-    def per_head():  # 2-D batched matmuls on the strided views: no copies
+    def per_head():  # 2-D batched matmuls with k and v as strided views, not copied
         return [torch.bmm(torch.bmm(q[:, h] * scale, k[:, h].transpose(1, 2)).softmax(-1), v[:, h])
                 for h in range(HEADS)]
 
-    qc, kc = q.contiguous(), k.contiguous()
+    qc, kc, vc = q.contiguous(), k.contiguous(), v.contiguous()
     probs = torch.matmul(qc, kc.transpose(-1, -2)).softmax(-1)
     sdpa = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), iters)
     print(f"  attention, {HEADS} heads of {HIDDEN // HEADS}: SDPA {sdpa:.2f}, "
           f"matmul + softmax + matmul (with the copies to contiguous) {median_ms(explicit, iters):.2f}, "
-          f"per head without copies {median_ms(per_head, iters):.2f}; q·kᵀ alone "
+          f"per head on the strided views {median_ms(per_head, iters):.2f}; q·kᵀ alone "
           f"{median_ms(lambda: torch.matmul(qc, kc.transpose(-1, -2)), iters):.2f}, "
-          f"p·v alone {median_ms(lambda: torch.matmul(probs, v.contiguous()), iters):.2f}")
+          f"p·v alone {median_ms(lambda: torch.matmul(probs, vc), iters):.2f}")
 
 
 def main():
