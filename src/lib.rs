@@ -33,6 +33,7 @@ pub mod loss;
 pub mod manifest;
 mod memory;
 pub mod replace;
+mod split;
 pub mod tensors;
 pub mod writer;
 
