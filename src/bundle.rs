@@ -38,8 +38,6 @@ pub struct Bundle {
     graphs: Option<Mutex<Vec<(GraphKey, CudaGraph)>>>,
     /// Loaded with [`LoadOptions::pre_layernorm_cls`].
     pre_layernorm_cls: bool,
-    /// [`LoadOptions::split_batches`], where it applies: a bf16 bundle on the CPU.
-    split_batches: bool,
     /// Last, so it runs after the weights above are freed.
     _release: Option<crate::allocator::ReleaseOnDrop>,
 }
@@ -98,12 +96,6 @@ pub struct LoadOptions {
     /// is slow (split, a vit-msn-small f32 pass on AMD Zen 3 is about 9%
     /// faster).
     pub fused_gelu: Option<bool>,
-    /// On the CPU, run a bf16 batch that splits into one equal part per
-    /// intra-op thread as those parts at once, each on a thread of its own
-    /// with one intra-op thread (`src/split.rs`): the same results, and a
-    /// batch-8 vit-msn-small pass on 2 cores about 9% faster. Default on;
-    /// off is for measuring it.
-    pub split_batches: bool,
 }
 
 impl LoadOptions {
@@ -138,7 +130,6 @@ impl Default for LoadOptions {
             pre_layernorm_cls: false,
             keep_freed_memory: true,
             fused_gelu: None,
-            split_batches: true,
         }
     }
 }
@@ -355,7 +346,6 @@ impl Bundle {
             artifacts,
             graphs,
             pre_layernorm_cls: options.pre_layernorm_cls,
-            split_batches: options.split_batches && device == Device::Cpu && kind == Kind::BFloat16,
             _release: release,
         };
         if options.warm_up {
@@ -426,15 +416,9 @@ impl Bundle {
         if let Some(graphs) = &self.graphs {
             return self.forward_graph(graphs, entry, module, &inputs, batch);
         }
-        let parts = self
-            .split_batches
-            .then(|| crate::split::parts(batch, i64::from(tch::get_num_threads())))
-            .flatten();
-        let result = match parts {
-            Some(parts) => crate::split::forward(module, &entry.outputs, inputs, parts),
-            None => module.forward(&inputs),
-        }
-        .map_err(|e| Error::Forward(first_line(&e)))?;
+        let result = module
+            .forward(&inputs)
+            .map_err(|e| Error::Forward(first_line(&e)))?;
         self.collect_outputs(entry, batch, result)
     }
 

@@ -33,7 +33,6 @@ pub mod loss;
 pub mod manifest;
 mod memory;
 pub mod replace;
-mod split;
 pub mod tensors;
 pub mod writer;
 

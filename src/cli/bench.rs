@@ -68,10 +68,6 @@ pub struct BenchArgs {
     /// Replay each batch size's forward as a CUDA graph (CUDA bundles).
     #[arg(long)]
     cuda_graphs: bool,
-    /// bf16 on the CPU: run each batch as one call on every intra-op thread,
-    /// not split into one part per thread (to measure what the split gives).
-    #[arg(long)]
-    no_batch_split: bool,
 }
 
 pub fn bench(a: BenchArgs) -> CliResult {
@@ -97,7 +93,6 @@ pub fn bench(a: BenchArgs) -> CliResult {
     let options = LoadOptions {
         prepack_linears: !a.no_prepack,
         fused_gelu: a.gelu.as_deref().map(|g| g == "fused"),
-        split_batches: !a.no_batch_split,
         ..load_options(a.cuda_graphs, device)?
     }
     .single_use(&manifest, (height, width))?;
