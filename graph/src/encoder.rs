@@ -90,8 +90,9 @@ pub fn attention(
                 // q, k and v are strided views of one projection, which matmul
                 // would copy anyway; copied to contiguous first (q scaled in
                 // its copy, or in place where it already was contiguous), both
-                // bf16 matmuls read them as they are: attention 5–9% faster
-                // on Zen 4, the same numbers. In f32 it measured level.
+                // bf16 matmuls read them as they are: the same numbers, and
+                // attention 3–9% faster on Zen 4 (benches/op_profile.py).
+                // In f32 it measured level.
                 let q = q.contiguous().g_mul_scalar_(scale);
                 (q, k.contiguous(), v.contiguous())
             };
