@@ -17,10 +17,12 @@ and prints:
   - single ops at one layer's shapes for --batch images: the f32 linears as
     the runtime runs them (oneDNN, weight prepacked; GELU fused as a post-op
     and, as on CPUs without AVX-512, run after it) and as aten::linear, the
+    bf16 linears as the runtime runs them (oneDNN, prepacked), the
     int8 linears (fbgemm linear_dynamic; the same op under PyTorch's oneDNN
     quantized engine; oneDNN's qlinear_pointwise after the same dynamic
-    activation quantization), and attention as SDPA, as matmul + softmax +
-    matmul and per head.
+    activation quantization, or after quantizing it with elementwise ops),
+    and attention as SDPA, as matmul + softmax + matmul and per head, and
+    bf16's explicit attention on strided views and on contiguous copies.
 Run it with the malloc settings the runtime sets for itself
 (src/allocator.rs), or the single ops page-fault their outputs in:
     GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=2147483647
@@ -129,6 +131,10 @@ def single_ops(batch, iters):
             split = median_ms(lambda: gelu(torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")), iters)
             line += f" fused, {split:.2f} then gelu"
         line += f", aten::linear{' then gelu' if act == 'gelu' else ''} {aten:.2f}"
+        xb, bb = x.bfloat16(), b.bfloat16()
+        packed_bf16 = torch.ops.mkldnn._reorder_linear_weight(w.bfloat16(), rows)
+        bf16 = median_ms(lambda: torch.ops.mkldnn._linear_pointwise(xb, packed_bf16, bb, act, [], algorithm), iters)
+        line += f", bf16 oneDNN prepacked {bf16:.2f}"
         if fbgemm:
             scale = w.abs().amax(1) / 127
             qw = torch.quantize_per_channel(w, scale, torch.zeros(n, dtype=torch.long), 0, torch.qint8)
@@ -161,10 +167,22 @@ def single_ops(batch, iters):
                 qx = torch.quantize_per_tensor_dynamic(x, torch.quint8, False)
                 return qlinear(qx.int_repr(), qx.q_scale(), qx.q_zero_point())
 
+            def elementwise_onednn():
+                # The activation quantized by stock elementwise ops instead,
+                # rounded as fbgemm's linear_dynamic rounds (zero point +
+                # x / scale in one fused multiply-add, then to nearest even).
+                s, z = torch._choose_qparams_per_tensor(x, False)
+                u8 = torch.add(torch.scalar_tensor(float(z)), x, alpha=1.0 / s).round_().clamp_(0, 255)
+                return qlinear(u8.to(torch.uint8), s, z)
+
             qx = torch.quantize_per_tensor_dynamic(x, torch.quint8, False)
             u8, s, z = qx.int_repr(), qx.q_scale(), qx.q_zero_point()
+            exact = (gelu(torch.ops.quantized.linear_dynamic(x, params, False))
+                     - elementwise_onednn()).abs().max().item()
             line += (f", oneDNN int8 {median_ms(dynamic_onednn, iters):.2f}"
-                     f" (GEMM alone {median_ms(lambda: qlinear(u8, s, z), iters):.2f})")
+                     f" (GEMM alone {median_ms(lambda: qlinear(u8, s, z), iters):.2f};"
+                     f" quantized by elementwise ops {median_ms(elementwise_onednn, iters):.2f},"
+                     f" {exact:.1e} from linear_dynamic)")
         print(line)
     qkv = torch.randn(batch, TOKENS, 3, HEADS, HIDDEN // HEADS)
     q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
@@ -186,6 +204,21 @@ def single_ops(batch, iters):
           f"per head on the strided views {median_ms(per_head, iters):.2f}; q·kᵀ alone "
           f"{median_ms(lambda: torch.matmul(qc, kc.transpose(-1, -2)), iters):.2f}, "
           f"p·v alone {median_ms(lambda: torch.matmul(probs, vc), iters):.2f}")
+    # bf16 artifacts' explicit attention (graph/src/encoder.rs), on the strided
+    # views of the fused projection and as compiled, after copies to contiguous.
+    bq, bk, bv = (t.transpose(1, 2) for t in qkv.bfloat16().unbind(2))
+
+    def bf16_attention(contiguous):
+        if contiguous:
+            qs, kc, vc = bq.contiguous().mul_(scale), bk.contiguous(), bv.contiguous()
+        else:
+            qs, kc, vc = bq * scale, bk, bv
+        return torch.matmul(torch.matmul(qs, kc.transpose(-1, -2)).softmax(-1), vc)
+
+    bf16_scores = torch.matmul(bq.contiguous(), bk.contiguous().transpose(-1, -2))
+    print(f"  bf16 matmul + softmax + matmul: on the strided views {median_ms(lambda: bf16_attention(False), iters):.2f}, "
+          f"after copies to contiguous (as compiled) {median_ms(lambda: bf16_attention(True), iters):.2f}; "
+          f"its softmax alone {median_ms(lambda: bf16_scores.softmax(-1), iters):.2f}")
 
 
 def main():
