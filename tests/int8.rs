@@ -285,12 +285,29 @@ fn int8_bench_baselines() {
         serde_json::from_str(&std::fs::read_to_string(&saved_int8).unwrap()).unwrap();
     assert_eq!(base["dtype"], "int8");
     assert_eq!(base["results"].as_array().map(Vec::len), Some(2));
-    // Against itself, with a generous margin (timings of 2 passes are noisy).
-    let r = bench_with(
-        &int8,
-        &[&"--baseline", &saved_int8, &"--max-regression", &"10000"],
-    );
-    assert_ok(&r, "compare with the int8 baseline");
+    // Against its own baseline with the medians set far from any real run,
+    // so the verdict does not depend on timing (these tests run beside heavy
+    // ones: two passes have taken 230 times as long as the saved two). One
+    // day a pass: no regression; a nanosecond: a regression at both sizes.
+    for (median_ms, passes) in [(86_400_000.0, true), (1e-6, false)] {
+        let mut edited = base.clone();
+        for r in edited["results"].as_array_mut().unwrap() {
+            r["median_ms"] = median_ms.into();
+        }
+        let file = dir.join(format!("int8-{median_ms}.json"));
+        std::fs::write(&file, edited.to_string()).unwrap();
+        let r = bench_with(&int8, &[&"--baseline", &file]);
+        if passes {
+            assert_ok(&r, "compare with an int8 baseline no run is slower than");
+        } else {
+            assert_eq!(r.status.code(), Some(1), "{r:?}");
+            let stderr = String::from_utf8_lossy(&r.stderr);
+            assert!(stderr.contains("slower than the baseline"), "{stderr}");
+            for batch in ["batch 1", "batch 2"] {
+                assert!(stderr.contains(batch), "{stderr}");
+            }
+        }
+    }
     for (bundle, baseline, message) in [
         (
             &int8,
