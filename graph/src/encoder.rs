@@ -87,12 +87,10 @@ pub fn attention(
             let (q, k, v) = if q.kind() == Kind::Float {
                 (q * scale, k.shallow_clone(), v.shallow_clone())
             } else {
-                // q, k and v are strided views of one projection, which matmul
-                // would copy anyway; copied to contiguous first (q scaled in
-                // its copy, or in place where it already was contiguous), both
-                // bf16 matmuls read them as they are: the same numbers, and
-                // attention 3–9% faster on Zen 4 (benches/op_profile.py).
-                // In f32 it measured level.
+                // q, k and v are strided views of one projection, which both
+                // matmuls would copy; copied once up front (q scaled in its
+                // copy), bf16 attention gives the same numbers 3–6% faster on
+                // Zen 4 (benches/op_profile.py). In f32 it measured level.
                 let q = q.contiguous().g_mul_scalar_(scale);
                 (q, k.contiguous(), v.contiguous())
             };
