@@ -35,6 +35,13 @@ fn main() {
         .file("src/shim/artifact.cpp")
         .compile("vit_msn_describe");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    // src/mkl.rs: oneMKL's vendor check, answered by the executable (-u
+    // keeps the functions from being dropped, the export makes them win
+    // over libtorch_cpu's own).
+    for symbol in ["mkl_serv_intel_cpu", "mkl_serv_intel_cpu_true"] {
+        println!("cargo:rustc-link-arg=-Wl,-u,{symbol}");
+        println!("cargo:rustc-link-arg=-Wl,--export-dynamic-symbol={symbol}");
+    }
     build_cuda_graphs_library(&lib, root);
 }
 

@@ -32,6 +32,7 @@ pub mod inputs;
 pub mod loss;
 pub mod manifest;
 mod memory;
+pub mod mkl;
 pub mod replace;
 pub mod tensors;
 pub mod writer;
