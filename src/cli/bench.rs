@@ -111,6 +111,7 @@ pub fn bench(a: BenchArgs) -> CliResult {
         width,
         iters: a.iters,
         cpu: (device == tch::Device::Cpu).then(|| Cpu::detect().summary()),
+        mkl: (device == tch::Device::Cpu).then(|| vit_msn::mkl::status().describe().to_owned()),
         cpu_features: m.cpu_features.clone(),
         results: Vec::new(),
     };
@@ -142,6 +143,9 @@ pub fn bench(a: BenchArgs) -> CliResult {
         );
         if let Some(cpu) = &report.cpu {
             println!("cpu: {cpu}");
+            if let Some(mkl) = &report.mkl {
+                println!("oneMKL: {mkl}");
+            }
             println!("bundle uses: {}", cpu_features_text(&m.cpu_features));
         }
     }

@@ -46,6 +46,10 @@ pub struct Report {
     /// The CPU it ran on ([`vit_msn::cpu::Cpu::summary`]); absent in older baselines.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu: Option<String>,
+    /// Which kernels oneMKL runs ([`vit_msn::mkl::MklKernels::describe`]),
+    /// on the CPU; absent in older baselines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mkl: Option<String>,
     /// The CPU features the bundle's kernels use (the manifest's).
     #[serde(default)]
     pub cpu_features: Vec<vit_msn::cpu::CpuFeature>,

@@ -91,6 +91,11 @@ pub fn comparable(
             );
         }
     }
+    if let (Some(theirs), Some(ours)) = (&baseline.mkl, &current.mkl) {
+        if theirs != ours {
+            eprintln!("note: the baseline's oneMKL ran {theirs}; this run's runs {ours}");
+        }
+    }
     if let (Some(theirs), Some(ours)) = (&baseline.model, &current.model) {
         if theirs != ours {
             return Err(Error::file(
@@ -171,6 +176,7 @@ mod tests {
             width: 224,
             iters: 5,
             cpu: None,
+            mkl: None,
             cpu_features: Vec::new(),
             results: medians
                 .iter()

@@ -67,6 +67,8 @@ pub struct BundleReport {
     #[serde(flatten)]
     manifest: Manifest,
     this_cpu: String,
+    /// Which kernels oneMKL runs here ([`vit_msn::mkl::MklKernels::describe`]).
+    mkl: &'static str,
     digests_ok: Vec<DigestCheck>,
 }
 
@@ -98,6 +100,7 @@ impl BundleReport {
             dir: dir.to_path_buf(),
             manifest,
             this_cpu: Cpu::detect().summary(),
+            mkl: vit_msn::mkl::status().describe(),
             digests_ok,
         })
     }
@@ -152,6 +155,7 @@ impl fmt::Display for BundleReport {
             cpu_features_text(&m.cpu_features)
         )?;
         writeln!(f, "this cpu: {}", self.this_cpu)?;
+        writeln!(f, "oneMKL:   {}", self.mkl)?;
         if !md.labels.is_empty() {
             let first: Vec<&str> = md.labels.iter().take(10).map(String::as_str).collect();
             writeln!(f, "labels:   {} ({})", md.labels.len(), first.join(", "))?;
