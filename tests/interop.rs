@@ -6,7 +6,10 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{assert_ok, case_dir, check_outputs, compile_case, read, root, scratch, vit_msn};
+use common::{
+    assert_ok, case_dir, check_outputs, compile_case, read, root, run_bundle, scratch, vit_msn,
+    MKL_AS_SHIPPED,
+};
 
 fn python(script: &str, args: &[&dyn AsRef<std::ffi::OsStr>]) -> std::process::Output {
     let mut cmd = std::process::Command::new(root().join(".venv/bin/python"));
@@ -365,17 +368,15 @@ save_file({k: v.contiguous() for k, v in out.items()}, sys.argv[3])
     let mut expected = read(&dir.join("masked.ref.safetensors"));
     expected.retain(|(n, _)| n == "logits");
     check_outputs(&got, &expected, 1e-4, "python");
+    // Bit for bit where oneMKL runs the same kernels in both processes.
     let rust_out = scratch("interop-python-rust").join("rust.safetensors");
     assert_ok(
-        &vit_msn(&[
-            &"run",
-            &"--bundle",
+        &run_bundle(
             &bundle,
-            &"--inputs",
             &dir.join("masked.in.safetensors"),
-            &"--output",
             &rust_out,
-        ]),
+            MKL_AS_SHIPPED,
+        ),
         "rust run",
     );
     let rust = read(&rust_out);
@@ -424,15 +425,7 @@ save_file({k: v.contiguous() for k, v in out.items()}, sys.argv[3])
     );
     let rust_out = work.join("rust.safetensors");
     assert_ok(
-        &vit_msn(&[
-            &"run",
-            &"--bundle",
-            &bundle,
-            &"--inputs",
-            &inputs,
-            &"--output",
-            &rust_out,
-        ]),
+        &run_bundle(&bundle, &inputs, &rust_out, MKL_AS_SHIPPED),
         "rust run",
     );
     let (got, rust) = (read(&py_out), read(&rust_out));

@@ -102,6 +102,11 @@ pub const AVX2_ONLY: &[(&str, &str)] = &[
     ("FBGEMM_ENABLE_INSTRUCTIONS", "AVX2"),
 ];
 
+/// Set on a child process, this leaves oneMKL's kernels as any other
+/// process gets them (src/mkl.rs): for comparing, bit for bit, with Python or
+/// C++ running the same artifact.
+pub const MKL_AS_SHIPPED: &[(&str, &str)] = &[(vit_msn::mkl::OPT_OUT, "0")];
+
 /// [`vit_msn`] with environment variables set for the child.
 pub fn vit_msn_env(args: &[&dyn AsRef<std::ffi::OsStr>], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(bin());
@@ -110,6 +115,20 @@ pub fn vit_msn_env(args: &[&dyn AsRef<std::ffi::OsStr>], env: &[(&str, &str)]) -
     }
     cmd.envs(env.iter().copied());
     cmd.output().expect("run vit-msn")
+}
+
+/// `vit-msn run --bundle B --inputs I --output O`, with `env` set for the child.
+pub fn run_bundle(bundle: &Path, inputs: &Path, output: &Path, env: &[(&str, &str)]) -> Output {
+    let args: [&dyn AsRef<std::ffi::OsStr>; 7] = [
+        &"run",
+        &"--bundle",
+        &bundle,
+        &"--inputs",
+        &inputs,
+        &"--output",
+        &output,
+    ];
+    vit_msn_env(&args, env)
 }
 
 pub fn assert_ok(out: &Output, what: &str) {
