@@ -30,7 +30,9 @@ except ONNX Runtime and OpenVINO:
     INFERENCE_NUM_THREADS --threads, PERFORMANCE_HINT LATENCY, synchronous
     InferRequest.infer
   this runtime: vit-msn bench on bundles compiled from the same checkpoint,
-    f32, bf16 and int8 (a bundle whose compile fails is skipped with a note)
+    f32, bf16 and int8 (a bundle whose compile fails is skipped with a note);
+    each also with glibc's malloc as is and with oneMKL as shipped (rows that
+    show what src/allocator.rs and src/mkl.rs gain)
 A stack whose package is missing, or whose worker fails, is skipped with a
 note on stderr. Random weights: these are speed figures, not accuracy.
 """
@@ -57,6 +59,12 @@ VIT_MSN_DTYPES = ("f32", "bf16", "int8")
 # The runtime sets glibc's malloc to keep freed memory (src/allocator.rs);
 # these rows run the same bundle with malloc left as it is, to show the gain.
 SYSTEM_MALLOC = ", glibc malloc as is"
+# On an AMD CPU with AVX-512 the runtime lets oneMKL take its AVX-512 kernels
+# (src/mkl.rs); these rows run the same bundle with oneMKL as it ships.
+MKL_AS_SHIPPED = ", oneMKL as shipped"
+# Row suffix -> what that row's process environment adds.
+VIT_MSN_VARIANTS = {"": {}, SYSTEM_MALLOC: {"VIT_MSN_SYSTEM_MALLOC": "1"},
+                    MKL_AS_SHIPPED: {"VIT_MSN_MKL_AVX512_ON_AMD": "0"}}
 TORCH_STACKS = ["transformers SDPA f32", "TorchScript trace + freeze + optimize_for_inference",
                 "transformers SDPA bf16"]
 # Optional stacks: name -> the packages they need.
@@ -126,14 +134,17 @@ def python_stack(name, model_dir, model_file, batches, iters, threads, task):
 
 
 def describe_machine():
-    """The CPU model, which of CPU_FLAGS it has, and the package versions."""
-    model_name, flags = "unknown", set()
+    """Prints the CPU model, which of CPU_FLAGS it has, and the package
+    versions; returns whether src/mkl.rs's override applies (AMD, AVX-512)."""
+    model_name, vendor, flags = "unknown", "", set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, value = line.partition(":")
                 if key.strip() == "model name":
                     model_name = value.strip()
+                elif key.strip() == "vendor_id":
+                    vendor = value.strip()
                 elif key.strip() == "flags":
                     flags = set(value.split())
                     break
@@ -148,6 +159,7 @@ def describe_machine():
         except importlib.metadata.PackageNotFoundError:
             versions.append(f"{pkg} not installed")
     print("Packages: " + ", ".join(versions), flush=True)
+    return vendor == "AuthenticAMD" and "avx512f" in flags
 
 
 def main():
@@ -170,13 +182,19 @@ def main():
         print(json.dumps(python_stack(args.worker, args.model_dir, args.model_file, batches, args.iters,
                                       args.threads, args.task)))
         return
-    describe_machine()
+    mkl_override = describe_machine()
     wanted = [s.strip().lower() for s in args.stacks.split(",") if s.strip()]
-    all_names = ([f"vit-msn (this runtime) {d}{m}" for d in VIT_MSN_DTYPES for m in ("", SYSTEM_MALLOC)]
+    all_names = ([f"vit-msn (this runtime) {d}{m}" for d in VIT_MSN_DTYPES for m in VIT_MSN_VARIANTS]
                  + TORCH_STACKS + list(OPTIONAL_STACKS))
     selected = [n for n in all_names if not wanted or any(w in n.lower() for w in wanted)]
     if not selected:
         raise SystemExit(f"--stacks {args.stacks!r} matches none of: {', '.join(all_names)}")
+    if not mkl_override and any(n.endswith(MKL_AS_SHIPPED) for n in selected):
+        # Elsewhere oneMKL runs as shipped in every row already.
+        print("not an AMD CPU with AVX-512: skipping the oneMKL as shipped rows", file=sys.stderr)
+        selected = [n for n in selected if not n.endswith(MKL_AS_SHIPPED)]
+        if not selected:
+            raise SystemExit("nothing left to run")
     for name, pkgs in OPTIONAL_STACKS.items():
         missing = [p for p in pkgs if importlib.util.find_spec(p) is None]
         if name in selected and missing:
@@ -203,7 +221,7 @@ def main():
         envs = {}  # name -> what its process's environment adds
         for dtype in VIT_MSN_DTYPES:
             name = f"vit-msn (this runtime) {dtype}"
-            names = [n for n in (name, name + SYSTEM_MALLOC) if n in selected]
+            names = [name + m for m in VIT_MSN_VARIANTS if name + m in selected]
             if not names:
                 continue
             bundle = os.path.join(tmp, f"bundle-{dtype}")
@@ -218,8 +236,7 @@ def main():
                 stacks[n] = [
                     BIN, "bench", "--bundle", bundle, "--batch", ",".join(map(str, batches)), "--iters",
                     str(args.iters), "--warmup", "3", "--threads", str(args.threads), "--json"]
-                if n.endswith(SYSTEM_MALLOC):
-                    envs[n] = {"VIT_MSN_SYSTEM_MALLOC": "1"}
+                envs[n] = VIT_MSN_VARIANTS[n[len(name):]]
         # The file each Python stack loads, where it loads one; a stack whose
         # export fails is dropped with a note, like a failed bundle compile.
         files = {}
