@@ -1,18 +1,19 @@
-//! oneMKL's AVX-512 kernels on AMD CPUs.
+//! oneMKL's AVX2 and AVX-512 kernels on AMD CPUs.
 //!
 //! The PyPI libtorch carries oneMKL 2024 inside `libtorch_cpu.so`, and
 //! libtorch's f32 GEMMs on the CPU go to it: the matmuls inside
 //! `scaled_dot_product_attention` and every `aten::linear`. oneMKL picks its
 //! kernels by vendor before instruction set: on a CPU that is not Intel's it
-//! never takes its AVX-512 paths, even on AMD Zen 4, which has AVX-512 (and
-//! VNNI and BF16) as Intel's Ice Lake and Sapphire Rapids do. It asks two of
+//! runs its generic kernels ("Intel(R) Architecture processors" in its
+//! `MKL_VERBOSE=1` banner), on AMD Zen 3 (AVX2) and Zen 4 (AVX-512, VNNI and
+//! BF16, as Intel's Ice Lake and Sapphire Rapids have) alike. It asks two of
 //! its own functions, `mkl_serv_intel_cpu` and `mkl_serv_intel_cpu_true`,
 //! which `libtorch_cpu.so` exports and calls through its PLT, so a
 //! definition in the executable takes their place. The ones below answer
-//! "Intel" on an AMD CPU with AVX-512 (unless capped, see [`decide`]), and
-//! everywhere else pass the question on to oneMKL's own; oneMKL then reads
-//! the CPU's feature bits as it does on Intel's CPUs. See docs/performance.md
-//! for what it gains.
+//! "Intel" on an AMD CPU with AVX2 (see [`decide`]), and everywhere else
+//! pass the question on to oneMKL's own; oneMKL then reads the CPU's feature
+//! bits as it does on Intel's CPUs (and honours `MKL_ENABLE_INSTRUCTIONS`,
+//! which the AVX2 stand-in sets). See docs/performance.md for what it gains.
 //!
 //! They take effect only in an executable that exports them: `vit-msn`,
 //! this package's tests and benches (build.rs links them so). An
@@ -26,18 +27,18 @@ use crate::cpu::Cpu;
 
 /// The environment variable that, set to `0`, leaves oneMKL to pick its
 /// kernels as it ships.
-pub const OPT_OUT: &str = "VIT_MSN_MKL_AVX512_ON_AMD";
+pub const OPT_OUT: &str = "VIT_MSN_MKL_AMD_AS_INTEL";
 
-/// Whether oneMKL runs its AVX-512 kernels on this AMD CPU because of this
-/// module, and if not, why not.
+/// Whether oneMKL runs its AVX2 or AVX-512 kernels on this AMD CPU because
+/// of this module, and if not, why not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MklKernels {
-    /// oneMKL is told the CPU is Intel's, and takes its AVX-512 kernels.
-    Avx512OnAmd,
-    /// Not an AMD CPU with AVX-512 (or AVX-512 is capped, see [`decide`]):
-    /// oneMKL picks as it ships.
+    /// oneMKL is told the CPU is Intel's, and picks its kernels by the
+    /// CPU's feature bits.
+    AmdAsIntel,
+    /// Not an AMD CPU with AVX2: oneMKL picks as it ships.
     AsShipped,
-    /// `VIT_MSN_MKL_AVX512_ON_AMD=0`.
+    /// `VIT_MSN_MKL_AMD_AS_INTEL=0`.
     OptedOut,
     /// This executable does not export the functions, so oneMKL calls its
     /// own (an application linking this crate without build.rs's link
@@ -49,11 +50,11 @@ impl MklKernels {
     /// One line for `vit-msn inspect` and `bench`.
     pub fn describe(self) -> &'static str {
         match self {
-            MklKernels::Avx512OnAmd => {
-                "AVX-512 kernels on this AMD CPU (VIT_MSN_MKL_AVX512_ON_AMD=0 turns them off)"
+            MklKernels::AmdAsIntel => {
+                "its kernels for this CPU's AVX2/AVX-512, as on Intel's (VIT_MSN_MKL_AMD_AS_INTEL=0 turns that off)"
             }
             MklKernels::AsShipped => "as it ships",
-            MklKernels::OptedOut => "as it ships (VIT_MSN_MKL_AVX512_ON_AMD=0)",
+            MklKernels::OptedOut => "as it ships (VIT_MSN_MKL_AMD_AS_INTEL=0)",
             MklKernels::NotLinked => {
                 "as it ships (this executable does not export mkl_serv_intel_cpu)"
             }
@@ -61,34 +62,21 @@ impl MklKernels {
     }
 }
 
-/// Whether to tell oneMKL it runs on Intel's CPU: on an AMD CPU whose
-/// AVX-512 oneDNN may use (`avx512` is false on AVX2-only CPUs and under
-/// `ONEDNN_MAX_CPU_ISA=AVX2`), unless `ATEN_CPU_CAPABILITY` keeps ATen off
-/// AVX-512 too (`avx2` or `default`: a run standing in for an AVX2-only CPU
-/// keeps oneMKL on the kernels such a CPU gets) or the user opted out.
-pub fn decide(
-    amd: bool,
-    avx512: bool,
-    aten_capability: Option<&str>,
-    opt_out: Option<&str>,
-) -> bool {
-    let aten_capped = aten_capability.is_some_and(|c| {
-        let c = c.trim().to_ascii_lowercase();
-        c == "avx2" || c == "default"
-    });
-    amd && avx512 && !aten_capped && opt_out.map(str::trim) != Some("0")
+/// Whether to tell oneMKL it runs on Intel's CPU: on an AMD CPU with AVX2
+/// (Zen and later; measured on Zen 3 and Zen 4, where oneMKL's generic
+/// kernels are its slowest), unless the user opted out.
+pub fn decide(amd: bool, avx2: bool, opt_out: Option<&str>) -> bool {
+    amd && avx2 && opt_out.map(str::trim) != Some("0")
 }
 
 /// Whether the override answers "Intel" in this process (read once).
 fn wanted() -> bool {
     static WANTED: OnceLock<bool> = OnceLock::new();
     *WANTED.get_or_init(|| {
-        let aten = std::env::var("ATEN_CPU_CAPABILITY").ok();
         let opt_out = std::env::var(OPT_OUT).ok();
         decide(
             amd(),
-            Cpu::detect().avx512(),
-            aten.as_deref(),
+            Cpu::detect().flags.contains("avx2"),
             opt_out.as_deref(),
         )
     })
@@ -121,7 +109,7 @@ pub fn status() -> MklKernels {
     }
     let opted_out = std::env::var(OPT_OUT).is_ok_and(|v| v.trim() == "0");
     match (wanted(), opted_out) {
-        (true, _) => MklKernels::Avx512OnAmd,
+        (true, _) => MklKernels::AmdAsIntel,
         (false, true) => MklKernels::OptedOut,
         (false, false) => MklKernels::AsShipped,
     }
@@ -166,14 +154,12 @@ mod tests {
     use super::decide;
 
     #[test]
-    fn only_amd_with_uncapped_avx512_is_told_intel() {
-        assert!(decide(true, true, None, None));
-        assert!(decide(true, true, Some("avx512"), Some("1")));
-        assert!(!decide(false, true, None, None));
-        assert!(!decide(true, false, None, None));
-        assert!(!decide(true, true, Some("avx2"), None));
-        assert!(!decide(true, true, Some("DEFAULT"), None));
-        assert!(!decide(true, true, None, Some("0")));
-        assert!(!decide(true, true, None, Some(" 0 ")));
+    fn only_amd_with_avx2_is_told_intel() {
+        assert!(decide(true, true, None));
+        assert!(decide(true, true, Some("1")));
+        assert!(!decide(false, true, None));
+        assert!(!decide(true, false, None));
+        assert!(!decide(true, true, Some("0")));
+        assert!(!decide(true, true, Some(" 0 ")));
     }
 }
