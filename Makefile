@@ -62,8 +62,8 @@ $(IMAGE_FIXTURES)/COMPLETE: tests/fixtures/make_image_fixtures.py $(wildcard src
 fixtures: $(FIXTURES)/COMPLETE $(IMAGE_FIXTURES)/COMPLETE
 
 # Run under these, any x86-64 machine computes as an AVX2-only CPU (AMD Zen 3) does:
-# oneDNN, ATen and fbgemm (the int8 linears) capped at AVX2.
-AVX2_ONLY := ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2
+# oneDNN, ATen, fbgemm (the int8 linears) and oneMKL (src/mkl.rs) capped at AVX2.
+AVX2_ONLY := ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
 
 # The last line sums up every test binary's results: "test: N passed, N failed".
 # The parity and int8 suites run twice: on this CPU, and as on an AVX2-only one.

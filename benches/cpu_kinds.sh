@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # f32, f16, bf16 and int8 side by side on this CPU as it is and as an
 # AVX2-only CPU (ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
-# FBGEMM_ENABLE_INSTRUCTIONS=AVX2), vit-msn-small shape at
+# FBGEMM_ENABLE_INSTRUCTIONS=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2), vit-msn-small shape at
 # 224, untrained weights, `vit-msn bench` at batch 1 and 8. Rounds alternate
 # the bundles, so drift hits every one alike. Figures: docs/performance.md.
 #
@@ -23,7 +23,7 @@ JSON
 grep -m1 'model name' /proc/cpuinfo
 echo "flags: $(grep -o -w -E 'avx2|avx512f|avx512_bf16|avx512_fp16|amx_bf16|amx_fp16|avx_ne_convert' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 # Compiled on this CPU (bf16 takes oneDNN's kernel where it has it), and as on AVX2.
-avx2=(ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2)
+avx2=(ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2)
 for d in f32 f16 bf16 int8; do
   "$bin" compile --model "$work/model" --out "$work/$d" --dtype "$d" 2>/dev/null
   env "${avx2[@]}" "$bin" compile --model "$work/model" --out "$work/$d-avx2" --dtype "$d" 2>/dev/null

@@ -94,16 +94,18 @@ pub fn vit_msn(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
 }
 
 /// Set on a child process, these make any x86-64 machine compute as an
-/// AVX2-only CPU (AMD Zen 3) does: oneDNN, ATen and fbgemm (the int8
-/// linears) capped at AVX2.
+/// AVX2-only CPU (AMD Zen 3) does: oneDNN, ATen, fbgemm (the int8
+/// linears) and oneMKL (which src/mkl.rs lets pick by feature bits on AMD)
+/// capped at AVX2.
 pub const AVX2_ONLY: &[(&str, &str)] = &[
     ("ONEDNN_MAX_CPU_ISA", "AVX2"),
     ("ATEN_CPU_CAPABILITY", "avx2"),
     ("FBGEMM_ENABLE_INSTRUCTIONS", "AVX2"),
+    ("MKL_ENABLE_INSTRUCTIONS", "AVX2"),
 ];
 
 /// Set on a child process, this leaves oneMKL's kernels as any other
-/// process gets them (src/mkl.rs): for comparing, bit for bit, with Python or
+/// process gets them on AMD CPUs (src/mkl.rs): for comparing, bit for bit, with Python or
 /// C++ running the same artifact.
 pub const MKL_AS_SHIPPED: &[(&str, &str)] = &[(vit_msn::mkl::OPT_OUT, "0")];
 

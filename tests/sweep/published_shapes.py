@@ -12,7 +12,7 @@ or classifier), compiled at its trained resolution and one interpolated,
 non-square one, and run at each: at 224 with a mask and a (layers, heads)
 head mask, and (for a classifier) labels; at the other resolution plain.
 --modes: compiled and run here (native), compiled here and run under
-ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 (native-avx2), or compiled and
+ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 (native-avx2), or compiled and
 run under them (avx2). Every output is held to its bound in
 tests/bounds.json against the f32 reference; a shape's folder is
 removed once it passes. Exits 1 when any shape fails.
@@ -36,7 +36,7 @@ from make_fixtures import make_model, run_reference  # noqa: E402
 with open(os.path.join(ROOT, "tests", "bounds.json")) as f:
     BOUNDS = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
 # Run under this environment, a machine with AVX-512 computes as an AVX2-only one does.
-AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 # name: (config, task, weights format, interpolated resolution)
 SHAPES = {
