@@ -30,7 +30,7 @@ PY
 $py "$work/make_inputs.py" "$fx/masked.in.safetensors" "$work/inputs.pt"
 "$work/build/run_artifact" "$work/bundle/model_80x96.pt" "$work/inputs.pt" "$work/cpp_out.pt"
 # oneMKL as a C++ application has it (src/mkl.rs), so the two compare bit for bit.
-VIT_MSN_MKL_AVX512_ON_AMD=0 ./target/debug/vit-msn run --bundle "$work/bundle" --inputs "$fx/masked.in.safetensors" --output "$work/rust_out.safetensors"
+VIT_MSN_MKL_AMD_AS_INTEL=0 ./target/debug/vit-msn run --bundle "$work/bundle" --inputs "$fx/masked.in.safetensors" --output "$work/rust_out.safetensors"
 $py - "$work/cpp_out.pt" "$work/rust_out.safetensors" "$fx/masked.ref.safetensors" <<'PY'
 import sys, torch
 from safetensors.torch import load_file
@@ -52,7 +52,7 @@ PY
 # the Rust runtime does, and stays within the int8 bound of transformers' f32.
 ./target/debug/vit-msn compile --model "$fx/model" --out "$work/bundle-int8" --resolutions 64,80x96 --outputs attentions --dtype int8
 "$work/build/run_artifact" "$work/bundle-int8/model_80x96.pt" "$work/inputs.pt" "$work/cpp_int8_out.pt"
-VIT_MSN_MKL_AVX512_ON_AMD=0 ./target/debug/vit-msn run --bundle "$work/bundle-int8" --inputs "$fx/masked.in.safetensors" --output "$work/rust_int8_out.safetensors"
+VIT_MSN_MKL_AMD_AS_INTEL=0 ./target/debug/vit-msn run --bundle "$work/bundle-int8" --inputs "$fx/masked.in.safetensors" --output "$work/rust_int8_out.safetensors"
 $py - "$work/cpp_int8_out.pt" "$work/rust_int8_out.safetensors" "$fx/masked.ref.safetensors" <<'PY'
 import sys, torch
 from safetensors.torch import load_file
