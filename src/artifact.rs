@@ -24,6 +24,11 @@ extern "C" {
         rows: i64,
         err: *mut *mut c_char,
     ) -> c_int;
+    fn vmsn_rt_artifact_mkl_linears(
+        a: *mut VmsnArtifact,
+        rows: i64,
+        err: *mut *mut c_char,
+    ) -> c_int;
     fn vmsn_rt_artifact_unfuse_onednn_linears(a: *mut VmsnArtifact, err: *mut *mut c_char)
         -> c_int;
     fn vmsn_rt_artifact_split_gelu_post_ops(a: *mut VmsnArtifact, err: *mut *mut c_char) -> c_int;
@@ -111,6 +116,19 @@ impl Artifact {
         let mut err = std::ptr::null_mut();
         // SAFETY: `raw` is live, and `&mut self` keeps other threads out.
         let n = unsafe { vmsn_rt_artifact_prepack_linears(self.raw, rows, &mut err) };
+        usize::try_from(n).map_err(|_| take_error(err))
+    }
+
+    /// Rewrites the graph's f32 oneDNN linears without a post-op into oneMKL's
+    /// packed sgemm (`mkl::_mkl_linear`), its weight packed once for inputs
+    /// of `rows` rows; other row counts run ATen's linear, and the results
+    /// agree with oneDNN's to rounding. CPU artifacts only; call it after
+    /// [`Artifact::split_gelu_post_ops`], in place of
+    /// [`Artifact::prepack_linears`]. Returns how many were rewritten.
+    pub fn mkl_linears(&mut self, rows: i64) -> std::result::Result<usize, String> {
+        let mut err = std::ptr::null_mut();
+        // SAFETY: `raw` is live, and `&mut self` keeps other threads out.
+        let n = unsafe { vmsn_rt_artifact_mkl_linears(self.raw, rows, &mut err) };
         usize::try_from(n).map_err(|_| take_error(err))
     }
 

@@ -38,6 +38,8 @@ pub struct Bundle {
     graphs: Option<Mutex<Vec<(GraphKey, CudaGraph)>>>,
     /// Loaded with [`LoadOptions::pre_layernorm_cls`].
     pre_layernorm_cls: bool,
+    /// The GEMM behind the f32 linears, for f32 bundles on the CPU.
+    cpu_linears: Option<CpuLinears>,
     /// Last, so it runs after the weights above are freed.
     _release: Option<crate::allocator::ReleaseOnDrop>,
 }
@@ -96,6 +98,93 @@ pub struct LoadOptions {
     /// is slow (split, a vit-msn-small f32 pass on AMD Zen 3 is about 9%
     /// faster).
     pub fused_gelu: Option<bool>,
+    /// On the CPU, which GEMM runs an f32 artifact's oneDNN linears that
+    /// have no fused post-op. `None`, the default, reads
+    /// `VIT_MSN_CPU_LINEARS` (`onednn` or `mkl`), and without it picks
+    /// [`CpuLinears::Mkl`] where oneMKL runs its AVX2 kernels because of
+    /// [`crate::mkl`] on a CPU without AVX-512 (AMD Zen 3: a vit-msn-small
+    /// pass about 10% faster at batch 1 and 8), and [`CpuLinears::OneDnn`]
+    /// elsewhere.
+    pub cpu_linears: Option<CpuLinears>,
+}
+
+/// The GEMM behind an f32 artifact's linears on the CPU. Both compute
+/// `x · wᵀ + b` in f32 and agree to rounding (about 1e-6 relative).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuLinears {
+    /// oneDNN's inner product, as compiled, its weight reordered once at
+    /// load ([`LoadOptions::prepack_linears`]).
+    OneDnn,
+    /// oneMKL's sgemm (`mkl::_mkl_linear`), its weight packed once at load
+    /// for a batch of one image (`cblas_sgemm_pack`); other batch sizes run
+    /// ATen's linear, which is oneMKL's sgemm on the dense weight, kept
+    /// beside the packed one (so these linears' weights take twice the
+    /// memory).
+    Mkl,
+}
+
+/// The environment variable that picks [`CpuLinears`] for every bundle a
+/// process loads with the default options.
+pub const CPU_LINEARS_ENV: &str = "VIT_MSN_CPU_LINEARS";
+
+impl CpuLinears {
+    /// `onednn` or `mkl`.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text.trim() {
+            "onednn" => Some(CpuLinears::OneDnn),
+            "mkl" => Some(CpuLinears::Mkl),
+            _ => None,
+        }
+    }
+
+    /// `onednn` or `mkl`, as [`CpuLinears::parse`] reads it.
+    pub fn name(self) -> &'static str {
+        match self {
+            CpuLinears::OneDnn => "onednn",
+            CpuLinears::Mkl => "mkl",
+        }
+    }
+
+    /// One line for `vit-msn bench`.
+    pub fn describe(self) -> &'static str {
+        match self {
+            CpuLinears::OneDnn => "oneDNN (VIT_MSN_CPU_LINEARS=mkl for oneMKL's sgemm)",
+            CpuLinears::Mkl => {
+                "oneMKL's sgemm, packed for batch 1 (VIT_MSN_CPU_LINEARS=onednn for oneDNN)"
+            }
+        }
+    }
+
+    /// The default where neither the options nor the environment choose:
+    /// oneMKL's sgemm only where it was measured faster, an AVX2 CPU on
+    /// which oneMKL runs its AVX2 kernels because of the override (AMD Zen
+    /// 3; on Zen 4 and on Intel's CPUs this is unmeasured, so oneDNN stays).
+    pub fn by_default(avx512: bool, mkl: crate::mkl::MklKernels) -> Self {
+        if !avx512 && mkl == crate::mkl::MklKernels::AmdAsIntel {
+            CpuLinears::Mkl
+        } else {
+            CpuLinears::OneDnn
+        }
+    }
+
+    /// The options' choice, else the environment's, else [`CpuLinears::by_default`].
+    pub fn resolve(chosen: Option<Self>) -> Result<Self> {
+        if let Some(c) = chosen {
+            return Ok(c);
+        }
+        match std::env::var(CPU_LINEARS_ENV) {
+            Ok(v) if !v.trim().is_empty() => Self::parse(&v).ok_or_else(|| {
+                Error::input(
+                    CPU_LINEARS_ENV,
+                    format!("`{v}` is neither `onednn` nor `mkl`"),
+                )
+            }),
+            _ => Ok(Self::by_default(
+                Cpu::detect().avx512(),
+                crate::mkl::status(),
+            )),
+        }
+    }
 }
 
 impl LoadOptions {
@@ -130,6 +219,7 @@ impl Default for LoadOptions {
             pre_layernorm_cls: false,
             keep_freed_memory: true,
             fused_gelu: None,
+            cpu_linears: None,
         }
     }
 }
@@ -282,6 +372,12 @@ impl Bundle {
             }
         }
         let fallback = onednn_fallback(&manifest.dtype, device);
+        // Only f32 CPU artifacts have linears to choose for.
+        let linears = if device == Device::Cpu && manifest.dtype == "f32" && fallback.is_none() {
+            Some(CpuLinears::resolve(options.cpu_linears)?)
+        } else {
+            None
+        };
         let mut release = None;
         if device == Device::Cpu {
             crate::cpu::warn_if_slow(&manifest.dtype, fallback);
@@ -328,9 +424,13 @@ impl Bundle {
                 if manifest.dtype == "f32" && !fused {
                     module.split_gelu_post_ops().map_err(bad)?;
                 }
+                let patch = manifest.model.patch_size.max(1);
+                let tokens = (entry.height / patch) * (entry.width / patch) + 1;
+                if linears == Some(CpuLinears::Mkl) {
+                    // Those with a fused GELU left stay on oneDNN, packed below.
+                    module.mkl_linears(tokens).map_err(bad)?;
+                }
                 if options.prepack_linears {
-                    let patch = manifest.model.patch_size.max(1);
-                    let tokens = (entry.height / patch) * (entry.width / patch) + 1;
                     // Only an optimisation: a node whose weight could not be
                     // packed keeps its dense weight, and the graph stays valid.
                     let _ = module.prepack_linears(tokens);
@@ -346,6 +446,7 @@ impl Bundle {
             artifacts,
             graphs,
             pre_layernorm_cls: options.pre_layernorm_cls,
+            cpu_linears: linears,
             _release: release,
         };
         if options.warm_up {
@@ -380,6 +481,12 @@ impl Bundle {
 
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
+    }
+
+    /// The GEMM behind the linears of an f32 bundle on the CPU (`None`
+    /// otherwise: other dtypes and devices have one choice).
+    pub fn cpu_linears(&self) -> Option<CpuLinears> {
+        self.cpu_linears
     }
 
     pub fn dir(&self) -> &Path {

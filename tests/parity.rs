@@ -93,6 +93,31 @@ fn aten_linear() {
     }
 }
 
+/// Both GEMMs for the f32 linears on the CPU, whichever this CPU defaults
+/// to: oneMKL's packed sgemm (`VIT_MSN_CPU_LINEARS=mkl`; the batch-1 runs
+/// take the packed weight, the others ATen's linear) and oneDNN's.
+#[test]
+fn cpu_linears() {
+    for (linears, cases) in [
+        (
+            "mkl",
+            &[
+                "base",
+                "sdpa",
+                "no_qkv_bias",
+                "classifier_bin",
+                "act_relu",
+                "vit_msn_small",
+            ][..],
+        ),
+        ("onednn", &["sdpa", "vit_msn_small"][..]),
+    ] {
+        for case in cases {
+            common::check_case_env(case, &[("VIT_MSN_CPU_LINEARS", linears)]);
+        }
+    }
+}
+
 /// Explicit attention (two batched matmuls around a softmax), which bf16
 /// artifacts compute by default where oneDNN has bf16 linears: forced here so
 /// that every CPU runs it, in f32 (against the f32 bound) and bf16, with the

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use common::{case_dir, scratch, vit_msn};
 use tch::{Device, Kind, Tensor};
 use vit_msn::artifact::Artifact;
-use vit_msn::bundle::LoadOptions;
+use vit_msn::bundle::{CpuLinears, LoadOptions};
+use vit_msn::mkl::MklKernels;
 use vit_msn::{Bundle, Error};
 
 /// Compiles into a scratch folder of the calling test's own (`test`), so
@@ -532,6 +533,125 @@ fn split_gelu_gives_the_same_results() {
         assert_eq!(artifact.split_gelu_post_ops().unwrap(), layers);
     }
     assert_eq!(artifact.split_gelu_post_ops().unwrap(), 0, "split twice");
+}
+
+/// oneMKL's packed sgemm in place of oneDNN's f32 linears computes the
+/// same function, at batch 1 (the packed weight: 17 rows at 32x32) and at
+/// batch 3 (ATen's linear on the dense weight the node keeps), with a mask
+/// and a head mask, with GELU split off or fused; the bundle says which it
+/// runs. On the artifact it rewrites the 4 linears of each layer once GELU
+/// is split off (3 while it is fused), and nothing a second time.
+#[test]
+fn mkl_linears_give_the_same_results() {
+    let dir = compile("mkl-linears", "base", &[]);
+    let load = |linears, fused| {
+        let options = LoadOptions {
+            cpu_linears: Some(linears),
+            fused_gelu: Some(fused),
+            ..Default::default()
+        };
+        Bundle::load_with(&dir, Device::Cpu, &options).unwrap()
+    };
+    let onednn = load(CpuLinears::OneDnn, true);
+    assert_eq!(onednn.cpu_linears(), Some(CpuLinears::OneDnn));
+    for fused in [false, true] {
+        let mkl = load(CpuLinears::Mkl, fused);
+        assert_eq!(mkl.cpu_linears(), Some(CpuLinears::Mkl));
+        for batch in [1, 3] {
+            tch::manual_seed(7 + batch);
+            let px = Tensor::randn([batch, 3, 32, 32], (Kind::Float, Device::Cpu));
+            let mask = Tensor::rand([batch, 16], (Kind::Float, Device::Cpu)).lt(0.3);
+            let hm = Tensor::rand([2, 4], (Kind::Float, Device::Cpu));
+            let a = onednn.forward(&px, Some(&mask), Some(&hm)).unwrap();
+            let b = mkl.forward(&px, Some(&mask), Some(&hm)).unwrap();
+            let (a, b) = (a.last_hidden_state.unwrap(), b.last_hidden_state.unwrap());
+            let scale = a.abs().max().double_value(&[]).max(1.0);
+            let d = max_diff(&a, &b);
+            assert!(d <= 1e-5 * scale, "batch {batch}, fused {fused}: {d}");
+        }
+    }
+
+    let m = onednn.manifest();
+    let layers = m.model.num_hidden_layers as usize;
+    let tokens = (m.artifacts[0].height / m.model.patch_size).pow(2) + 1;
+    let file = dir.join(&m.artifacts[0].file);
+    let mut fused = Artifact::load(&file, Device::Cpu).unwrap();
+    assert_eq!(fused.mkl_linears(tokens).unwrap(), 3 * layers);
+    let mut split = Artifact::load(&file, Device::Cpu).unwrap();
+    assert_eq!(split.split_gelu_post_ops().unwrap(), layers);
+    assert_eq!(split.mkl_linears(tokens).unwrap(), 4 * layers);
+    assert_eq!(split.mkl_linears(tokens).unwrap(), 0, "rewritten twice");
+    assert_eq!(
+        split.prepack_linears(tokens).unwrap(),
+        0,
+        "none left for oneDNN"
+    );
+}
+
+/// oneMKL's sgemm is the default only where it was measured faster: no
+/// AVX-512, and oneMKL on its AVX2 kernels because of the override.
+#[test]
+fn mkl_linears_are_the_default_only_on_avx2_with_the_override() {
+    use CpuLinears::{Mkl, OneDnn};
+    assert_eq!(CpuLinears::by_default(false, MklKernels::AmdAsIntel), Mkl);
+    assert_eq!(CpuLinears::by_default(true, MklKernels::AmdAsIntel), OneDnn);
+    for other in [
+        MklKernels::AsShipped,
+        MklKernels::OptedOut,
+        MklKernels::NotLinked,
+    ] {
+        assert_eq!(CpuLinears::by_default(false, other), OneDnn, "{other:?}");
+        assert_eq!(CpuLinears::by_default(true, other), OneDnn, "{other:?}");
+    }
+    assert_eq!(CpuLinears::parse("mkl"), Some(Mkl));
+    assert_eq!(CpuLinears::parse(" onednn\n"), Some(OneDnn));
+    assert_eq!(CpuLinears::parse("MKL"), None);
+    assert_eq!(CpuLinears::resolve(Some(OneDnn)).unwrap(), OneDnn);
+}
+
+/// A `VIT_MSN_CPU_LINEARS` that names neither GEMM fails the load in one
+/// line (here through `bench`); the variable and `bench --linears` choose
+/// the GEMM, and the report says which ran.
+#[test]
+fn cpu_linears_env_is_checked_and_reported() {
+    let dir = compile("linears-env", "base", &[]);
+    let bench = |env: &[(&str, &str)], extra: &[&str]| {
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
+            &"bench",
+            &"--bundle",
+            &dir,
+            &"--batch",
+            &"1",
+            &"--iters",
+            &"1",
+        ];
+        args.extend(extra.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
+        common::vit_msn_env(&args, env)
+    };
+    let out = bench(&[("VIT_MSN_CPU_LINEARS", "cublas")], &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("VIT_MSN_CPU_LINEARS") && err.contains("cublas"),
+        "{err}"
+    );
+    for (env, extra, want) in [
+        ("mkl", &[][..], "mkl"),
+        ("onednn", &[][..], "onednn"),
+        ("onednn", &["--linears", "mkl"][..], "mkl"),
+    ] {
+        let mut extra = extra.to_vec();
+        extra.push("--json");
+        let out = bench(&[("VIT_MSN_CPU_LINEARS", env)], &extra);
+        common::assert_ok(&out, "bench --json");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["linears"].as_str(), Some(want), "{env} {extra:?}");
+    }
+    let out = bench(&[("VIT_MSN_CPU_LINEARS", "mkl")], &[]);
+    common::assert_ok(&out, "bench");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("f32 linears: oneMKL's sgemm"), "{text}");
 }
 
 /// The memory check counts heads × tokens² attention scores only for graphs

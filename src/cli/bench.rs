@@ -5,7 +5,7 @@ use super::bench_report::{
     time_batch, Report,
 };
 use clap::Args;
-use vit_msn::bundle::LoadOptions;
+use vit_msn::bundle::{CpuLinears, LoadOptions};
 use vit_msn::cpu::{cpu_features_text, Cpu};
 use vit_msn::files::{check_replaceable_file, write_result_file};
 use vit_msn::manifest::Manifest;
@@ -65,6 +65,12 @@ pub struct BenchArgs {
     /// `split` runs it after the linear; default: split without AVX-512.
     #[arg(long, value_parser = ["fused", "split"])]
     gelu: Option<String>,
+    /// f32 on the CPU: the GEMM for the linears without a fused post-op,
+    /// `onednn` or `mkl` (oneMKL's packed sgemm); default: mkl where oneMKL
+    /// runs its AVX2 kernels on an AMD CPU without AVX-512, else onednn
+    /// (or `VIT_MSN_CPU_LINEARS`).
+    #[arg(long, value_parser = ["onednn", "mkl"])]
+    linears: Option<String>,
     /// Replay each batch size's forward as a CUDA graph (CUDA bundles).
     #[arg(long)]
     cuda_graphs: bool,
@@ -93,6 +99,7 @@ pub fn bench(a: BenchArgs) -> CliResult {
     let options = LoadOptions {
         prepack_linears: !a.no_prepack,
         fused_gelu: a.gelu.as_deref().map(|g| g == "fused"),
+        cpu_linears: a.linears.as_deref().and_then(CpuLinears::parse),
         ..load_options(a.cuda_graphs, device)?
     }
     .single_use(&manifest, (height, width))?;
@@ -112,6 +119,7 @@ pub fn bench(a: BenchArgs) -> CliResult {
         iters: a.iters,
         cpu: (device == tch::Device::Cpu).then(|| Cpu::detect().summary()),
         mkl: (device == tch::Device::Cpu).then(|| vit_msn::mkl::status().describe().to_owned()),
+        linears: bundle.cpu_linears().map(|l| l.name().to_owned()),
         cpu_features: m.cpu_features.clone(),
         results: Vec::new(),
     };
@@ -145,6 +153,9 @@ pub fn bench(a: BenchArgs) -> CliResult {
             println!("cpu: {cpu}");
             if let Some(mkl) = &report.mkl {
                 println!("oneMKL: {mkl}");
+            }
+            if let Some(linears) = bundle.cpu_linears() {
+                println!("f32 linears: {}", linears.describe());
             }
             println!("bundle uses: {}", cpu_features_text(&m.cpu_features));
         }

@@ -87,6 +87,58 @@ int vmsn_rt_artifact_prepack_linears(VmsnArtifact *a, int64_t rows, char **err) 
   return -1;
 }
 
+// Rewrites every `mkldnn::_linear_pointwise` without a post-op whose weight
+// is a dense f32 CPU constant into `mkl::_mkl_linear`, with the weight packed
+// once by oneMKL (`cblas_sgemm_pack`, through `mkl::_mkl_reorder_linear_weight`)
+// for inputs of `rows` rows. A call with another row count runs ATen's linear
+// on the dense weight, which the node keeps. On AVX2, with oneMKL's AVX2
+// kernels in effect (src/mkl.rs), the packed sgemm is faster than oneDNN's
+// prepacked linear at batch 1 (docs/performance.md). Run it after
+// split_gelu_post_ops, in place of prepack_linears. Returns how many nodes
+// were rewritten, or -1 with *err set.
+int vmsn_rt_artifact_mkl_linears(VmsnArtifact *a, int64_t rows, char **err) {
+  try {
+    auto graph = a->module.get_method("forward").graph();
+    static const auto pointwise = c10::Symbol::fromQualString("mkldnn::_linear_pointwise");
+    static const auto mkl_linear = c10::Symbol::fromQualString("mkl::_mkl_linear");
+    auto pack = c10::Dispatcher::singleton()
+                    .findSchemaOrThrow("mkl::_mkl_reorder_linear_weight", "")
+                    .typed<at::Tensor(const at::Tensor &, int64_t)>();
+    std::vector<torch::jit::Node *> found;
+    for (torch::jit::Node *node : graph->nodes()) {
+      if (node->kind() != pointwise || node->inputs().size() != 6) continue;
+      auto attr = torch::jit::toIValue(node->input(3));
+      if (!attr || !attr->isString() || attr->toStringRef() != "none") continue;
+      torch::jit::Value *w = node->input(1);
+      if (w->node()->kind() != c10::prim::Constant) continue;
+      auto value = torch::jit::toIValue(w);
+      if (!value || !value->isTensor()) continue;
+      const at::Tensor &weight = value->toTensor();
+      if (!weight.device().is_cpu() || weight.is_mkldnn() || weight.dim() != 2 ||
+          weight.scalar_type() != at::kFloat)
+        continue;
+      found.push_back(node);
+    }
+    for (torch::jit::Node *node : found) {
+      at::Tensor packed = pack.call(torch::jit::toIValue(node->input(1))->toTensor(), rows);
+      torch::jit::Node *constant = graph->create(c10::prim::Constant);
+      constant->t_(c10::attr::value, packed);
+      constant->output()->setType(c10::TensorType::get());
+      constant->insertBefore(node);
+      torch::jit::WithInsertPoint guard(node);
+      torch::jit::Value *y = graph->insert(
+          mkl_linear, {node->input(0), constant->output(), node->input(1), node->input(2), graph->insertConstant(rows)});
+      y->setType(node->output()->type());
+      node->output()->replaceAllUsesWith(y);
+      node->destroy();
+    }
+    return static_cast<int>(found.size());
+  } catch (const std::exception &e) {
+    set_error(err, e);
+  }
+  return -1;
+}
+
 // Rewrites every `mkldnn::_linear_pointwise` into `aten::linear`, followed by
 // `aten::gelu` where the node fused one: the same arithmetic through ATen's
 // GEMM, which runs on every CPU, for a CPU on which oneDNN has no kernel for

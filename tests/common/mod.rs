@@ -258,6 +258,25 @@ pub fn check_case_run_with(case: &str, extra: &[&str], run_extra: &[&str]) {
 /// As `check_case_run_with`, in the folder `work`: the bundle goes to
 /// `work/bundle`, each run's outputs to `work/<run>.out.safetensors`.
 pub fn check_case_in(case: &str, work: &Path, extra: &[&str], run_extra: &[&str]) {
+    check_case_in_env(case, work, extra, run_extra, &[]);
+}
+
+/// As [`check_case`], with environment variables set for each run (not the
+/// compile), in a folder of its own per case and environment.
+pub fn check_case_env(case: &str, env: &[(&str, &str)]) {
+    let tag: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let work = scratch(&format!("parity-{case}-{}", tag.join("-")));
+    check_case_in_env(case, &work, &[], &[], env);
+}
+
+/// [`check_case_in`] with `env` set for each run.
+pub fn check_case_in_env(
+    case: &str,
+    work: &Path,
+    extra: &[&str],
+    run_extra: &[&str],
+    env: &[(&str, &str)],
+) {
     let dir = case_dir(case);
     let spec = case_spec(&dir);
     let bundle = work.join("bundle");
@@ -274,7 +293,7 @@ pub fn check_case_in(case: &str, work: &Path, extra: &[&str], run_extra: &[&str]
     args.extend(extra.iter().map(|a| a.to_string()));
     let arg_refs: Vec<&dyn AsRef<std::ffi::OsStr>> = args.iter().map(|a| a as _).collect();
     assert_ok(&vit_msn(&arg_refs), &format!("{case}: compile"));
-    check_runs(case, &bundle, work, run_extra);
+    check_runs_env(case, &bundle, work, run_extra, env);
 }
 
 /// A fixture case's case.json: its compile arguments, tolerance and runs.

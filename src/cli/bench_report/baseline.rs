@@ -96,6 +96,11 @@ pub fn comparable(
             eprintln!("note: the baseline's oneMKL ran {theirs}; this run's runs {ours}");
         }
     }
+    if let (Some(theirs), Some(ours)) = (&baseline.linears, &current.linears) {
+        if theirs != ours {
+            eprintln!("note: the baseline's f32 linears ran on {theirs}; this run's run on {ours}");
+        }
+    }
     if let (Some(theirs), Some(ours)) = (&baseline.model, &current.model) {
         if theirs != ours {
             return Err(Error::file(
@@ -177,6 +182,7 @@ mod tests {
             iters: 5,
             cpu: None,
             mkl: None,
+            linears: None,
             cpu_features: Vec::new(),
             results: medians
                 .iter()
