@@ -648,10 +648,29 @@ fn cpu_linears_env_is_checked_and_reported() {
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(v["linears"].as_str(), Some(want), "{env} {extra:?}");
     }
-    let out = bench(&[("VIT_MSN_CPU_LINEARS", "mkl")], &[]);
-    common::assert_ok(&out, "bench");
+    let base = scratch("runtime-linears-env-baseline").join("base.json");
+    let base_arg = base.display().to_string();
+    let out = bench(&[], &["--linears", "onednn", "--save-baseline", &base_arg]);
+    common::assert_ok(&out, "bench --save-baseline");
+    let out = bench(
+        &[],
+        &[
+            "--linears",
+            "mkl",
+            "--baseline",
+            &base_arg,
+            "--max-regression",
+            "100000",
+        ],
+    );
+    common::assert_ok(&out, "bench --baseline");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("f32 linears: oneMKL's sgemm"), "{text}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the baseline's f32 linears ran on onednn; this run's run on mkl"),
+        "{err}"
+    );
 }
 
 /// The memory check counts heads × tokens² attention scores only for graphs
