@@ -3,7 +3,7 @@ int8 artifact and in ONNX Runtime's int8 model of the same weights, plus the
 single-op timings of one layer's f32 linears and attention: the profiles
 behind docs/performance.md's "Where the time goes".
 
-    .venv/bin/python benches/op_profile.py [--threads 2] [--batch 8] [--iters 5]
+    .venv/bin/python benches/op_profile.py [--threads 2] [--batch 8] [--iters 5] [--single-ops]
     (make side-by-side installs onnxruntime and onnx; without them the ONNX Runtime part is skipped)
 
 Builds the vit-msn-small-shaped ViTMSNModel with random weights as
@@ -16,7 +16,8 @@ and prints:
     quantize_dynamic(QInt8, per channel) of the same model;
   - single ops at one layer's shapes for --batch images: the f32 linears as
     the runtime runs them (oneDNN, weight prepacked; GELU fused as a post-op
-    and, as on CPUs without AVX-512, run after it) and as aten::linear, the
+    and, as on CPUs without AVX-512, run after it), as aten::linear and as
+    oneMKL's packed sgemm (what the runtime runs on AMD Zen 3), the
     bf16 linears as the runtime runs them (oneDNN, prepacked), the
     int8 linears (fbgemm linear_dynamic; the same op under PyTorch's oneDNN
     quantized engine; oneDNN's qlinear_pointwise after the same dynamic
@@ -131,10 +132,22 @@ def single_ops(batch, iters):
             split = median_ms(lambda: gelu(torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")), iters)
             line += f" fused, {split:.2f} then gelu"
         line += f", aten::linear{' then gelu' if act == 'gelu' else ''} {aten:.2f}"
+        if torch.backends.mkl.is_available():
+            # What the runtime runs where oneMKL has its AVX2 kernels on an
+            # AMD CPU without AVX-512 (src/bundle.rs, CpuLinears::Mkl);
+            # preload the override (docs/performance.md) to see that case.
+            mkl_w = torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
+            mkl = median_ms(lambda: gelu(torch.ops.mkl._mkl_linear(x, mkl_w, w, b, rows)), iters)
+            line += f", oneMKL packed sgemm{' then gelu' if act == 'gelu' else ''} {mkl:.2f}"
         xb, bb = x.bfloat16(), b.bfloat16()
-        packed_bf16 = torch.ops.mkldnn._reorder_linear_weight(w.bfloat16(), rows)
-        bf16 = median_ms(lambda: torch.ops.mkldnn._linear_pointwise(xb, packed_bf16, bb, act, [], algorithm), iters)
-        line += f", bf16 oneDNN prepacked {bf16:.2f}"
+        try:
+            packed_bf16 = torch.ops.mkldnn._reorder_linear_weight(w.bfloat16(), rows)
+        except RuntimeError:  # oneDNN has no bf16 inner product on an AVX2-only CPU
+            packed_bf16 = None
+        if packed_bf16 is not None:
+            bf16 = median_ms(lambda: torch.ops.mkldnn._linear_pointwise(xb, packed_bf16, bb, act, [], algorithm),
+                             iters)
+            line += f", bf16 oneDNN prepacked {bf16:.2f}"
         if fbgemm:
             scale = w.abs().amax(1) / 127
             qw = torch.quantize_per_channel(w, scale, torch.zeros(n, dtype=torch.long), 0, torch.qint8)
@@ -226,8 +239,13 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--single-ops", action="store_true", help="only the single-op timings")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.single_ops:
+        with torch.no_grad():
+            single_ops(args.batch, max(args.iters, 20))
+        return
     model = build_model()
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         model_dir, bundle = os.path.join(tmp, "model"), os.path.join(tmp, "bundle-int8")

@@ -31,8 +31,9 @@ except ONNX Runtime and OpenVINO:
     InferRequest.infer
   this runtime: vit-msn bench on bundles compiled from the same checkpoint,
     f32, bf16 and int8 (a bundle whose compile fails is skipped with a note);
-    each also with glibc's malloc as is and with oneMKL as shipped (rows that
-    show what src/allocator.rs and src/mkl.rs gain)
+    each also with glibc's malloc as is and with oneMKL as shipped, and f32
+    with its linears on oneDNN (rows that show what src/allocator.rs,
+    src/mkl.rs and the choice of GEMM gain)
 A stack whose package is missing, or whose worker fails, is skipped with a
 note on stderr. Random weights: these are speed figures, not accuracy.
 """
@@ -62,9 +63,16 @@ SYSTEM_MALLOC = ", glibc malloc as is"
 # On an AMD CPU with AVX2 the runtime lets oneMKL take its AVX2/AVX-512 kernels
 # (src/mkl.rs); these rows run the same bundle with oneMKL as it ships.
 MKL_AS_SHIPPED = ", oneMKL as shipped"
+# Where oneMKL runs its AVX2 kernels on an AMD CPU without AVX-512, f32
+# linears default to its packed sgemm (src/bundle.rs, CpuLinears); these rows
+# run them on oneDNN, the default elsewhere.
+ONEDNN_LINEARS = ", oneDNN linears"
 # Row suffix -> what that row's process environment adds.
 VIT_MSN_VARIANTS = {"": {}, SYSTEM_MALLOC: {"VIT_MSN_SYSTEM_MALLOC": "1"},
-                    MKL_AS_SHIPPED: {"VIT_MSN_MKL_AMD_AS_INTEL": "0"}}
+                    MKL_AS_SHIPPED: {"VIT_MSN_MKL_AMD_AS_INTEL": "0"},
+                    ONEDNN_LINEARS: {"VIT_MSN_CPU_LINEARS": "onednn"}}
+# Variants that only an f32 bundle has.
+F32_ONLY_VARIANTS = (ONEDNN_LINEARS,)
 TORCH_STACKS = ["transformers SDPA f32", "TorchScript trace + freeze + optimize_for_inference",
                 "transformers SDPA bf16"]
 # Optional stacks: name -> the packages they need.
@@ -184,7 +192,8 @@ def main():
         return
     mkl_override = describe_machine()
     wanted = [s.strip().lower() for s in args.stacks.split(",") if s.strip()]
-    all_names = ([f"vit-msn (this runtime) {d}{m}" for d in VIT_MSN_DTYPES for m in VIT_MSN_VARIANTS]
+    all_names = ([f"vit-msn (this runtime) {d}{m}" for d in VIT_MSN_DTYPES for m in VIT_MSN_VARIANTS
+                  if d == "f32" or m not in F32_ONLY_VARIANTS]
                  + TORCH_STACKS + list(OPTIONAL_STACKS))
     selected = [n for n in all_names if not wanted or any(w in n.lower() for w in wanted)]
     if not selected:
