@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 fn main() {
     println!("cargo:rerun-if-changed=src/shim/describe.cpp");
     println!("cargo:rerun-if-changed=src/shim/artifact.cpp");
+    println!("cargo:rerun-if-changed=src/shim/int8_linear.cpp");
+    println!("cargo:rerun-if-changed=src/shim/int8_linear.h");
     println!("cargo:rerun-if-changed=src/shim/c_strings.h");
     println!("cargo:rerun-if-changed=src/shim/quiet_warnings.h");
     println!("cargo:rerun-if-changed=src/shim/artifact.h");
@@ -33,6 +35,7 @@ fn main() {
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .file("src/shim/describe.cpp")
         .file("src/shim/artifact.cpp")
+        .file("src/shim/int8_linear.cpp")
         .compile("vit_msn_describe");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
     // src/mkl.rs: oneMKL's vendor check, answered by the executable (-u

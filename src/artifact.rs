@@ -29,6 +29,12 @@ extern "C" {
         rows: i64,
         err: *mut *mut c_char,
     ) -> c_int;
+    fn vmsn_rt_artifact_onednn_int8_linears(
+        a: *mut VmsnArtifact,
+        pack_rows: i64,
+        min_rows: i64,
+        err: *mut *mut c_char,
+    ) -> c_int;
     fn vmsn_rt_artifact_unfuse_onednn_linears(a: *mut VmsnArtifact, err: *mut *mut c_char)
         -> c_int;
     fn vmsn_rt_artifact_split_gelu_post_ops(a: *mut VmsnArtifact, err: *mut *mut c_char) -> c_int;
@@ -129,6 +135,25 @@ impl Artifact {
         let mut err = std::ptr::null_mut();
         // SAFETY: `raw` is live, and `&mut self` keeps other threads out.
         let n = unsafe { vmsn_rt_artifact_mkl_linears(self.raw, rows, &mut err) };
+        usize::try_from(n).map_err(|_| take_error(err))
+    }
+
+    /// Rewrites the graph's int8 linears (fbgemm's `quantized::linear_dynamic`)
+    /// so that inputs of at least `min_rows` rows run oneDNN's u8·s8 GEMM on
+    /// the same int8 weights (packed once for `pack_rows` rows), after
+    /// quantizing the activation exactly as fbgemm does; smaller inputs keep
+    /// fbgemm. The results agree with fbgemm's to f32 rounding. CPU artifacts
+    /// on a CPU with AVX2 only. Returns how many were rewritten.
+    pub fn onednn_int8_linears(
+        &mut self,
+        pack_rows: i64,
+        min_rows: i64,
+    ) -> std::result::Result<usize, String> {
+        let mut err = std::ptr::null_mut();
+        // SAFETY: `raw` is live, and `&mut self` keeps other threads out.
+        let n = unsafe {
+            vmsn_rt_artifact_onednn_int8_linears(self.raw, pack_rows, min_rows, &mut err)
+        };
         usize::try_from(n).map_err(|_| take_error(err))
     }
 

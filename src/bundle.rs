@@ -38,7 +38,7 @@ pub struct Bundle {
     graphs: Option<Mutex<Vec<(GraphKey, CudaGraph)>>>,
     /// Loaded with [`LoadOptions::pre_layernorm_cls`].
     pre_layernorm_cls: bool,
-    /// The GEMM behind the f32 linears, for f32 bundles on the CPU.
+    /// The GEMM behind the linears, for f32 and int8 bundles on the CPU.
     cpu_linears: Option<CpuLinears>,
     /// Last, so it runs after the weights above are freed.
     _release: Option<crate::allocator::ReleaseOnDrop>,
@@ -98,91 +98,159 @@ pub struct LoadOptions {
     /// is slow (split, a vit-msn-small f32 pass on AMD Zen 3 is about 9%
     /// faster).
     pub fused_gelu: Option<bool>,
-    /// On the CPU, which GEMM runs an f32 artifact's oneDNN linears that
-    /// have no fused post-op. `None`, the default, reads
-    /// `VIT_MSN_CPU_LINEARS` (`onednn` or `mkl`), and without it picks
-    /// [`CpuLinears::Mkl`] where oneMKL runs its AVX2 kernels because of
-    /// [`crate::mkl`] on a CPU without AVX-512 (AMD Zen 3: a vit-msn-small
-    /// pass about 10% faster at batch 1 and 8), and [`CpuLinears::OneDnn`]
-    /// elsewhere.
+    /// On the CPU, which GEMM runs an f32 or int8 artifact's linears.
+    /// `None`, the default, reads `VIT_MSN_CPU_LINEARS`, and without it
+    /// takes [`CpuLinears::by_default`].
     pub cpu_linears: Option<CpuLinears>,
 }
 
-/// The GEMM behind an f32 artifact's linears on the CPU. Both compute
-/// `x · wᵀ + b` in f32 and agree to rounding (about 1e-6 relative).
+/// The GEMM behind a CPU artifact's linears. f32 artifacts run oneDNN or
+/// oneMKL, int8 ones fbgemm or oneDNN; the two agree to f32 rounding (about
+/// 1e-6 relative).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CpuLinears {
-    /// oneDNN's inner product, as compiled, its weight reordered once at
-    /// load ([`LoadOptions::prepack_linears`]).
+    /// f32: oneDNN's inner product, as compiled, its weight reordered once
+    /// at load ([`LoadOptions::prepack_linears`]). int8: oneDNN's u8·s8
+    /// inner product (`onednn::qlinear_pointwise`) on the artifact's int8
+    /// weights, packed once at load, for inputs of at least
+    /// [`INT8_ONEDNN_MIN_ROWS`] rows, after quantizing the activation
+    /// exactly as fbgemm's `linear_dynamic` does (the integer sums are the
+    /// same); fbgemm below that, where it is faster.
     OneDnn,
-    /// oneMKL's sgemm (`mkl::_mkl_linear`), its weight packed once at load
-    /// for a batch of one image (`cblas_sgemm_pack`); other batch sizes run
-    /// ATen's linear, which is oneMKL's sgemm on the dense weight, kept
-    /// beside the packed one (so these linears' weights take twice the
+    /// f32 only: oneMKL's sgemm (`mkl::_mkl_linear`), its weight packed once
+    /// at load for a batch of one image (`cblas_sgemm_pack`); other batch
+    /// sizes run ATen's linear, which is oneMKL's sgemm on the dense weight,
+    /// kept beside the packed one (so these linears' weights take twice the
     /// memory).
     Mkl,
+    /// int8 only: fbgemm's `quantized::linear_dynamic`, as compiled.
+    Fbgemm,
 }
 
 /// The environment variable that picks [`CpuLinears`] for every bundle a
 /// process loads with the default options.
 pub const CPU_LINEARS_ENV: &str = "VIT_MSN_CPU_LINEARS";
 
+/// int8 with [`CpuLinears::OneDnn`]: inputs of fewer rows (images × tokens)
+/// than this keep fbgemm, which is faster there on AMD Zen 3 (batch 1 about
+/// 9% slower on oneDNN, batch 8 about 4% faster; docs/performance.md).
+/// `VIT_MSN_INT8_ONEDNN_MIN_ROWS` overrides it (0: oneDNN for every input).
+pub const INT8_ONEDNN_MIN_ROWS: i64 = 1000;
+
+/// The environment variable that overrides [`INT8_ONEDNN_MIN_ROWS`].
+pub const INT8_ONEDNN_MIN_ROWS_ENV: &str = "VIT_MSN_INT8_ONEDNN_MIN_ROWS";
+
+/// oneDNN packs the int8 weights for inputs of this many rows (batch 8 at 224).
+const INT8_ONEDNN_PACK_ROWS: i64 = 8 * 197;
+
+fn int8_onednn_min_rows() -> Result<i64> {
+    match std::env::var(INT8_ONEDNN_MIN_ROWS_ENV) {
+        Ok(v) if !v.trim().is_empty() => match v.trim().parse::<i64>() {
+            Ok(rows) if rows >= 0 => Ok(rows),
+            _ => Err(Error::input(
+                INT8_ONEDNN_MIN_ROWS_ENV,
+                format!("`{v}` is not a row count (a whole number, 0 or more)"),
+            )),
+        },
+        _ => Ok(INT8_ONEDNN_MIN_ROWS),
+    }
+}
+
 impl CpuLinears {
-    /// `onednn` or `mkl`.
+    /// `onednn`, `mkl` or `fbgemm`.
     pub fn parse(text: &str) -> Option<Self> {
         match text.trim() {
             "onednn" => Some(CpuLinears::OneDnn),
             "mkl" => Some(CpuLinears::Mkl),
+            "fbgemm" => Some(CpuLinears::Fbgemm),
             _ => None,
         }
     }
 
-    /// `onednn` or `mkl`, as [`CpuLinears::parse`] reads it.
+    /// `onednn`, `mkl` or `fbgemm`, as [`CpuLinears::parse`] reads it.
     pub fn name(self) -> &'static str {
         match self {
             CpuLinears::OneDnn => "onednn",
             CpuLinears::Mkl => "mkl",
+            CpuLinears::Fbgemm => "fbgemm",
         }
     }
 
-    /// One line for `vit-msn bench`.
-    pub fn describe(self) -> &'static str {
+    /// Whether this GEMM can run the linears of a `dtype` artifact.
+    pub fn applies_to(self, dtype: &str) -> bool {
         match self {
-            CpuLinears::OneDnn => "oneDNN (VIT_MSN_CPU_LINEARS=mkl for oneMKL's sgemm)",
-            CpuLinears::Mkl => {
-                "oneMKL's sgemm, packed for batch 1 (VIT_MSN_CPU_LINEARS=onednn for oneDNN)"
+            CpuLinears::OneDnn => matches!(dtype, "f32" | "int8"),
+            CpuLinears::Mkl => dtype == "f32",
+            CpuLinears::Fbgemm => dtype == "int8",
+        }
+    }
+
+    /// One line for `vit-msn bench`, for a `dtype` bundle.
+    pub fn describe(self, dtype: &str) -> String {
+        match (self, dtype) {
+            (CpuLinears::OneDnn, "int8") => format!(
+                "oneDNN's u8·s8 GEMM from {} rows, fbgemm below (VIT_MSN_CPU_LINEARS=fbgemm for fbgemm throughout)",
+                int8_onednn_min_rows().unwrap_or(INT8_ONEDNN_MIN_ROWS)
+            ),
+            (CpuLinears::OneDnn, _) => "oneDNN (VIT_MSN_CPU_LINEARS=mkl for oneMKL's sgemm)".into(),
+            (CpuLinears::Mkl, _) => {
+                "oneMKL's sgemm, packed for batch 1 (VIT_MSN_CPU_LINEARS=onednn for oneDNN)".into()
+            }
+            (CpuLinears::Fbgemm, _) => {
+                "fbgemm (VIT_MSN_CPU_LINEARS=onednn for oneDNN's GEMM on larger batches)".into()
             }
         }
     }
 
-    /// The default where neither the options nor the environment choose:
-    /// oneMKL's sgemm only where it was measured faster, an AVX2 CPU on
-    /// which oneMKL runs its AVX2 kernels because of the override (AMD Zen
-    /// 3; on Zen 4 and on Intel's CPUs this is unmeasured, so oneDNN stays).
-    pub fn by_default(avx512: bool, mkl: crate::mkl::MklKernels) -> Self {
-        if !avx512 && mkl == crate::mkl::MklKernels::AmdAsIntel {
-            CpuLinears::Mkl
-        } else {
-            CpuLinears::OneDnn
+    /// The default where neither the options nor the environment choose,
+    /// only what was measured faster (on AMD Zen 3; on Zen 4 and on Intel's
+    /// CPUs the alternatives are unmeasured, so the compiled ops stay). f32:
+    /// oneMKL's sgemm on an AVX2 CPU on which oneMKL runs its AVX2 kernels
+    /// because of the override, else oneDNN. int8: oneDNN (from
+    /// [`INT8_ONEDNN_MIN_ROWS`] rows) on a CPU without AVX-512, else fbgemm.
+    pub fn by_default(dtype: &str, avx512: bool, mkl: crate::mkl::MklKernels) -> Self {
+        match dtype {
+            "int8" if avx512 => CpuLinears::Fbgemm,
+            "int8" => CpuLinears::OneDnn,
+            _ if !avx512 && mkl == crate::mkl::MklKernels::AmdAsIntel => CpuLinears::Mkl,
+            _ => CpuLinears::OneDnn,
         }
     }
 
-    /// The options' choice, else the environment's, else [`CpuLinears::by_default`].
-    pub fn resolve(chosen: Option<Self>) -> Result<Self> {
-        if let Some(c) = chosen {
-            return Ok(c);
-        }
-        match std::env::var(CPU_LINEARS_ENV) {
-            Ok(v) if !v.trim().is_empty() => Self::parse(&v).ok_or_else(|| {
-                Error::input(
+    /// The options' choice, else the environment's, else
+    /// [`CpuLinears::by_default`], for a `dtype` artifact; a choice that
+    /// cannot run that dtype's linears is refused.
+    pub fn resolve(chosen: Option<Self>, dtype: &str) -> Result<Self> {
+        let (from, choice) = match chosen {
+            Some(c) => ("cpu_linears", c),
+            None => match std::env::var(CPU_LINEARS_ENV) {
+                Ok(v) if !v.trim().is_empty() => (
                     CPU_LINEARS_ENV,
-                    format!("`{v}` is neither `onednn` nor `mkl`"),
-                )
-            }),
-            _ => Ok(Self::by_default(
-                Cpu::detect().avx512(),
-                crate::mkl::status(),
-            )),
+                    Self::parse(&v).ok_or_else(|| {
+                        Error::input(
+                            CPU_LINEARS_ENV,
+                            format!("`{v}` is none of `onednn`, `mkl` and `fbgemm`"),
+                        )
+                    })?,
+                ),
+                _ => {
+                    let avx512 = Cpu::detect().avx512();
+                    return Ok(Self::by_default(dtype, avx512, crate::mkl::status()));
+                }
+            },
+        };
+        if choice.applies_to(dtype) {
+            Ok(choice)
+        } else {
+            let options = if dtype == "int8" {
+                "`fbgemm` or `onednn`"
+            } else {
+                "`onednn` or `mkl`"
+            };
+            Err(Error::input(
+                from,
+                format!("`{}` cannot run {dtype} linears: {options}", choice.name()),
+            ))
         }
     }
 }
@@ -372,9 +440,10 @@ impl Bundle {
             }
         }
         let fallback = onednn_fallback(&manifest.dtype, device);
-        // Only f32 CPU artifacts have linears to choose for.
-        let linears = if device == Device::Cpu && manifest.dtype == "f32" && fallback.is_none() {
-            Some(CpuLinears::resolve(options.cpu_linears)?)
+        // Only f32 and int8 CPU artifacts have linears to choose for.
+        let choosable = matches!(manifest.dtype.as_str(), "f32" | "int8");
+        let linears = if device == Device::Cpu && choosable && fallback.is_none() {
+            Some(CpuLinears::resolve(options.cpu_linears, &manifest.dtype)?)
         } else {
             None
         };
@@ -426,6 +495,12 @@ impl Bundle {
                 }
                 let patch = manifest.model.patch_size.max(1);
                 let tokens = (entry.height / patch) * (entry.width / patch) + 1;
+                if manifest.dtype == "int8" && linears == Some(CpuLinears::OneDnn) {
+                    let min_rows = int8_onednn_min_rows()?;
+                    module
+                        .onednn_int8_linears(INT8_ONEDNN_PACK_ROWS, min_rows)
+                        .map_err(bad)?;
+                }
                 if linears == Some(CpuLinears::Mkl) {
                     // Those with a fused GELU left stay on oneDNN, packed below.
                     module.mkl_linears(tokens).map_err(bad)?;
@@ -483,8 +558,8 @@ impl Bundle {
         &self.manifest
     }
 
-    /// The GEMM behind the linears of an f32 bundle on the CPU (`None`
-    /// otherwise: other dtypes and devices have one choice).
+    /// The GEMM behind the linears of an f32 or int8 bundle on the CPU
+    /// (`None` otherwise: other dtypes and devices have one choice).
     pub fn cpu_linears(&self) -> Option<CpuLinears> {
         self.cpu_linears
     }

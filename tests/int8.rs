@@ -55,16 +55,28 @@ fn int8_cases_match_pytorch_and_f32() {
         refused_off_the_cpu();
         return;
     }
-    for case in CASES {
-        let work = scratch(&format!("int8-{case}"));
-        check_case_in(case, &work, &[], &[]);
+    // Both int8 GEMMs, whichever this CPU defaults to: fbgemm as compiled,
+    // and oneDNN's for every input (no fbgemm below a row count).
+    let gemms: [(&str, &[(&str, &str)]); 2] = [
+        ("fbgemm", &[("VIT_MSN_CPU_LINEARS", "fbgemm")]),
+        (
+            "onednn",
+            &[
+                ("VIT_MSN_CPU_LINEARS", "onednn"),
+                ("VIT_MSN_INT8_ONEDNN_MIN_ROWS", "0"),
+            ],
+        ),
+    ];
+    for (case, (gemm, env)) in CASES.iter().flat_map(|c| gemms.iter().map(move |g| (c, g))) {
+        let work = scratch(&format!("int8-{case}-{gemm}"));
+        check_case_in_env(case, &work, &[], &[], env);
         let dir = case_dir(case);
         let spec = case_spec(&dir);
         for run in spec["runs"].as_array().expect("runs") {
             let name = run["name"].as_str().expect("run name");
             let got = read(&work.join(format!("{name}.out.safetensors")));
             let f32 = read(&dir.join(run["f32"].as_str().expect("an f32 reference")));
-            let label = format!("{case}/{name}");
+            let label = format!("{case}/{name} ({gemm})");
             if let Some(want) = output(&f32, "last_hidden_state") {
                 let have = output(&got, "last_hidden_state").expect("last_hidden_state");
                 let cos = min_cosine(&have.select(1, 0), &want.select(1, 0));
@@ -307,6 +319,44 @@ fn int8_bench_baselines() {
                 assert!(stderr.contains(batch), "{stderr}");
             }
         }
+    }
+    // The GEMM is reported, and one that cannot run int8 linears, or a bad
+    // row count, fails the load in one line.
+    let bench_once = |env: &[(&str, &str)]| {
+        let args: [&dyn AsRef<std::ffi::OsStr>; 7] = [
+            &"bench",
+            &"--bundle",
+            &int8,
+            &"--batch",
+            &"1",
+            &"--iters",
+            &"1",
+        ];
+        common::vit_msn_env(&args, env)
+    };
+    for (env, want) in [("fbgemm", "linears: fbgemm"), ("onednn", "linears: oneDNN")] {
+        let r = bench_once(&[("VIT_MSN_CPU_LINEARS", env)]);
+        assert_ok(&r, env);
+        let text = String::from_utf8_lossy(&r.stdout);
+        assert!(text.contains(want), "{text}");
+    }
+    for (env, value, words) in [
+        ("VIT_MSN_CPU_LINEARS", "mkl", ["mkl", "int8"]),
+        (
+            "VIT_MSN_INT8_ONEDNN_MIN_ROWS",
+            "lots",
+            ["VIT_MSN_INT8_ONEDNN_MIN_ROWS", "lots"],
+        ),
+    ] {
+        let mut vars = vec![(env, value)];
+        if env != "VIT_MSN_CPU_LINEARS" {
+            vars.push(("VIT_MSN_CPU_LINEARS", "onednn"));
+        }
+        let r = bench_once(&vars);
+        assert!(!r.status.success(), "{env}={value}: {r:?}");
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(words.iter().all(|w| err.contains(w)), "{err}");
     }
     for (bundle, baseline, message) in [
         (

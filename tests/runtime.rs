@@ -592,21 +592,44 @@ fn mkl_linears_give_the_same_results() {
 /// AVX-512, and oneMKL on its AVX2 kernels because of the override.
 #[test]
 fn mkl_linears_are_the_default_only_on_avx2_with_the_override() {
-    use CpuLinears::{Mkl, OneDnn};
-    assert_eq!(CpuLinears::by_default(false, MklKernels::AmdAsIntel), Mkl);
-    assert_eq!(CpuLinears::by_default(true, MklKernels::AmdAsIntel), OneDnn);
+    use CpuLinears::{Fbgemm, Mkl, OneDnn};
+    assert_eq!(
+        CpuLinears::by_default("f32", false, MklKernels::AmdAsIntel),
+        Mkl
+    );
+    assert_eq!(
+        CpuLinears::by_default("f32", true, MklKernels::AmdAsIntel),
+        OneDnn
+    );
     for other in [
         MklKernels::AsShipped,
         MklKernels::OptedOut,
         MklKernels::NotLinked,
     ] {
-        assert_eq!(CpuLinears::by_default(false, other), OneDnn, "{other:?}");
-        assert_eq!(CpuLinears::by_default(true, other), OneDnn, "{other:?}");
+        // f32: oneDNN; int8: oneDNN only without AVX-512, whatever oneMKL does.
+        for (dtype, avx512, want) in [
+            ("f32", false, OneDnn),
+            ("f32", true, OneDnn),
+            ("int8", false, OneDnn),
+            ("int8", true, Fbgemm),
+        ] {
+            let got = CpuLinears::by_default(dtype, avx512, other);
+            assert_eq!(got, want, "{other:?} {dtype} avx512 {avx512}");
+        }
     }
+    assert_eq!(CpuLinears::parse("fbgemm"), Some(Fbgemm));
     assert_eq!(CpuLinears::parse("mkl"), Some(Mkl));
     assert_eq!(CpuLinears::parse(" onednn\n"), Some(OneDnn));
     assert_eq!(CpuLinears::parse("MKL"), None);
-    assert_eq!(CpuLinears::resolve(Some(OneDnn)).unwrap(), OneDnn);
+    assert_eq!(CpuLinears::resolve(Some(OneDnn), "f32").unwrap(), OneDnn);
+    assert_eq!(CpuLinears::resolve(Some(Fbgemm), "int8").unwrap(), Fbgemm);
+    // A GEMM that cannot run the dtype's linears is refused, naming both.
+    for (choice, dtype) in [(Mkl, "int8"), (Fbgemm, "f32")] {
+        let err = CpuLinears::resolve(Some(choice), dtype)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(choice.name()) && err.contains(dtype), "{err}");
+    }
 }
 
 /// A `VIT_MSN_CPU_LINEARS` that names neither GEMM fails the load in one
@@ -665,10 +688,10 @@ fn cpu_linears_env_is_checked_and_reported() {
     );
     common::assert_ok(&out, "bench --baseline");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("f32 linears: oneMKL's sgemm"), "{text}");
+    assert!(text.contains("linears: oneMKL's sgemm"), "{text}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("the baseline's f32 linears ran on onednn; this run's run on mkl"),
+        err.contains("the baseline's linears ran on onednn; this run's run on mkl"),
         "{err}"
     );
 }

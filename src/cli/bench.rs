@@ -65,11 +65,14 @@ pub struct BenchArgs {
     /// `split` runs it after the linear; default: split without AVX-512.
     #[arg(long, value_parser = ["fused", "split"])]
     gelu: Option<String>,
-    /// f32 on the CPU: the GEMM for the linears without a fused post-op,
-    /// `onednn` or `mkl` (oneMKL's packed sgemm); default: mkl where oneMKL
-    /// runs its AVX2 kernels on an AMD CPU without AVX-512, else onednn
-    /// (or `VIT_MSN_CPU_LINEARS`).
-    #[arg(long, value_parser = ["onednn", "mkl"])]
+    /// f32 and int8 on the CPU: the GEMM for the linears. f32: `onednn` or
+    /// `mkl` (oneMKL's packed sgemm, for those without a fused post-op);
+    /// default mkl where oneMKL runs its AVX2 kernels on an AMD CPU without
+    /// AVX-512, else onednn. int8: `fbgemm` or `onednn` (oneDNN's u8·s8
+    /// GEMM from VIT_MSN_INT8_ONEDNN_MIN_ROWS rows, default 1000, fbgemm
+    /// below); default onednn without AVX-512, else fbgemm. Or
+    /// `VIT_MSN_CPU_LINEARS`.
+    #[arg(long, value_parser = ["onednn", "mkl", "fbgemm"])]
     linears: Option<String>,
     /// Replay each batch size's forward as a CUDA graph (CUDA bundles).
     #[arg(long)]
@@ -155,7 +158,7 @@ pub fn bench(a: BenchArgs) -> CliResult {
                 println!("oneMKL: {mkl}");
             }
             if let Some(linears) = bundle.cpu_linears() {
-                println!("f32 linears: {}", linears.describe());
+                println!("linears: {}", linears.describe(&m.dtype));
             }
             println!("bundle uses: {}", cpu_features_text(&m.cpu_features));
         }

@@ -50,8 +50,9 @@ pub struct Report {
     /// on the CPU; absent in older baselines.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mkl: Option<String>,
-    /// The GEMM behind an f32 bundle's linears on the CPU (`onednn` or
-    /// `mkl`, [`vit_msn::bundle::CpuLinears`]); absent in older baselines.
+    /// The GEMM behind an f32 or int8 bundle's linears on the CPU (`onednn`,
+    /// `mkl` or `fbgemm`, [`vit_msn::bundle::CpuLinears`]); absent in older
+    /// baselines.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub linears: Option<String>,
     /// The CPU features the bundle's kernels use (the manifest's).

@@ -98,7 +98,7 @@ pub fn comparable(
     }
     if let (Some(theirs), Some(ours)) = (&baseline.linears, &current.linears) {
         if theirs != ours {
-            eprintln!("note: the baseline's f32 linears ran on {theirs}; this run's run on {ours}");
+            eprintln!("note: the baseline's linears ran on {theirs}; this run's run on {ours}");
         }
     }
     if let (Some(theirs), Some(ours)) = (&baseline.model, &current.model) {
