@@ -29,16 +29,20 @@ namespace {
 // Elements per task when splitting the min/max and quantization passes.
 constexpr int64_t kGrain = 1 << 15;
 
-// Calls a registered op by name; returns its outputs.
-torch::jit::Stack call_all(const char *name, const char *overload, std::vector<c10::IValue> args) {
-  auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, overload);
+// A registered op, looked up once per call site (the forward calls these).
+c10::OperatorHandle op(const char *name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
+}
+
+// Calls `handle` with `args`; returns its outputs.
+torch::jit::Stack call_all(const c10::OperatorHandle &handle, std::vector<c10::IValue> args) {
   torch::jit::Stack stack(std::move(args));
-  op.callBoxed(&stack);
+  handle.callBoxed(&stack);
   return stack;
 }
 
-c10::IValue call(const char *name, const char *overload, std::vector<c10::IValue> args) {
-  return call_all(name, overload, std::move(args)).at(0);
+c10::IValue call(const c10::OperatorHandle &handle, std::vector<c10::IValue> args) {
+  return call_all(handle, std::move(args)).at(0);
 }
 
 std::pair<float, float> min_max(const float *x, int64_t n) {
@@ -65,7 +69,8 @@ at::Tensor int8_linear(const at::Tensor &input, const c10::IValue &fbgemm_weight
   int64_t k = input.dim() >= 2 ? input.size(-1) : 0;
   int64_t rows = k > 0 ? input.numel() / k : 0;
   if (rows < min_rows || rows == 0 || input.scalar_type() != at::kFloat || !input.device().is_cpu()) {
-    return call("quantized::linear_dynamic", "", {input, fbgemm_weight, reduce_range}).toTensor();
+    static const auto fbgemm = op("quantized::linear_dynamic");
+    return call(fbgemm, {input, fbgemm_weight, reduce_range}).toTensor();
   }
   at::Tensor x = input.contiguous();
   const float *src = x.const_data_ptr<float>();
@@ -85,7 +90,8 @@ at::Tensor int8_linear(const at::Tensor &input, const c10::IValue &fbgemm_weight
   c10::List<std::optional<at::Scalar>> no_args;
   no_args.push_back(std::nullopt);
   c10::IValue b = bias.has_value() ? c10::IValue(*bias) : c10::IValue();
-  return call("onednn::qlinear_pointwise", "",
+  static const auto qlinear = op("onednn::qlinear_pointwise");
+  return call(qlinear,
               {qx, static_cast<double>(q.scale), static_cast<int64_t>(q.zero_point), weight, w_scales,
                w_zero_points, b, 1.0, static_cast<int64_t>(0), c10::ScalarType::Float, std::string("none"),
                no_args, std::string("")})
@@ -125,9 +131,9 @@ extern "C" {
 // constant into `vmsn::int8_linear`, with the weight also packed by oneDNN
 // (`onednn::qlinear_prepack`, for inputs of `pack_rows` rows) from the same
 // int8 values and scales. Inputs of fewer than `min_rows` rows still run
-// fbgemm's op on the original packed weight. CPU only; the caller checks
-// that the CPU has AVX2 (fbgemm's quantization needs it, as linear_dynamic
-// does). Returns how many nodes were rewritten, or -1 with *err set.
+// fbgemm's op on the original packed weight. CPU only; nothing is rewritten
+// on a CPU without AVX2. Returns how many nodes were rewritten, or -1 with
+// *err set.
 int vmsn_rt_artifact_onednn_int8_linears(VmsnArtifact *a, int64_t pack_rows, int64_t min_rows, char **err) {
   try {
     // fbgemm's quantization below is AVX2 code; without AVX2 fbgemm's own op
@@ -146,7 +152,7 @@ int vmsn_rt_artifact_onednn_int8_linears(VmsnArtifact *a, int64_t pack_rows, int
     }
     int rewritten = 0;
     for (torch::jit::Node *node : found) {
-      auto unpacked = call_all("quantized::linear_unpack", "", {*torch::jit::toIValue(node->input(1))});
+      auto unpacked = call_all(op("quantized::linear_unpack"), {*torch::jit::toIValue(node->input(1))});
       at::Tensor qweight = unpacked.at(0).toTensor();
       c10::IValue bias = unpacked.at(1);
       int64_t n = qweight.size(0), k = qweight.size(1);
@@ -159,7 +165,7 @@ int vmsn_rt_artifact_onednn_int8_linears(VmsnArtifact *a, int64_t pack_rows, int
         scales = at::full({n}, qweight.q_scale(), at::kFloat);
       }
       at::Tensor zero_points = at::zeros({n}, at::kLong);
-      at::Tensor packed = call("onednn::qlinear_prepack", "",
+      at::Tensor packed = call(op("onednn::qlinear_prepack"),
                                {qweight.int_repr(), c10::IValue(std::vector<int64_t>{pack_rows, k})})
                               .toTensor();
       torch::jit::WithInsertPoint guard(node);
