@@ -313,6 +313,10 @@ def main():
                     result = {int(b): t for b, t in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
                 for b in batches:
                     rounds[name][b].append(result[b])
+                # Progress, so a long run shows where it is.
+                print(f"round {i + 1}/{args.rounds}: {name}: "
+                      f"{result[1][0]:.1f} ms at batch 1, {result[8][0] / 8:.1f} ms per image at batch 8",
+                      file=sys.stderr, flush=True)
     if not rounds:
         raise SystemExit("no stack ran")
     med = {name: {b: statistics.median(m for m, _ in v) for b, v in per.items()} for name, per in rounds.items()}

@@ -67,15 +67,8 @@ int vmsn_rt_artifact_prepack_linears(VmsnArtifact *a, int64_t rows, char **err) 
       if (!value || !value->isTensor()) continue;
       const at::Tensor &weight = value->toTensor();
       if (!weight.device().is_cpu() || weight.is_mkldnn() || weight.dim() != 2) continue;
-      at::Tensor blocked = reorder.call(weight, rows);
-      // Graph::insertConstant refuses tensors without storage, as oneDNN's
-      // are; a constant node takes them.
-      torch::jit::Node *constant = graph->create(c10::prim::Constant);
-      constant->t_(c10::attr::value, blocked);
-      constant->output()->setType(c10::TensorType::get());
       torch::jit::Node *dense = w->node();
-      constant->insertBefore(dense);
-      node->replaceInput(1, constant->output());
+      node->replaceInput(1, vmsn::insert_tensor_constant(*graph, reorder.call(weight, rows), dense));
       // Free each dense weight at once, so the weights are never all held twice.
       if (!w->hasUses()) dense->destroy();
       ++packed;
@@ -121,13 +114,10 @@ int vmsn_rt_artifact_mkl_linears(VmsnArtifact *a, int64_t rows, char **err) {
     }
     for (torch::jit::Node *node : found) {
       at::Tensor packed = pack.call(torch::jit::toIValue(node->input(1))->toTensor(), rows);
-      torch::jit::Node *constant = graph->create(c10::prim::Constant);
-      constant->t_(c10::attr::value, packed);
-      constant->output()->setType(c10::TensorType::get());
-      constant->insertBefore(node);
+      torch::jit::Value *packed_value = vmsn::insert_tensor_constant(*graph, packed, node);
       torch::jit::WithInsertPoint guard(node);
       torch::jit::Value *y = graph->insert(
-          mkl_linear, {node->input(0), constant->output(), node->input(1), node->input(2), graph->insertConstant(rows)});
+          mkl_linear, {node->input(0), packed_value, node->input(1), node->input(2), graph->insertConstant(rows)});
       y->setType(node->output()->type());
       node->output()->replaceAllUsesWith(y);
       node->destroy();

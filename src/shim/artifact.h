@@ -56,6 +56,18 @@ inline void expose_pre_layernorm_cls(torch::jit::Module &module) {
   dict->addInput(cls);
 }
 
+// Inserts a prim::Constant holding `t` before `before` and returns its value.
+// Graph::insertConstant refuses tensors without storage, as oneDNN's and
+// oneMKL's packed weights are; a constant node takes them.
+inline torch::jit::Value *insert_tensor_constant(torch::jit::Graph &graph, const at::Tensor &t,
+                                                 torch::jit::Node *before) {
+  torch::jit::Node *constant = graph.create(c10::prim::Constant);
+  constant->t_(c10::attr::value, t);
+  constant->output()->setType(c10::TensorType::get());
+  constant->insertBefore(before);
+  return constant->output();
+}
+
 // A forward pass's tensors, in order: named for a Dict[str, Tensor] (empty
 // names for a tuple's or list's elements, or a lone tensor).
 using Outputs = std::vector<std::pair<std::string, at::Tensor>>;

@@ -168,17 +168,12 @@ int vmsn_rt_artifact_onednn_int8_linears(VmsnArtifact *a, int64_t pack_rows, int
       at::Tensor packed = call(op("onednn::qlinear_prepack"),
                                {qweight.int_repr(), c10::IValue(std::vector<int64_t>{pack_rows, k})})
                               .toTensor();
+      torch::jit::Value *packed_value = vmsn::insert_tensor_constant(*graph, packed, node);
       torch::jit::WithInsertPoint guard(node);
-      // Graph::insertConstant refuses tensors without storage, as oneDNN's
-      // packed ones are; a constant node takes them.
-      torch::jit::Node *constant = graph->create(c10::prim::Constant);
-      constant->t_(c10::attr::value, packed);
-      constant->output()->setType(c10::TensorType::get());
-      graph->insertNode(constant);
       torch::jit::Value *b = bias.isNone() ? graph->insertConstant(c10::IValue())
                                            : graph->insertConstant(bias.toTensor().contiguous());
       torch::jit::Value *y = graph->insert(
-          ours, {node->input(0), node->input(1), constant->output(), graph->insertConstant(scales),
+          ours, {node->input(0), node->input(1), packed_value, graph->insertConstant(scales),
                  graph->insertConstant(zero_points), b, node->input(2), graph->insertConstant(min_rows)});
       y->setType(node->output()->type());
       node->output()->replaceAllUsesWith(y);
