@@ -24,7 +24,22 @@ fn main() {
         env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys did not report DEP_TCH_LIBTORCH_LIB"),
     );
     let root = lib.parent().expect("libtorch lib folder has a parent");
-    cc::Build::new()
+    let mut shims = cc::Build::new();
+    // at::parallel_for is a header template: without OpenMP the shims' loops
+    // (the int8 linears' activation quantization) would run on one thread. With
+    // it they join libtorch's own OpenMP runtime, the libgomp beside it.
+    match libtorch_openmp(&lib) {
+        Some(gomp) => {
+            shims.flag("-fopenmp");
+            println!("cargo:rustc-link-search=native={}", lib.display());
+            println!("cargo:rustc-link-lib=dylib:+verbatim={gomp}");
+        }
+        None => println!(
+            "cargo:warning=no libgomp beside libtorch in {}: the shims' loops run on one thread",
+            lib.display()
+        ),
+    }
+    shims
         .cpp(true)
         .pic(true)
         .warnings(false)
@@ -46,6 +61,18 @@ fn main() {
         println!("cargo:rustc-link-arg=-Wl,--export-dynamic-symbol={symbol}");
     }
     build_cuda_graphs_library(&lib, root);
+}
+
+/// The file name of the OpenMP runtime libtorch links (`libgomp.so.1` in
+/// the PyPI wheel, `libgomp-<hash>.so.1` in the zips), if it is in `lib`.
+fn libtorch_openmp(lib: &Path) -> Option<String> {
+    let mut names: Vec<String> = std::fs::read_dir(lib)
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("libgomp") && n.contains(".so"))
+        .collect();
+    names.sort();
+    names.into_iter().next()
 }
 
 /// Builds `libvit_msn_cuda_graphs.so` into OUT_DIR and tells the runtime

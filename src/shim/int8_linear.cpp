@@ -3,7 +3,9 @@
 // (smaller ones run the op as compiled). The activation is quantized exactly
 // as fbgemm's linear_dynamic quantizes it (the same min/max, the same
 // ChooseQuantizationParams, fbgemm's own QuantizeAvx2), only split across
-// the intra-op threads, where fbgemm finds the min/max on one; the integer
+// the intra-op threads (build.rs compiles the shims with OpenMP, or
+// at::parallel_for would run on one), where fbgemm finds the min/max on one;
+// the integer
 // sums are then the same, and the outputs differ only in how the f32
 // dequantization rounds. On AMD Zen 3 (AVX2, no VNNI) oneDNN's u8·s8 GEMM is
 // faster than fbgemm's at batch 8 (docs/performance.md). The op lives only
