@@ -16,11 +16,12 @@ use common::*;
 use tch::{Kind, Tensor};
 
 /// The int8 cases: masks, head masks, interpolated resolutions, eager
-/// attention with every optional output, SDPA, a classifier (with its
-/// CLS-only last layer), and the vit-msn-small shape.
-const CASES: [&str; 4] = [
+/// attention with every optional output, SDPA, odd widths (18, 54, 44), a
+/// classifier (with its CLS-only last layer), and the vit-msn-small shape.
+const CASES: [&str; 5] = [
     "artifact_int8",
     "sdpa_int8",
+    "odd_int8",
     "classifier_int8",
     "vit_msn_small_int8",
 ];
