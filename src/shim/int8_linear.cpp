@@ -5,9 +5,8 @@
 // ChooseQuantizationParams, fbgemm's own QuantizeAvx2), only split across
 // the intra-op threads (build.rs compiles the shims with OpenMP, or
 // at::parallel_for would run on one), where fbgemm finds the min/max on one;
-// the integer
-// sums are then the same, and the outputs differ only in how the f32
-// dequantization rounds. On AMD Zen 3 (AVX2, no VNNI) oneDNN's u8·s8 GEMM is
+// the integer sums are then the same, and the outputs differ only in how the
+// f32 dequantization rounds. On AMD Zen 3 (AVX2, no VNNI) oneDNN's u8·s8 GEMM is
 // faster than fbgemm's at batch 8 (docs/performance.md). The op lives only
 // in a loaded module's graph (the runtime's load-time rewrite); artifacts on
 // disk keep `quantized::linear_dynamic`.
